@@ -1,0 +1,122 @@
+"""Tasks with verifiable answers: the ``Problem`` record, the ``Task`` interface and the registry.
+
+    from thinkforge.tasks import get_task
+    task = get_task("mul", digits_a=3, digits_b=2)
+    train = task.problems(1000, split="train", seed=0)
+    task.score(train[0], "30883")      # 1.0 or 0.0 (reasoning-gym tasks may give partial credit)
+
+Names: built-in generators (``add``, ``mul``, ``arith``, ``syllogism``), ``reasoning-gym:<name>`` for
+any reasoning-gym dataset, and a path ending in ``.jsonl`` / ``.parquet`` for a file of problems.
+
+Splits never overlap, by construction: a problem belongs to the held-out ``test`` split exactly when a
+hash of its question falls in the first ``TEST_SHARE`` of the hash range, so the same question can
+never appear in both, whatever the seeds.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable
+
+TEST_SHARE = 0.1
+SPLITS = ("train", "test")
+MAX_MISSES = 20_000  # consecutive candidates that add nothing before a generator counts as exhausted
+
+
+@dataclass
+class Problem:
+    """One question with a checkable answer. ``steps`` is the gold trace, one string per step."""
+
+    id: str
+    question: str
+    answer: str
+    steps: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def split_of(question: str) -> str:
+    """'test' or 'train', a pure function of the question text."""
+    h = int.from_bytes(hashlib.blake2b(question.encode(), digest_size=8).digest(), "big")
+    return "test" if h / 2**64 < TEST_SHARE else "train"
+
+
+class Task:
+    """A source of problems. Subclasses implement :meth:`candidates` (and may override :meth:`score`)."""
+
+    name = "task"
+    has_gold_steps = False
+    step_delimiter = "\n"
+
+    def candidates(self, seed: int):
+        """An endless (or finite) iterator of problems, deterministic for a seed."""
+        raise NotImplementedError
+
+    def problems(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
+        """``n`` distinct problems of ``split``; raises if the source has fewer."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        out, seen, misses = [], set(), 0
+        for p in self.candidates(seed):
+            if p.question in seen or split_of(p.question) != split:
+                misses += 1
+                if misses > MAX_MISSES:  # a small problem space: stop rather than loop for ever
+                    break
+                continue
+            misses = 0
+            seen.add(p.question)
+            out.append(p)
+            if len(out) == n:
+                return out
+        raise ValueError(f"task {self.name!r} has only {len(out)} distinct {split} problems, {n} were asked for")
+
+    def score(self, problem: Problem, answer: str | None) -> float:
+        """Score an extracted answer against the gold one, in [0, 1]."""
+        from thinkforge.verify import is_equivalent
+
+        return float(answer is not None and is_equivalent(answer, problem.answer))
+
+    def check_step(self, problem: Problem, index: int, step: str) -> bool:
+        """Whether ``step`` is a correct ``index``-th step for ``problem`` (tasks with gold steps only)."""
+        raise NotImplementedError(f"task {self.name!r} has no step checker")
+
+    def sample_text(self, n: int = 200) -> list[str]:
+        """Texts that show the task's alphabet (for building a character tokenizer)."""
+        texts = []
+        for p in itertools.islice(self.candidates(0), n):
+            texts += [p.question, p.answer, *(p.steps or [])]
+        return texts
+
+
+REGISTRY: dict[str, Callable[..., Task]] = {}
+
+
+def register(name: str):
+    def deco(factory):
+        REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def get_task(name: str, **options) -> Task:
+    """A task by name (see the module docstring); ``options`` are the generator's knobs."""
+    if name.startswith("reasoning-gym:"):
+        from thinkforge.tasks.gym import GymTask
+
+        return GymTask(name.split(":", 1)[1], **options)
+    if name.endswith((".jsonl", ".parquet")):
+        from thinkforge.tasks.files import FileTask
+
+        return FileTask(name, **options)
+    if name not in REGISTRY:
+        raise KeyError(
+            f"unknown task {name!r}: choose one of {sorted(REGISTRY)}, 'reasoning-gym:<name>', or a .jsonl/.parquet file"
+        )
+    try:
+        return REGISTRY[name](**options)
+    except TypeError as e:
+        raise ValueError(f"bad option for task {name!r}: {e}") from None
+
+
+from thinkforge.tasks import builtin  # noqa: E402,F401  (fills REGISTRY)

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from thinkforge.format import SPECIAL_TOKENS
+from thinkforge.models import ModelLoadError, char_tokenizer, load_model, save_model, tiny_model
+
+
+def test_char_tokenizer_round_trip(char_tok):
+    text = "<|im_start|>user\n347*89 é<|im_end|>\n<think>\n347*9=3213\n</think>"
+    ids = char_tok.encode(text, add_special_tokens=False)
+    assert char_tok.decode(ids) == text.replace("é", "<|unk|>")
+    for t in SPECIAL_TOKENS:
+        assert len(char_tok.encode(t, add_special_tokens=False)) == 1
+    assert char_tokenizer(["é"]).decode(char_tokenizer(["é"]).encode("é", add_special_tokens=False)) == "é"
+
+
+def test_save_load_identical_logits(tmp_path, char_tok):
+    model = tiny_model(char_tok, "micro", seed=1)
+    x = torch.tensor([char_tok.encode("<|im_start|>user\n12+34<|im_end|>")])
+    with torch.no_grad():
+        before = model(x).logits
+    save_model(model, char_tok, tmp_path / "m")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    loaded, tok = load_model(str(tmp_path / "m"), device="cpu")
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, before)
+    assert tok.chat_template == char_tok.chat_template and tok.encode("12+34") == char_tok.encode("12+34")
+    save_model(loaded, tok, tmp_path / "m")  # overwriting in place keeps a loadable folder
+    assert load_model(str(tmp_path / "m"), device="cpu")[0].config.hidden_size == 64
+
+
+def test_load_errors(tmp_path, char_tok):
+    with pytest.raises(ModelLoadError, match="no local folder 'org/missing-model'.*pass the local folder"):
+        load_model("org/missing-model")
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        load_model(str(tmp_path / "nothing" / "here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+    tiny_model(char_tok, "micro").save_pretrained(tmp_path / "notok")
+    with pytest.raises(ModelLoadError, match="no tokenizer"):
+        load_model(str(tmp_path / "notok"))

@@ -1,0 +1,88 @@
+import pytest
+
+from thinkforge.tasks import REGISTRY, get_task, split_of
+
+BUILTIN = {
+    "add": [{}, {"digits": 2, "terms": 4}],
+    "mul": [{}, {"digits_a": 4, "digits_b": 3}],
+    "arith": [{}, {"ops": 5, "max_num": 20}],
+    "syllogism": [{}, {"chain": 4, "distractors": 2}],
+}
+
+
+def test_every_builtin_is_covered():
+    assert set(BUILTIN) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("name,opts", [(n, o) for n, os in BUILTIN.items() for o in os])
+def test_gold_answers_and_every_gold_step_check(name, opts):
+    task = get_task(name, **opts)
+    for p in task.problems(200, seed=3):
+        assert task.score(p, p.answer) == 1.0
+        assert p.steps and all(task.check_step(p, i, s) for i, s in enumerate(p.steps)), p
+        if name != "syllogism":  # positional traces have no step beyond the last; syllogism steps are position-free
+            assert not task.check_step(p, len(p.steps), p.steps[-1])
+
+
+def test_gold_answers_are_right():
+    add, mul, arith = get_task("add"), get_task("mul"), get_task("arith")
+    for p in add.problems(50):
+        assert int(p.answer) == sum(map(int, p.question.split("+")))
+    for p in mul.problems(50):
+        a, b = map(int, p.question.split("*"))
+        assert int(p.answer) == a * b
+    for p in arith.problems(50):  # the question is plain Python integer arithmetic; evaluate our own text
+        assert int(p.answer) == eval(p.question, {"__builtins__": {}})  # noqa: S307 (our generated text only)
+
+
+def test_step_checkers_reject_wrong_steps():
+    mul = get_task("mul")
+    p = next(q for q in mul.problems(20) if q.meta["a"] == 347 or True)
+    a, b = p.meta["a"], p.meta["b"]
+    good = p.steps[0]
+    wrong = f"{a}*{b % 10}={str(a * (b % 10) + 1)[::-1]}"
+    assert mul.check_step(p, 0, good) and not mul.check_step(p, 0, wrong)
+    add = get_task("add")
+    q = add.problems(1)[0]
+    d0 = [n % 10 for n in q.meta["nums"]]
+    assert add.check_step(q, 0, f"{d0[0]}+{d0[1]}+0={sum(d0)}")
+    assert not add.check_step(q, 0, f"{d0[0]}+{d0[1]}+0={sum(d0) + 1}")
+    # a step that builds on a wrong carry is wrong (error propagation)
+    col = q.steps[1]
+    carry = sum(d0) // 10
+    assert not add.check_step(q, 1, col.replace(f"+{carry}=", f"+{1 - carry}=", 1))
+
+
+def test_syllogism_checker_uses_entailment():
+    t = get_task("syllogism", chain=3, distractors=0)
+    p = next(q for q in t.problems(50) if q.answer == "yes")
+    a, c = p.meta["subject"], p.meta["object"]
+    assert t.check_step(p, 0, f"all {a} are {c}")  # a valid shortcut is still a correct step
+    assert not t.check_step(p, 0, f"all {c} are {a}")
+    assert t.check_step(p, 9, "so yes") and not t.check_step(p, 9, "so no")
+    assert t.score(p, "Yes.") == 1.0 and t.score(p, "unknown") == 0.0
+    assert {q.answer for q in t.problems(60)} == {"yes", "no", "unknown"}
+
+
+def test_splits_never_overlap_and_are_reproducible():
+    t = get_task("add", digits=2)
+    train = t.problems(2000, "train", seed=0)
+    test = t.problems(200, "test", seed=1)
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert all(split_of(p.question) == "test" for p in test)
+    assert [p.question for p in t.problems(50, seed=0)] == [p.question for p in train[:50]]
+    assert [p.question for p in t.problems(50, seed=5)] != [p.question for p in train[:50]]
+
+
+def test_small_space_is_reported():
+    with pytest.raises(ValueError, match="only .* distinct test problems"):
+        get_task("add", digits=1).problems(500, "test")
+
+
+def test_bad_task_names_and_options():
+    with pytest.raises(KeyError, match="unknown task 'nope'"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="bad option for task 'add'"):
+        get_task("add", width=3)
+    with pytest.raises(ValueError, match="digits must be >= 1"):
+        get_task("mul", digits_a=0)
