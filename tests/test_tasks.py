@@ -40,7 +40,7 @@ def test_step_checkers_reject_wrong_steps():
     p = next(q for q in mul.problems(20) if q.meta["a"] == 347 or True)
     a, b = p.meta["a"], p.meta["b"]
     good = p.steps[0]
-    wrong = f"{a}*{b % 10}={str(a * (b % 10) + 1)[::-1]}"
+    wrong = f"{str(a)[::-1]}*{b % 10}={str(a * (b % 10) + 1)[::-1]}"
     assert mul.check_step(p, 0, good) and not mul.check_step(p, 0, wrong)
     add = get_task("add")
     q = add.problems(1)[0]

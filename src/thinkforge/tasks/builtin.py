@@ -3,13 +3,14 @@
 | task | question | gold steps | knobs |
 |---|---|---|---|
 | ``add`` | ``347+589`` | one column per step, least significant first: ``7+9+0=16`` (digits, then carry in) | digits, terms |
-| ``mul`` | ``347*89`` | partial products, then their running sum, numbers written **least-significant digit first** (``347*9=3213`` means 3123) | digits_a, digits_b |
+| ``mul`` | ``347*89`` | partial products, then their running sum, every number written **least-significant digit first** (``743*9=3213`` means 347*9=3123; ``743*08=06772`` means 347*80=27760) | digits_a, digits_b |
 | ``arith`` | ``(3+4)*2-5`` | one operation per step in evaluation order: ``3+4=7`` | ops, max_num |
 | ``syllogism`` | ``all wugs are daxes. all daxes are feps. are all wugs feps?`` | derived facts ``all wugs are feps`` then ``so yes`` (yes / no / unknown) | chain, distractors |
 
 Why reversed digits in ``mul``: a left-to-right decoder writes a number's low digit first when it
-computes it, as one does by hand; a probe here found a 0.8M-parameter model learns 3×2-digit
-multiplication from such traces in minutes, and barely at all from answers alone.
+computes it, as one does by hand. The operands are restated reversed too, so each digit of a result
+sits at a fixed distance from the digits it depends on; with the operands in normal order a 0.6M
+model trained 450 steps reached 0.3% (every digit must be found at a mirrored position).
 
 Step checkers judge a step against the gold context (the correct earlier steps): a step that builds on
 an earlier error (a wrong carry, a wrong partial sum) is wrong — the Error-Propagation rule.
@@ -20,6 +21,15 @@ import random
 import re
 
 from thinkforge.tasks import Problem, Task, register
+
+
+class _IntegerAnswer:
+    """Integer answers compare by value (``-4`` = ``-4.0``); anything else is wrong, with no maths parser."""
+
+    def score(self, problem: Problem, answer: str | None) -> float:
+        from thinkforge.verify import as_number
+
+        return float(answer is not None and as_number(answer) == int(problem.answer))
 
 
 def _digits(rng: random.Random, n: int) -> int:
@@ -39,7 +49,7 @@ def _unrev(s: str) -> int:
 
 
 @register("add")
-class AddTask(Task):
+class AddTask(_IntegerAnswer, Task):
     """Multi-digit addition of ``terms`` numbers of ``digits`` digits, one column (with its carry) per step."""
 
     has_gold_steps = True
@@ -73,7 +83,7 @@ class AddTask(Task):
 
 
 @register("mul")
-class MulTask(Task):
+class MulTask(_IntegerAnswer, Task):
     """``digits_a``-digit × ``digits_b``-digit multiplication through partial products (reversed digits)."""
 
     has_gold_steps = True
@@ -98,10 +108,7 @@ class MulTask(Task):
         rng = random.Random(f"mul-{seed}")
         for i in range(10**9):
             a, b = _digits(rng, self.digits_a), _digits(rng, self.digits_b)
-            steps = [
-                f"{x}*{y}={_rev(z)}" if kind == "mul" else f"{_rev(x)}+{_rev(y)}={_rev(z)}"
-                for kind, x, y, z in self._plan(a, b)
-            ]
+            steps = [f"{_rev(x)}{'*' if kind == 'mul' else '+'}{_rev(y)}={_rev(z)}" for kind, x, y, z in self._plan(a, b)]
             yield Problem(f"mul-{seed}-{i}", f"{a}*{b}", str(a * b), steps, {"a": a, "b": b})
 
     def check_step(self, problem: Problem, index: int, step: str) -> bool:
@@ -109,11 +116,8 @@ class MulTask(Task):
         if not 0 <= index < len(plan):
             return False
         kind, x, y, z = plan[index]
-        if kind == "mul":
-            m = re.fullmatch(r"\s*(\d+)\*(\d+)=(\d+)\s*", step)
-            return bool(m) and (int(m[1]), int(m[2]), _unrev(m[3])) == (x, y, z)
-        m = re.fullmatch(r"\s*(\d+)\+(\d+)=(\d+)\s*", step)
-        return bool(m) and (_unrev(m[1]), _unrev(m[2]), _unrev(m[3])) == (x, y, z)
+        m = re.fullmatch(r"\s*(\d+)([*+])(\d+)=(\d+)\s*", step)
+        return bool(m) and m[2] == ("*" if kind == "mul" else "+") and (_unrev(m[1]), _unrev(m[3]), _unrev(m[4])) == (x, y, z)
 
 
 _PREC = {"+": 1, "-": 1, "*": 2}
@@ -146,7 +150,7 @@ def _operand(x: int) -> str:
 
 
 @register("arith")
-class ArithTask(Task):
+class ArithTask(_IntegerAnswer, Task):
     """Multi-step integer expressions with ``ops`` operations (+ - *) on numbers 1..``max_num``."""
 
     has_gold_steps = True

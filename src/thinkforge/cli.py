@@ -1,0 +1,168 @@
+"""The ``thinkforge`` command.
+
+    thinkforge tasks list
+    thinkforge tasks show mul -n 3 [--split test] [--seed 0] [--options digits_a=4]
+    thinkforge train sft --task mul --trace cot --out runs/mul-cot [--config run.toml] [--field value …]
+    thinkforge eval --model runs/mul-cot/model --task mul --samples 8
+    thinkforge generate --model runs/mul-cot/model --prompt "347*89" [--budget 16] [--temperature 0]
+    thinkforge demo [--quick]
+
+Every command that takes a config accepts ``--config FILE.toml`` and ``--field value`` for any field;
+``thinkforge <command> --help`` lists the fields with their types, defaults and documentation.
+Errors in input (config, data files, model folders) print one line naming what is wrong and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from thinkforge.config import ConfigError, check, config_help, option, parse_config
+
+
+@dataclass
+class GenerateConfig:
+    model: str = option("runs/demo/sft-cot/model", "model folder or hub id")
+    prompt: str = option("347*89", "the user message (rendered with the chat template)")
+    budget: int | None = option(None, "thinking budget in tokens (then </think> is forced)")
+    wait_rounds: int = option(0, "budget forcing: replace the first k </think> with 'Wait'")
+    temperature: float = option(0.0, "0 = greedy")
+    top_p: float = option(1.0, "nucleus sampling threshold")
+    max_new_tokens: int = option(256, "completion length cap")
+    n: int = option(1, "number of completions")
+    seed: int = option(0, "sampling seed")
+    device: str = option("auto", "auto, cpu or cuda")
+
+    def __post_init__(self):
+        check(self.n >= 1 and self.max_new_tokens >= 1, "n and max_new_tokens must be >= 1")
+
+
+def _tasks(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="thinkforge tasks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="built-in generators and every reasoning-gym dataset")
+    show = sub.add_parser("show", help="print problems with their gold traces")
+    show.add_argument("name")
+    show.add_argument("-n", type=int, default=3)
+    show.add_argument("--split", default="train", choices=["train", "test"])
+    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--options", default="", help="the task's knobs, e.g. digits_a=4,digits_b=3")
+    args = ap.parse_args(argv)
+    from thinkforge.tasks import REGISTRY, get_task
+
+    if args.cmd == "list":
+        from thinkforge.tasks.gym import gym_names
+
+        print("built-in (with gold step-by-step traces):")
+        for name, factory in REGISTRY.items():
+            print(f"  {name:<12} {(factory.__doc__ or '').strip().splitlines()[0]}")
+        names = gym_names()
+        print(f"\nreasoning-gym ({len(names)} datasets, use as reasoning-gym:<name>):")
+        for i in range(0, len(names), 6):
+            print("  " + "  ".join(f"{n:<24}" for n in names[i : i + 6]).rstrip())
+        print("\nfiles: any .jsonl or .parquet with question, answer and optional steps")
+        return
+    from thinkforge.config import _coerce
+
+    task = get_task(args.name, **_coerce(args.options, dict, "--options"))
+    for p in task.problems(args.n, args.split, args.seed):
+        print(f"[{p.id}] {p.question}")
+        for i, s in enumerate(p.steps or []):
+            print(f"    step {i + 1}: {s}")
+        print(f"    answer: {p.answer or '(judged by the task scorer)'}\n")
+
+
+def _generate(cfg: GenerateConfig) -> None:
+    from thinkforge import format as fmt
+    from thinkforge.generation import Engine, SamplingParams
+    from thinkforge.models import load_model
+
+    model, tok = load_model(cfg.model, device=cfg.device)
+    outs = Engine(model, tok).generate([fmt.render_prompt(cfg.prompt)], SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n, seed=cfg.seed,
+        thinking_budget=cfg.budget, wait_rounds=cfg.wait_rounds))
+    for o in outs:
+        print(o.text)
+        print(f"-- finish: {o.finish_reason}; thinking tokens {o.thinking_tokens}, answer tokens {o.answer_tokens}"
+              + (f", waits {o.waits}" if o.waits else ""))
+
+
+def _commands():
+    from thinkforge.evaluate import EvalConfig
+    from thinkforge.pipeline import DemoConfig
+    from thinkforge.train.sft import SFTConfig
+
+    return {
+        "train sft": (SFTConfig, "supervised fine-tuning on reasoning traces", _train_sft),
+        "eval": (EvalConfig, "pass@1 ± CI, pass@k, maj@k on held-out problems", _eval),
+        "generate": (GenerateConfig, "complete one prompt (thinking budget, budget forcing)", _generate),
+        "demo": (DemoConfig, "train direct vs chain-of-thought models at equal compute and compare", _demo),
+    }
+
+
+def _train_sft(cfg) -> None:
+    from thinkforge.train.sft import train_sft
+
+    run = train_sft(cfg)
+    print(f"model saved in {run / 'model'}")
+
+
+def _eval(cfg) -> None:
+    from thinkforge.evaluate import format_rows, run_eval
+
+    print(format_rows(run_eval(cfg)))
+
+
+def _demo(cfg) -> None:
+    from thinkforge.pipeline import run_demo
+
+    results = run_demo(cfg)
+    print("\n" + results["summary"])
+    print(f"results: {cfg.out}/results.json, report: {cfg.out}/report.md")
+
+
+USAGE = """usage: thinkforge <command> [--field value ...]
+
+commands:
+  tasks list | tasks show NAME   the tasks with verifiable answers
+{commands}
+Run `thinkforge <command> --help` for a command's fields."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        if argv and argv[0] == "tasks":
+            _tasks(argv[1:])
+            return 0
+        commands = _commands()
+        name = " ".join(argv[:2]) if " ".join(argv[:2]) in commands else (argv[0] if argv else "")
+        if name not in commands:
+            lines = "\n".join(f"  {n:<30} {doc}" for n, (_, doc, _) in commands.items())
+            print(USAGE.format(commands=lines))
+            return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        cls, doc, fn = commands[name]
+        rest = argv[len(name.split()) :]
+        if rest and rest[0] in ("-h", "--help"):
+            print(f"thinkforge {name}: {doc}\n\nfields (--config FILE.toml sets any of them too):\n{config_help(cls)}")
+            return 0
+        fn(parse_config(cls, rest))
+        return 0
+    except BrokenPipeError:  # `thinkforge tasks list | head`
+        sys.stderr.close()
+        return 0
+    except (ConfigError, ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

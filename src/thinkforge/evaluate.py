@@ -1,0 +1,143 @@
+"""Evaluation: sample a model on held-out problems and report pass@1, pass@k and maj@k with 95% CIs.
+
+    thinkforge eval --model runs/demo/sft-cot/model --task mul --problems 300 --samples 8
+
+For each problem: one greedy completion and ``samples`` sampled ones (temperature ``temperature``).
+Rows (the records ``results.json`` keeps):
+
+| method | metric | meaning |
+|---|---|---|
+| greedy | pass@1 | share of problems whose greedy completion is correct |
+| sample | pass@1 | mean over problems of the share of correct samples (pass@1 averaged over k) |
+| sample | pass@k | unbiased pass@k (Chen et al. 2021) |
+| maj@k | accuracy | majority vote over the k extracted answers is correct |
+
+Intervals are 95% percentile bootstraps over problems. ``tokens`` is the mean number of generated
+tokens per problem that the method spent (maj@k and pass@k: k samples).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from thinkforge import format as fmt
+from thinkforge.config import check, option
+from thinkforge.generation import Engine, SamplingParams
+from thinkforge.metrics import bootstrap_ci, maj_correct, pass_at_k
+from thinkforge.tasks import Problem, Task, get_task
+from thinkforge.verify import extract_answer
+
+
+@dataclass
+class EvalConfig:
+    model: str = option("runs/demo/sft-cot/model", "model folder (or hub id) to evaluate")
+    task: str = option("mul", "task name or .jsonl/.parquet file")
+    task_options: dict = option({}, "the task's knobs, e.g. digits_a=3,digits_b=2")
+    problems: int = option(200, "held-out (test split) problems")
+    samples: int = option(8, "sampled completions per problem (k of pass@k and maj@k)")
+    temperature: float = option(1.0, "sampling temperature of the sampled completions")
+    top_p: float = option(1.0, "nucleus sampling threshold")
+    max_new_tokens: int = option(256, "completion length cap")
+    thinking_budget: int | None = option(None, "cap on thinking tokens (the engine then forces </think>)")
+    seed: int = option(0, "seed for the problems and the samples")
+    batch_rows: int = option(256, "rows generated together (memory vs speed)")
+    out: str | None = option(None, "write the rows as JSON here")
+    device: str = option("auto", "auto, cpu or cuda")
+
+    def __post_init__(self):
+        check(self.problems >= 1 and self.samples >= 1 and self.max_new_tokens >= 1 and self.batch_rows >= 1,
+              "problems, samples, max_new_tokens and batch_rows must be >= 1")
+
+
+@dataclass
+class Graded:
+    """Completions of one problem with their extracted answers and verdicts."""
+
+    problem: Problem
+    completions: list = field(default_factory=list)
+    answers: list = field(default_factory=list)
+    correct: list = field(default_factory=list)
+
+
+def sample_and_grade(engine: Engine, task: Task, problems: list[Problem], params: SamplingParams,
+                     batch_rows: int = 256) -> list[Graded]:
+    """``params.n`` completions per problem, each graded by the task's scorer (score 1.0 = correct)."""
+    per_call = max(1, batch_rows // params.n)
+    graded = []
+    for start in range(0, len(problems), per_call):
+        chunk = problems[start : start + per_call]
+        p = SamplingParams(**{**params.__dict__, "seed": (params.seed or 0) + start})
+        outs = engine.generate([fmt.render_prompt(q.question) for q in chunk], p)
+        for i, prob in enumerate(chunk):
+            g = Graded(prob)
+            for c in outs[i * params.n : (i + 1) * params.n]:
+                ans = extract_answer(c.text)
+                g.completions.append(c)
+                g.answers.append(ans)
+                g.correct.append(task.score(prob, ans) >= 1.0)
+            graded.append(g)
+    return graded
+
+
+def row(stage: str, method: str, metric: str, values, tokens: float, seed: int = 0, **extra) -> dict:
+    mean, lo, hi = bootstrap_ci(values, seed=seed)
+    return {"stage": stage, "method": method, "metric": metric, "value": mean, "ci_low": lo, "ci_high": hi,
+            "n": len(values), "tokens": tokens, **extra}
+
+
+def mean_tokens(graded: list[Graded]) -> float:
+    return sum(len(c.ids) for g in graded for c in g.completions) / max(1, len(graded))
+
+
+def evaluate_model(model, tok, task: Task, problems: list[Problem], stage: str, samples: int = 8,
+                   temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
+                   thinking_budget: int | None = None, seed: int = 0, batch_rows: int = 256) -> tuple[list[dict], dict]:
+    """Greedy pass@1, sampled pass@1, pass@k and maj@k rows for one model (see the module table), and the
+    per-problem values behind them (``{"greedy": [...], "sample": [...], "maj": [...]}``, for paired tests)."""
+    engine = Engine(model, tok)
+    common = dict(max_new_tokens=max_new_tokens, thinking_budget=thinking_budget, seed=seed)
+    greedy = sample_and_grade(engine, task, problems, SamplingParams(temperature=0, **common), batch_rows)
+    sampled = sample_and_grade(engine, task, problems, SamplingParams(
+        temperature=temperature, top_p=top_p, n=samples, **common), batch_rows)
+    k = samples
+    think = sum(c.thinking_tokens for g in sampled for c in g.completions) / max(1, len(sampled) * k)
+    values = {
+        "greedy": [float(g.correct[0]) for g in greedy],
+        "sample": [sum(g.correct) / k for g in sampled],
+        "pass": [pass_at_k(k, sum(g.correct), k) for g in sampled],
+        "maj": [float(maj_correct(g.answers, g.correct)) for g in sampled],
+    }
+    rows = [
+        row(stage, "greedy", "pass@1", values["greedy"], mean_tokens(greedy), seed),
+        row(stage, "sample", "pass@1", values["sample"], mean_tokens(sampled) / k, seed, thinking_tokens=think),
+        row(stage, "sample", f"pass@{k}", values["pass"], mean_tokens(sampled), seed),
+        row(stage, f"maj@{k}", "accuracy", values["maj"], mean_tokens(sampled), seed),
+    ]
+    return rows, values
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table of result rows."""
+    lines = [f"{'stage':<14} {'method':<8} {'metric':<9} {'value':>6}  {'95% CI':<15} {'n':>5} {'tokens':>7}"]
+    for r in rows:
+        ci = f"[{r['ci_low'] * 100:5.1f}, {r['ci_high'] * 100:5.1f}]"
+        lines.append(f"{r['stage']:<14} {r['method']:<8} {r['metric']:<9} {r['value'] * 100:5.1f}%  {ci:<15} "
+                     f"{r['n']:>5} {r['tokens']:>7.1f}")
+    return "\n".join(lines)
+
+
+def run_eval(cfg: EvalConfig) -> list[dict]:
+    from thinkforge.models import load_model
+
+    model, tok = load_model(cfg.model, device=cfg.device)
+    task = get_task(cfg.task, **cfg.task_options)
+    problems = task.problems(cfg.problems, "test", seed=cfg.seed)
+    with torch.no_grad():
+        rows, _ = evaluate_model(model, tok, task, problems, Path(cfg.model).name, cfg.samples, cfg.temperature,
+                              cfg.top_p, cfg.max_new_tokens, cfg.thinking_budget, cfg.seed, cfg.batch_rows)
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps({"task": cfg.task, "model": cfg.model, "rows": rows}, indent=2))
+    return rows

@@ -1,0 +1,204 @@
+"""The generation engine: one sampler for RL roll-outs, evaluation and serving.
+
+    engine = Engine(model, tokenizer)
+    outs = engine.generate(["<|im_start|>user\\n347*89<|im_end|>\\n<|im_start|>assistant\\n"],
+                           SamplingParams(n=8, temperature=1.0, max_new_tokens=128, thinking_budget=64))
+    outs[0].text, outs[0].logprobs, outs[0].mask, outs[0].finish_reason, outs[0].thinking_tokens
+
+What it does per step: one forward of the active rows through a backend (KV cache), sampling
+(temperature, top-k, top-p, greedy at temperature 0) from one seeded ``torch.Generator``, then per
+sequence: forced tokens, stop rules and the thinking budget. Finished rows leave the batch (their cache
+rows are dropped), so they stop costing compute. Identical prompts (GRPO's G samples of one problem)
+are prefilled once and their cache rows copied.
+
+Thinking control:
+- ``thinking_budget=B``: at most B tokens after ``<think>``; then the engine forces ``</think>`` (and a
+  newline) and the model writes its answer. Finish reason ``budget`` marks a completion whose thinking
+  was cut and whose answer then ended normally.
+- ``wait_rounds=k`` (budget forcing, Muennighoff et al. 2025 "s1"): the first k times the model ends its
+  thinking, ``</think>`` is replaced by ``wait_text`` ("\\nWait") so it thinks longer. Needs ``</think>``
+  to be one token (true for thinkforge's tokenizers, Qwen3, DeepSeek-R1 distills); checked up front.
+
+Forced tokens have ``mask = 0``: trainers exclude them from the loss. ``logprobs`` are those of the
+sampling distribution (logits / temperature, before top-k/top-p truncation; raw logits at temperature 0
+and 1), which is what an importance ratio in RL needs.
+
+Stop rules match token ids: EOS ids (tokenizer's and generation config's) and the token encodings of
+``stop`` strings. A stop string that a BPE model spells with other tokens is not caught; the format's
+stop string ``<|im_end|>`` is a single special token in every ChatML tokenizer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from thinkforge.format import STOP_STRINGS, THINK_CLOSE, THINK_OPEN
+from thinkforge.generation.backends import make_backend
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    n: int = 1  # samples per prompt
+    seed: int | None = 0
+    stop: list[str] = field(default_factory=lambda: list(STOP_STRINGS))
+    ignore_eos: bool = False  # no stop rule at all (benchmarks: always generate max_new_tokens)
+    thinking_budget: int | None = None
+    wait_rounds: int = 0
+    wait_text: str = "\nWait"
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.n < 1:
+            raise ValueError(
+                f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, n >= 1; got temperature={self.temperature}, "
+                f"top_p={self.top_p}, top_k={self.top_k}, n={self.n}"
+            )
+        if self.thinking_budget is not None and self.thinking_budget < 0:
+            raise ValueError(f"thinking_budget must be >= 0, got {self.thinking_budget}")
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    ids: list[int]  # generated tokens, forced ones included, the stop token included
+    logprobs: list[float]
+    mask: list[int]  # 1 = sampled by the model, 0 = forced by the engine
+    text: str  # decoded ids without the final stop token/string
+    finish_reason: str  # "stop" | "length" | "budget"
+    thinking_tokens: int
+    answer_tokens: int
+    waits: int = 0
+
+
+class _Seq:
+    """Per-sequence bookkeeping of one row while it generates."""
+
+    __slots__ = ("ids", "logprobs", "mask", "forced", "opened", "closed", "think", "waits", "budget_hit", "done")
+
+    def __init__(self):
+        self.ids, self.logprobs, self.mask, self.forced = [], [], [], []
+        self.opened = self.closed = self.budget_hit = False
+        self.think = self.waits = 0
+        self.done: str | None = None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, backend="auto"):
+        """``backend``: "auto" (fast when the architecture allows), "fast", "hf", or a factory
+        ``model -> backend`` (tests use a scripted one)."""
+        self.model, self.tok = model, tokenizer
+        self.backend_name = backend
+        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        self.open_ids, self.close_ids, self.nl_id = enc(THINK_OPEN), enc(THINK_CLOSE), enc("\n")
+        eos = {tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
+        self.eos_ids = {e for e in eos if e is not None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Complete every prompt ``params.n`` times; results are grouped by prompt (prompt 0's n first)."""
+        if not prompts:
+            return []
+        p_ids = [self.tok.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
+        if any(len(p) == 0 for p in p_ids):
+            raise ValueError("empty prompt")
+        if params.wait_rounds and len(self.close_ids) != 1:
+            raise ValueError(f"budget forcing needs {THINK_CLOSE} to be one token; this tokenizer uses {len(self.close_ids)}")
+        device = next(self.model.parameters()).device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        stops = [self.tok.encode(s, add_special_tokens=False) for s in params.stop]
+        stops = [s for s in stops if s]
+        wait_ids = self.tok.encode(params.wait_text, add_special_tokens=False)
+
+        backend = self.backend_name(self.model) if callable(self.backend_name) else make_backend(self.model, self.backend_name)
+        rows = [i for i in range(len(p_ids)) for _ in range(params.n)]  # row -> prompt index
+        logits = backend.prefill(p_ids, params.n, params.max_new_tokens)  # (B, V)
+        seqs = [_Seq() for _ in rows]
+        active = list(range(len(rows)))  # seqs still generating, in backend row order
+        for step in range(params.max_new_tokens):
+            tokens, logps = _sample(logits, params, gen)  # (b,), (b,)
+            tokens_l, logps_l = tokens.tolist(), logps.tolist()
+            for j, s_idx in enumerate(active):
+                tokens_l[j] = self._advance(seqs[s_idx], tokens_l[j], logps_l[j], params, stops, wait_ids)
+            if step == params.max_new_tokens - 1:
+                break
+            keep = [j for j, s_idx in enumerate(active) if seqs[s_idx].done is None]
+            if not keep:
+                break
+            if len(keep) < len(active):
+                backend.select(keep)
+                active = [active[j] for j in keep]
+                tokens_l = [tokens_l[j] for j in keep]
+            logits = backend.decode(torch.tensor(tokens_l, device=device))
+        return [self._finish(seqs[i], p_ids[rows[i]], params, stops) for i in range(len(rows))]
+
+    def _advance(self, s: _Seq, token: int, logp: float, params: SamplingParams, stops, wait_ids) -> int:
+        """Record one step of sequence ``s``; returns the token actually emitted (forced or sampled)."""
+        forced = bool(s.forced)
+        if forced:
+            token, logp = s.forced.pop(0), 0.0
+        elif s.opened and not s.closed and token == self.close_ids[-1] and s.waits < params.wait_rounds:
+            s.waits += 1  # s1 budget forcing: do not let it stop thinking yet
+            token, logp, forced = wait_ids[0], 0.0, True
+            s.forced = list(wait_ids[1:])
+        s.ids.append(token)
+        s.logprobs.append(logp)
+        s.mask.append(0 if forced else 1)
+        if not s.opened and s.ids[-len(self.open_ids) :] == self.open_ids:
+            s.opened = True
+        elif s.opened and not s.closed:
+            if s.ids[-len(self.close_ids) :] == self.close_ids:
+                s.closed = True
+            else:
+                s.think += 1
+                if params.thinking_budget is not None and s.think >= params.thinking_budget and not s.forced:
+                    s.budget_hit = True
+                    s.forced = ([] if token in self.nl_id else list(self.nl_id)) + self.close_ids + self.nl_id
+        if not s.forced and not params.ignore_eos and (
+            token in self.eos_ids or any(s.ids[-len(x) :] == x for x in stops)
+        ):
+            s.done = "budget" if s.budget_hit else "stop"
+        elif len(s.ids) >= params.max_new_tokens:
+            s.done = "length"
+        return token
+
+    def _finish(self, s: _Seq, prompt_ids: list[int], params: SamplingParams, stops) -> Completion:
+        body = s.ids
+        if s.done in ("stop", "budget"):
+            cut = next((len(x) for x in stops if body[-len(x) :] == x), 1)
+            body = body[:-cut]
+        from thinkforge.format import count_reasoning_tokens
+
+        think, answer = count_reasoning_tokens(s.ids, self.tok)
+        return Completion(
+            prompt_ids, s.ids, s.logprobs, s.mask, self.tok.decode(body), s.done or "length", think, answer, s.waits
+        )
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator):
+    """Sampled tokens and their logprobs under logits / temperature. logits: (B, V) float."""
+    logits = logits.float()
+    if params.temperature == 0:
+        tokens = logits.argmax(-1)  # (B,)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
+    logp = torch.log_softmax(logits / params.temperature, -1)  # (B, V)
+    filtered = logp
+    if params.top_k:
+        kth = logp.topk(min(params.top_k, logp.shape[-1]), -1).values[:, -1:]  # (B, 1)
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_lp, order = filtered.sort(-1, descending=True)
+        cum = sorted_lp.exp().cumsum(-1)
+        drop = cum - sorted_lp.exp() > params.top_p  # keep the smallest prefix whose mass reaches top_p
+        filtered = filtered.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
+    tokens = torch.multinomial(filtered.exp(), 1, generator=gen)[:, 0]  # (B,)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]

@@ -1,0 +1,78 @@
+"""Report: plots (PNG) and a Markdown page from a run's ``results.json`` and its stages' ``metrics.jsonl``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from thinkforge.evaluate import format_rows
+
+
+def _loss_curves(stages: dict[str, Path], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for stage, run in stages.items():
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        tokens, seen = [], 0
+        for r in rows:
+            seen += r["tokens"]
+            tokens.append(seen)
+        ax.plot(tokens, [r["loss"] for r in rows], label=stage)
+    ax.set_xlabel("supervised tokens")
+    ax.set_ylabel("loss per completion token")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("training loss")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _accuracy_bars(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["metric"] in ("pass@1", "accuracy")]
+    labels = [f"{r['stage']}\n{r['method']}" for r in shown]
+    values = [r["value"] * 100 for r in shown]
+    err = [[(r["value"] - r["ci_low"]) * 100 for r in shown], [(r["ci_high"] - r["value"]) * 100 for r in shown]]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(shown)), 3.5))
+    ax.bar(range(len(shown)), values, yerr=err, capsize=4, color=["#999" if "direct" in r["stage"] else "#3a7" for r in shown])
+    ax.set_xticks(range(len(shown)), labels, fontsize=8)
+    ax.set_ylabel("accuracy on held-out problems (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("accuracy with 95% bootstrap intervals")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, results: dict, stages: dict[str, Path]) -> Path:
+    """Write ``loss.png``, ``accuracy.png`` and ``report.md`` into ``out_dir``."""
+    _loss_curves(stages, out_dir / "loss.png")
+    _accuracy_bars(results["rows"], out_dir / "accuracy.png")
+    lines = [
+        f"# thinkforge demo — {results['task']}",
+        "",
+        results.get("summary", ""),
+        "",
+        "```",
+        format_rows(results["rows"]),
+        "```",
+        "",
+    ]
+    for c in results.get("comparisons", []):
+        lines.append(f"- {c['b']} vs {c['a']} ({c['metric']}): {c['diff'] * 100:+.1f} points, "
+                     f"95% CI [{c['ci_low'] * 100:+.1f}, {c['ci_high'] * 100:+.1f}], paired bootstrap p = {c['p_value']:.3f}")
+    lines += ["", "| stage | training steps | supervised tokens | tokens processed | seconds |", "|---|---|---|---|---|"]
+    for stage, t in results.get("train", {}).items():
+        lines.append(f"| {stage} | {t['steps']} | {t['supervised_tokens']} | {t['seen_tokens']} | {t['seconds']:.0f} |")
+    lines += ["", "![training loss](loss.png)", "", "![accuracy](accuracy.png)", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,1 @@
+"""Trainers: one file per algorithm over the shared loop (``loop.py``)."""

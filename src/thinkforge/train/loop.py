@@ -1,0 +1,179 @@
+"""The shared training loop: AdamW, warm-up + cosine schedule, clipping, accumulation, checkpoints, resume.
+
+A trainer supplies two functions: ``next_batch(state) -> list[micro-batch]`` (it may keep its data
+position in ``state``, a dict saved with every checkpoint; each micro-batch is a dict with
+``n_tokens``, the loss normaliser, and ``seen_tokens``, the tokens processed) and ``loss_fn(model,
+micro) -> (loss_sum, stats)``. The loop divides by the ``n_tokens`` of the whole optimizer step, so
+gradient accumulation gives the same update as one large batch.
+
+Run folder ``runs/<name>/``: ``config.toml``, ``metrics.jsonl`` (one row per step), ``checkpoint/``
+(HF folder + ``trainer_state.pt``: optimizer, RNG states, step, data position) replaced atomically
+(written to a temporary folder, then renamed), and ``model/``, the final model. ``resume=True`` loads
+``checkpoint/`` and continues exactly: same next batch, same losses as an uninterrupted run; metric rows
+written after the checkpoint are dropped and recomputed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from thinkforge.models import replace_dir, save_model
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    lr: float
+    warmup: int
+    min_lr_ratio: float
+    weight_decay: float
+    grad_clip: float
+    save_every: int
+    seed: int
+
+
+def lr_at(step: int, s: LoopSettings) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine down to ``lr * min_lr_ratio``."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model, s: LoopSettings) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms, biases and embeddings (1-D tensors and the embedding matrix)."""
+    emb = model.get_input_embeddings().weight
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2 and p is not emb]
+    rest = [p for p in model.parameters() if p.requires_grad and (p.dim() < 2 or p is emb)]
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), fused=fused)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, data_state: dict) -> None:
+    """Write ``run/checkpoint`` atomically: a crash leaves the previous checkpoint whole."""
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "data": data_state},
+                   tmp / "trainer_state.pt")
+        replace_dir(tmp, run / "checkpoint")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint(run: Path) -> dict:
+    path = run / "checkpoint" / "trainer_state.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: nothing to resume (no checkpoint/trainer_state.pt)")
+    return torch.load(path, weights_only=False)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep only rows of steps before ``step`` (rows after the last checkpoint are recomputed on resume)."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def run_training(
+    model,
+    tokenizer,
+    run: Path,
+    settings: LoopSettings,
+    next_batch: Callable[[dict], list],
+    loss_fn: Callable,
+    resume: bool = False,
+    data_state: dict | None = None,
+    describe: Callable[[dict], str] = lambda m: f"loss {m['loss']:.3f}",
+) -> list[dict]:
+    """Train for ``settings.steps`` optimizer steps; returns the metric rows of this process.
+
+    With ``resume`` the caller passes the model loaded from ``run/checkpoint``; the loop restores the
+    optimizer, RNG states, step and data position saved beside it."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    run.mkdir(parents=True, exist_ok=True)
+    model.train()
+    optimizer = make_optimizer(model, settings)
+    data_state = dict(data_state or {})
+    start = 0
+    if resume:
+        st = load_checkpoint(run)  # the caller built ``model`` from run/checkpoint
+        optimizer.load_state_dict(st["optimizer"])
+        _set_rng_state(st["rng"])
+        start, data_state = st["step"], st["data"]
+    else:
+        torch.manual_seed(settings.seed)
+    metrics_path = run / "metrics.jsonl"
+    if resume:
+        _trim_metrics(metrics_path, start)
+    else:
+        metrics_path.write_text("")
+    rows = []
+    params = [p for p in model.parameters() if p.requires_grad]
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), transient=True) as progress:
+        bar = progress.add_task(run.name, total=settings.steps, completed=start)
+        for step in range(start, settings.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, settings)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            micro_batches = next_batch(data_state)
+            total_tokens = sum(mb["n_tokens"] for mb in micro_batches)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, stats_sum, seen = 0.0, {}, 0
+            for mb in micro_batches:
+                loss, stats = loss_fn(model, mb)
+                # Each micro-batch's loss sum over the whole step's count: the same update as one big batch.
+                (loss / max(1, total_tokens)).backward()
+                loss_sum += float(loss.detach())
+                seen += mb.get("seen_tokens", 0)
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + v / len(micro_batches)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip))
+            if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
+                raise FloatingPointError(
+                    f"step {step}: non-finite loss ({loss_sum}) or gradient norm ({grad_norm}); "
+                    f"the last good checkpoint is in {run / 'checkpoint'}"
+                )
+            optimizer.step()
+            dt = time.perf_counter() - t0
+            row = {"step": step, "loss": loss_sum / max(1, total_tokens), "lr": lr, "grad_norm": grad_norm,
+                   "tokens": total_tokens, "seen_tokens": seen, "step_time": dt, "tokens_per_s": seen / dt,
+                   **stats_sum}
+            rows.append(row)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            progress.update(bar, advance=1, description=f"{run.name} {describe(row)} {row['tokens_per_s']:.0f} tok/s")
+            done = step + 1
+            if done % settings.save_every == 0 or done == settings.steps:
+                save_checkpoint(run, model, tokenizer, optimizer, done, data_state)
+    model.eval()
+    save_model(model, tokenizer, run / "model")
+    return rows

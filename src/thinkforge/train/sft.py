@@ -1,0 +1,211 @@
+"""Supervised fine-tuning on reasoning traces (cold start, distillation, rejection-sampling SFT).
+
+    thinkforge train sft --task mul --trace cot --model tiny --out runs/mul-cot --steps 300
+
+Each example is ``prompt → completion``: the prompt is the chat-templated question, the completion
+``<think>\\n<gold steps>\\n</think>\\n<answer>…</answer><|im_end|>`` (``--trace cot``) or just the answer
+part (``--trace direct``). ``--data FILE.jsonl`` trains on ready-made ``{"prompt", "completion"}`` rows
+instead (e.g. verified samples of a teacher). The loss is next-token cross-entropy on completion
+tokens only (prompt tokens masked), summed over the step's tokens and divided by their number.
+
+Packing (default on): examples are laid end to end in rows of ``max_len`` tokens, each with its own
+positions from 0 and a block-diagonal causal mask, so no example attends to another; the loss equals
+the unpacked loss (a test checks this) while no compute goes to padding. Logits are computed only at
+supervised positions, not over the prompt.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from thinkforge import format as fmt
+from thinkforge.config import ConfigError, check, option, save_config
+from thinkforge.models import char_tokenizer, load_model, resolve_device, tiny_model, TINY_SIZES
+from thinkforge.tasks import get_task
+from thinkforge.train.loop import LoopSettings, run_training
+
+
+@dataclass
+class SFTConfig:
+    task: str = option("mul", "task name (`thinkforge tasks list`) or a .jsonl/.parquet file of problems")
+    task_options: dict = option({}, "the task's knobs, e.g. digits_a=3,digits_b=2")
+    trace: str = option("cot", "cot: train on <think> gold steps then the answer; direct: the answer only")
+    data: str | None = option(None, "JSONL of {prompt, completion} rows to train on instead of the task's gold traces")
+    model: str = option("tiny", "'tiny' (from scratch, character tokenizer), a local folder or a hub id")
+    size: str = option("small", f"size of a tiny model: {', '.join(TINY_SIZES)}")
+    out: str = option("runs/sft", "run folder (config.toml, metrics.jsonl, checkpoint/, model/)")
+    train_problems: int = option(20000, "number of distinct training problems drawn from the task")
+    steps: int = option(300, "optimizer steps")
+    batch_size: int = option(64, "rows per optimizer step (split into grad_accum micro-batches)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    max_len: int = option(128, "tokens per row; an example longer than this is an error, never cut")
+    packing: bool = option(True, "lay examples end to end in rows (block-diagonal attention)")
+    lr: float = option(2e-3, "peak learning rate (AdamW, betas 0.9/0.95)")
+    min_lr_ratio: float = option(0.1, "final learning rate as a share of lr (cosine schedule)")
+    warmup: int = option(20, "linear warm-up steps")
+    weight_decay: float = option(0.01, "AdamW weight decay on matrices (not on norms or embeddings)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this")
+    seed: int = option(0, "seed for the problems, the data order and the initial weights")
+    save_every: int = option(100, "checkpoint every N steps (and at the end)")
+    resume: bool = option(False, "continue the run in --out from its checkpoint, exactly")
+    overwrite: bool = option(False, "start afresh even if --out holds a checkpoint")
+    device: str = option("auto", "auto, cpu or cuda")
+    threads: int = option(0, "torch CPU threads (0 = torch's default)")
+
+    def __post_init__(self):
+        check(self.trace in ("cot", "direct"), f"trace must be 'cot' or 'direct', got {self.trace!r}")
+        for name in ("train_problems", "steps", "batch_size", "grad_accum", "max_len", "save_every"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.batch_size % self.grad_accum == 0,
+              f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0 and self.threads >= 0,
+              "need lr > 0, 0 <= min_lr_ratio <= 1, warmup >= 0, threads >= 0")
+
+
+def completion_text(problem, trace: str) -> str:
+    thinking = "\n".join(problem.steps) if trace == "cot" else None
+    return fmt.render_completion(problem.answer, thinking) + fmt.IM_END
+
+
+def load_pairs(path: str) -> list[tuple[str, str]]:
+    """``{"prompt", "completion"}`` rows; errors name the file, line and field."""
+    pairs = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        for key in ("prompt", "completion"):
+            if not isinstance(row.get(key), str) or not row[key]:
+                raise ConfigError(f"{path}:{n}: field {key!r} must be a non-empty string")
+        pairs.append((row["prompt"], row["completion"]))
+    if not pairs:
+        raise ConfigError(f"{path}: no rows")
+    return pairs
+
+
+def encode_pairs(pairs: list[tuple[str, str]], tok, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels with -100 on the prompt) per example; too long an example is an error."""
+    out = []
+    for i, (prompt, completion) in enumerate(pairs):
+        p = tok.encode(prompt, add_special_tokens=False)
+        c = tok.encode(completion, add_special_tokens=False)
+        if len(p) + len(c) > max_len:
+            raise ConfigError(f"example {i} has {len(p) + len(c)} tokens, more than max_len={max_len}: raise --max-len")
+        out.append((p + c, [-100] * len(p) + c))
+    return out
+
+
+class Batcher:
+    """Seeded, resumable stream of micro-batches. State: {'epoch', 'cursor'} into the epoch's permutation."""
+
+    def __init__(self, examples, cfg: SFTConfig, pad_id: int, device):
+        self.examples, self.cfg, self.pad, self.device = examples, cfg, pad_id, device
+        self._order = (None, None)  # (epoch, permutation) cache
+
+    def _next_example(self, state: dict):
+        if self._order[0] != state["epoch"]:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + state["epoch"])
+            self._order = (state["epoch"], torch.randperm(len(self.examples), generator=g).tolist())
+        ex = self.examples[self._order[1][state["cursor"]]]
+        state["cursor"] += 1
+        if state["cursor"] == len(self.examples):
+            state["epoch"], state["cursor"] = state["epoch"] + 1, 0
+        return ex
+
+    def __call__(self, state: dict) -> list[dict]:
+        state.setdefault("epoch", 0)
+        state.setdefault("cursor", 0)
+        rows_per_micro = self.cfg.batch_size // self.cfg.grad_accum
+        return [self._micro(state, rows_per_micro) for _ in range(self.cfg.grad_accum)]
+
+    def _micro(self, state: dict, rows: int) -> dict:
+        L = self.cfg.max_len
+        ids = torch.full((rows, L), self.pad, dtype=torch.long)
+        labels = torch.full((rows, L), -100, dtype=torch.long)
+        pos = torch.zeros((rows, L), dtype=torch.long)
+        seg = torch.full((rows, L), -1, dtype=torch.long)  # example number within the row; -1 = padding
+        pending = state.pop("pending", None)
+        for r in range(rows):
+            t, k = 0, 0
+            while True:
+                ex = pending if pending is not None else self._next_example(state)
+                pending = None
+                n = len(ex[0])
+                if t + n > L:
+                    pending = ex  # starts the next row
+                    break
+                ids[r, t : t + n], labels[r, t : t + n] = torch.tensor(ex[0]), torch.tensor(ex[1])
+                pos[r, t : t + n], seg[r, t : t + n] = torch.arange(n), k
+                t, k = t + n, k + 1
+                if not self.cfg.packing:
+                    break
+        if pending is not None:
+            state["pending"] = pending
+        used = int((seg >= 0).sum(1).max())  # trim columns that are padding in every row
+        ids, labels, pos, seg = ids[:, :used], labels[:, :used], pos[:, :used], seg[:, :used]
+        if bool((seg == 0).all()):  # one example per row, no padding: plain causal attention (SDPA fast path)
+            mask = None
+        else:
+            causal = torch.ones(used, used, dtype=torch.bool).tril()
+            same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+            mask = ((same & causal) | torch.eye(used, dtype=torch.bool))[:, None].to(self.device)  # (b, 1, T, T)
+            # (pad positions see themselves, so no attention row is empty: no NaN)
+        return {
+            "input_ids": ids.to(self.device), "labels": labels.to(self.device), "position_ids": pos.to(self.device),
+            "attention_mask": mask,
+            "n_tokens": int((labels[:, 1:] != -100).sum()), "seen_tokens": int((seg >= 0).sum()),
+        }
+
+
+def sft_loss(model, mb: dict):
+    """Summed next-token cross-entropy over completion tokens; logits only where there is a label."""
+    h = model.get_decoder()(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                            position_ids=mb["position_ids"]).last_hidden_state  # (b, T, H)
+    targets = mb["labels"][:, 1:]  # (b, T-1)
+    sel = targets != -100
+    logits = model.get_output_embeddings()(h[:, :-1][sel]).float()  # (n, V)
+    loss = F.cross_entropy(logits, targets[sel], reduction="sum")
+    acc = float((logits.argmax(-1) == targets[sel]).float().mean()) if sel.any() else 0.0
+    return loss, {"token_accuracy": acc}
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Run SFT as configured; returns the run folder (final model in ``run/model``)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.out)
+    if (run / "checkpoint").exists() and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f"{run} already holds a run: pass --resume to continue it or --overwrite to start afresh")
+    device = resolve_device(cfg.device)
+    if cfg.data:
+        pairs = load_pairs(cfg.data)
+        sample_text = [p + c for p, c in pairs[:500]]
+    else:
+        task = get_task(cfg.task, **cfg.task_options)
+        if cfg.trace == "cot" and not task.has_gold_steps:
+            raise ConfigError(f"task {cfg.task!r} has no gold steps: use --trace direct or --data with traces")
+        problems = task.problems(cfg.train_problems, "train", seed=cfg.seed)
+        pairs = [(fmt.render_prompt(p.question), completion_text(p, cfg.trace)) for p in problems]
+        sample_text = task.sample_text()
+    if cfg.resume:
+        model, tok = load_model(str(run / "checkpoint"), device=str(device))
+    elif cfg.model == "tiny":
+        tok = char_tokenizer(sample_text)
+        model = tiny_model(tok, cfg.size, seed=cfg.seed).to(device)
+    else:
+        model, tok = load_model(cfg.model, device=str(device))
+    examples = encode_pairs(pairs, tok, cfg.max_len)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.toml")
+    settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
+                            cfg.save_every, cfg.seed)
+    run_training(model, tok, run, settings, Batcher(examples, cfg, tok.pad_token_id, device), sft_loss,
+                 resume=cfg.resume)
+    return run

@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from thinkforge.cli import main
+
+
+def test_help_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("tasks list", "train sft", "eval", "generate", "demo"):
+        assert cmd in out
+    assert main(["train", "sft", "--help"]) == 0
+    assert "--max-len" in capsys.readouterr().out
+
+
+def test_tasks_show_prints_gold_traces(capsys):
+    assert main(["tasks", "show", "mul", "-n", "2", "--options", "digits_a=2,digits_b=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("step 3:") == 2 and out.count("answer:") == 2
+
+
+def test_tasks_list_includes_reasoning_gym(capsys):
+    assert main(["tasks", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "syllogism" in out and "gsm_symbolic" in out and "105 datasets" in out
+
+
+def test_errors_are_one_line_and_exit_2(capsys, tmp_path):
+    assert main(["train", "sft", "--lr", "x"]) == 2
+    assert capsys.readouterr().err == "error: --lr: expected float, got 'x'\n"
+    assert main(["eval", "--model", str(tmp_path / "missing" / "m")]) == 2
+    assert "no such model folder" in capsys.readouterr().err
+    assert main(["tasks", "show", "nope"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2
+
+
+def test_console_script_runs():
+    r = subprocess.run([sys.executable, "-m", "thinkforge", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "train sft" in r.stdout
+
+
+@pytest.mark.timeout(120)
+def test_quick_demo_writes_results_and_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {r["stage"] for r in res["rows"]} == {"sft-direct", "sft-cot"}
+    for r in res["rows"]:
+        assert set(r) >= {"stage", "method", "metric", "value", "ci_low", "ci_high", "n", "tokens"}
+        assert 0 <= r["ci_low"] <= r["value"] <= r["ci_high"] <= 1 and r["n"] == 40
+    assert res["train"]["sft-direct"]["steps"] == res["train"]["sft-cot"]["steps"] == 40
+    assert set(res["models"]) == {"sft-direct", "sft-cot"} and res["seconds"] < 120
+    for f in ("report.md", "loss.png", "accuracy.png"):
+        assert (out / f).stat().st_size > 0
+    # the model the demo trained loads and generates through the CLI
+    assert main(["generate", "--model", res["models"]["sft-cot"], "--prompt", "347*89", "--max-new-tokens", "20"]) == 0
+    assert "-- finish:" in capsys.readouterr().out

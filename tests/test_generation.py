@@ -1,0 +1,148 @@
+import pytest
+import torch
+
+from thinkforge import format as fmt
+from thinkforge.generation import Engine, SamplingParams
+from thinkforge.models import tiny_model
+
+PROMPTS = [fmt.render_prompt(q) for q in ["347*89", "12+7", "(3+4)*2-5"]] + ["x"]
+
+
+@pytest.fixture(scope="module")
+def model(char_tok):
+    return tiny_model(char_tok, "micro", seed=0).eval()
+
+
+def full_forward_logprobs(model, c):
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([c.prompt_ids + c.ids])).logits[0, :-1].float(), -1)
+    return lp[len(c.prompt_ids) - 1 :].gather(-1, torch.tensor(c.ids)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("backend", ["fast", "hf"])
+def test_greedy_equals_hf_generate_and_logprobs_equal_full_forward(model, char_tok, backend):
+    eng = Engine(model, char_tok, backend=backend)
+    outs = eng.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True))
+    for o in outs:  # prompts of different lengths share a batch (left padding)
+        ids = torch.tensor([o.prompt_ids])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:]
+        assert ref.tolist() == o.ids
+    for o in eng.generate(PROMPTS, SamplingParams(temperature=1.0, n=3, max_new_tokens=24, seed=3)):
+        assert (full_forward_logprobs(model, o) - torch.tensor(o.logprobs)).abs().max() < 1e-4
+        assert all(m == 1 for m in o.mask)
+
+
+def test_sampling_is_reproducible_by_seed(model, char_tok):
+    eng = Engine(model, char_tok)
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, n=4, max_new_tokens=16, seed=7)
+    a, b = eng.generate(PROMPTS, p), eng.generate(PROMPTS, p)
+    assert [o.ids for o in a] == [o.ids for o in b] and len(a) == 4 * len(PROMPTS)
+    c = eng.generate(PROMPTS, SamplingParams(**{**p.__dict__, "seed": 8}))
+    assert [o.ids for o in a] != [o.ids for o in c]
+
+
+class Scripted:
+    """A backend whose 'model' thinks for ``think`` tokens of 'a', then answers 7. Logits are one-hot."""
+
+    def __init__(self, tok, think: int):
+        self.tok, self.think = tok, think
+        self.t = {s: tok.convert_tokens_to_ids(s) for s in fmt.SPECIAL_TOKENS}
+        self.a, self.seven = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("7")
+        self.calls = []
+
+    def _next(self, hist: list[int]) -> int:
+        t = self.t
+        if t["<think>"] not in hist:
+            return t["<think>"]
+        if t["</think>"] not in hist:
+            thinking = len(hist) - hist.index(t["<think>"]) - 1
+            return self.a if thinking < self.think else t["</think>"]
+        after = hist[hist.index(t["</think>"]) + 1 :]
+        script = [t["<answer>"], self.seven, t["</answer>"], t["<|im_end|>"]]
+        done = [x for x in after if x in script]
+        return script[min(len(done), 3)]
+
+    def _logits(self):
+        out = torch.full((len(self.hist), len(self.tok)), -30.0)
+        for i, h in enumerate(self.hist):
+            out[i, self._next(h)] = 0.0
+        return out
+
+    def prefill(self, prompt_ids, n, max_new):
+        self.hist = [[] for _ in range(len(prompt_ids) * n)]
+        self.calls.append(len(self.hist))
+        return self._logits()
+
+    def decode(self, tokens):
+        for h, x in zip(self.hist, tokens.tolist()):
+            h.append(x)
+        self.calls.append(len(self.hist))
+        return self._logits()
+
+    def select(self, rows):
+        self.hist = [self.hist[i] for i in rows]
+
+
+def scripted_engine(model, tok, think):
+    backend = Scripted(tok, think)
+    return Engine(model, tok, backend=lambda m: backend), backend
+
+
+def test_stop_and_token_counts(model, char_tok):
+    eng, _ = scripted_engine(model, char_tok, think=5)
+    o = eng.generate(["q"], SamplingParams(temperature=0, max_new_tokens=50))[0]
+    assert o.text == "<think>aaaaa</think><answer>7</answer>" and o.finish_reason == "stop"
+    assert (o.thinking_tokens, o.answer_tokens) == (7, 4)  # <think> a*5 </think> | <answer> 7 </answer> <|im_end|>
+    o = eng.generate(["q"], SamplingParams(temperature=0, max_new_tokens=4))[0]
+    assert o.finish_reason == "length" and len(o.ids) == 4
+
+
+def test_thinking_budget_forces_the_end_of_thinking(model, char_tok):
+    eng, _ = scripted_engine(model, char_tok, think=40)
+    o = eng.generate(["q"], SamplingParams(temperature=0, max_new_tokens=80, thinking_budget=6))[0]
+    assert o.text == "<think>aaaaaa\n</think>\n<answer>7</answer>"
+    assert o.finish_reason == "budget"
+    forced = [char_tok.decode([i]) for i, m in zip(o.ids, o.mask) if m == 0]
+    assert forced == ["\n", "</think>", "\n"]
+    assert o.ids[o.mask.index(0) - 1] == char_tok.convert_tokens_to_ids("a")
+
+
+def test_budget_forcing_appends_wait(model, char_tok):
+    eng, _ = scripted_engine(model, char_tok, think=3)
+    o = eng.generate(["q"], SamplingParams(temperature=0, max_new_tokens=80, wait_rounds=2))[0]
+    assert o.waits == 2 and o.text.count("Wait") == 2 and o.finish_reason == "stop"
+    assert o.text.startswith("<think>aaa\nWait") and o.text.endswith("</think><answer>7</answer>")
+    assert sum(1 for m in o.mask if m == 0) == 2 * len("\nWait")
+
+
+def test_finished_rows_leave_the_batch(model, char_tok):
+    class Mixed(Scripted):  # row 0 ends at once, the other rows think for 30 tokens
+        def _logits(self):
+            out = super()._logits()
+            for i, row in enumerate(self.rows):
+                if row == 0:
+                    out[i] = -30.0
+                    out[i, self.t["<|im_end|>"]] = 0.0
+            return out
+
+        def prefill(self, prompt_ids, n, max_new):
+            self.rows = list(range(len(prompt_ids) * n))
+            return super().prefill(prompt_ids, n, max_new)
+
+        def select(self, rows):
+            super().select(rows)
+            self.rows = [self.rows[i] for i in rows]
+
+    backend = Mixed(char_tok, think=30)
+    eng = Engine(model, char_tok, backend=lambda m: backend)
+    outs = eng.generate(["q"], SamplingParams(temperature=0, n=4, max_new_tokens=60))
+    assert [len(o.ids) for o in outs][0] == 1 and outs[0].finish_reason == "stop"
+    assert backend.calls[0] == 4 and backend.calls[1] == 3  # the finished row costs nothing after step 1
+
+
+def test_bad_params():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)

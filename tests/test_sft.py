@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+
+from thinkforge import format as fmt
+from thinkforge.config import ConfigError
+from thinkforge.models import tiny_model
+from thinkforge.tasks import get_task
+from thinkforge.train import sft
+from thinkforge.train.sft import Batcher, SFTConfig, completion_text, encode_pairs, sft_loss, train_sft
+
+
+def small(tmp_path, **kw):
+    base = dict(task="add", task_options={"digits": 2}, size="micro", train_problems=300, steps=6, batch_size=8,
+                max_len=64, save_every=3, out=str(tmp_path / "run"), warmup=2, lr=3e-3)
+    return SFTConfig(**{**base, **kw})
+
+
+def test_packed_loss_equals_unpacked_loss(char_tok):
+    task = get_task("add", digits=2)
+    pairs = [(fmt.render_prompt(p.question), completion_text(p, "cot")) for p in task.problems(12)]
+    examples = encode_pairs(pairs, char_tok, 128)
+    total = sum(len(ids) for ids, _ in examples)
+    model = tiny_model(char_tok, "micro", seed=0)
+    totals = {}
+    for packing in (True, False):  # packed: all 12 examples in one row; unpacked: one per row
+        cfg = SFTConfig(batch_size=1 if packing else 12, max_len=total, packing=packing, seed=0)
+        mb = Batcher(examples, cfg, char_tok.pad_token_id, "cpu")({})[0]
+        with torch.no_grad():
+            loss, _ = sft_loss(model, mb)
+        totals[packing] = (float(loss), mb["n_tokens"], mb["input_ids"].numel())
+    assert totals[True][1] == totals[False][1]  # the same supervised tokens
+    assert totals[True][0] == pytest.approx(totals[False][0], rel=1e-5)
+    assert totals[True][2] < totals[False][2]  # but fewer token slots computed
+
+
+def test_completion_only_labels(char_tok):
+    (ids, labels), = encode_pairs([("PROMPT", "<answer>5</answer><|im_end|>")], char_tok, 64)
+    assert labels[:6] == [-100] * 6 and labels[6:] == ids[6:] and len(ids) == 6 + 4
+
+
+def test_sft_smoke_loss_falls_and_parameters_change(tmp_path):
+    run = train_sft(small(tmp_path, steps=30, save_every=30))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
+    from thinkforge.models import load_model
+
+    trained, tok = load_model(str(run / "model"), device="cpu")
+    init = tiny_model(tok, "micro", seed=0)
+    changed = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), init.state_dict().values())]
+    assert all(changed)
+    assert (run / "config.toml").read_text().count("steps = 30") == 1
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    full = train_sft(small(tmp_path / "a"))
+    expected = (full / "metrics.jsonl").read_text().splitlines()
+
+    calls = {"n": 0}
+    real = sft.sft_loss
+
+    def crashing(model, mb):  # dies during step 5, after the checkpoint of step 3
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(model, mb)
+
+    monkeypatch.setattr(sft, "sft_loss", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(small(tmp_path / "b"))
+    monkeypatch.setattr(sft, "sft_loss", real)
+    run = tmp_path / "b" / "run"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(ConfigError, match="--resume"):
+        train_sft(small(tmp_path / "b"))
+    train_sft(small(tmp_path / "b", resume=True))
+    got = (run / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("step_time", "tokens_per_s")} for r in rows]
+    assert strip(got) == strip(expected)  # same batches, same losses, bit for bit
+    a = torch.load(full / "checkpoint" / "trainer_state.pt", weights_only=False)
+    b = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert a["data"] == b["data"] and a["step"] == b["step"] == 6
+
+
+def test_nonfinite_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
+    real = sft.sft_loss
+
+    def nan_loss(model, mb):
+        loss, stats = real(model, mb)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(sft, "sft_loss", nan_loss)
+    with pytest.raises(FloatingPointError, match="step 0: non-finite loss"):
+        train_sft(small(tmp_path))
+
+
+def test_too_long_example_is_an_error_not_a_cut(tmp_path):
+    with pytest.raises(ConfigError, match=r"example 0 has \d+ tokens, more than max_len=20"):
+        train_sft(small(tmp_path, max_len=20))
+
+
+def test_cot_needs_gold_steps(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"question": "2+2?", "answer": "4"}\n')
+    with pytest.raises(ConfigError, match="has no gold steps"):
+        train_sft(small(tmp_path, task=str(f), task_options={}))
