@@ -53,18 +53,15 @@ def build(tok):
 
 
 def examples(tok, n: int) -> list[tuple[str, str]]:
-    """prompt/completion pairs of exactly T tokens in total (24 prompt tokens, 72 completion tokens)."""
+    """prompt/completion pairs of exactly T tokens in total (a ~30-token prompt, the rest completion)."""
     from thinkforge import format as fmt
     from thinkforge.tasks import get_task
 
     out = []
-    for p in get_task("arith", ops=6, max_num=30).problems(n * 3):
+    for p in get_task("arith", ops=6, max_num=30).problems(n * 2):
         prompt = fmt.render_prompt(p.question)
-        body = "\n".join(p.steps) * 4
-        pl = len(tok.encode(prompt, add_special_tokens=False))
-        if pl > 24:
-            continue
-        completion = body[: T - pl]
+        body = "\n".join(p.steps) * 8  # one character = one token: cut to fill the row exactly
+        completion = body[: T - len(tok.encode(prompt, add_special_tokens=False))]
         if len(tok.encode(prompt + completion, add_special_tokens=False)) == T:
             out.append((prompt, completion))
         if len(out) == n:

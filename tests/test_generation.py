@@ -146,3 +146,13 @@ def test_bad_params():
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_backends_agree_when_rows_finish_early(model, char_tok):
+    # stop strings end rows at different steps, so the hf backend must drop rows from its DynamicCache
+    p = SamplingParams(temperature=1.0, n=4, max_new_tokens=30, seed=11, stop=["e", "a", "1"])
+    fast = Engine(model, char_tok, backend="fast").generate(PROMPTS, p)
+    hf = Engine(model, char_tok, backend="hf").generate(PROMPTS, p)
+    assert len({len(o.ids) for o in fast}) > 1  # rows did finish at different times
+    assert [o.ids for o in fast] == [o.ids for o in hf]
+    assert [o.finish_reason for o in fast] == [o.finish_reason for o in hf]

@@ -3,6 +3,7 @@
     thinkforge tasks list
     thinkforge tasks show mul -n 3 [--split test] [--seed 0] [--options digits_a=4]
     thinkforge train sft --task mul --trace cot --out runs/mul-cot [--config run.toml] [--field value …]
+    thinkforge train grpo --model runs/mul-cot/model --task mul --out runs/mul-grpo --loss dapo
     thinkforge eval --model runs/mul-cot/model --task mul --samples 8
     thinkforge generate --model runs/mul-cot/model --prompt "347*89" [--budget 16] [--temperature 0]
     thinkforge demo [--quick]
@@ -90,10 +91,12 @@ def _generate(cfg: GenerateConfig) -> None:
 def _commands():
     from thinkforge.evaluate import EvalConfig
     from thinkforge.pipeline import DemoConfig
+    from thinkforge.train.grpo import GRPOConfig
     from thinkforge.train.sft import SFTConfig
 
     return {
         "train sft": (SFTConfig, "supervised fine-tuning on reasoning traces", _train_sft),
+        "train grpo": (GRPOConfig, "RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, BNPO, GSPO", _train_grpo),
         "eval": (EvalConfig, "pass@1 ± CI, pass@k, maj@k on held-out problems", _eval),
         "generate": (GenerateConfig, "complete one prompt (thinking budget, budget forcing)", _generate),
         "demo": (DemoConfig, "train direct vs chain-of-thought models at equal compute and compare", _demo),
@@ -104,6 +107,13 @@ def _train_sft(cfg) -> None:
     from thinkforge.train.sft import train_sft
 
     run = train_sft(cfg)
+    print(f"model saved in {run / 'model'}")
+
+
+def _train_grpo(cfg) -> None:
+    from thinkforge.train.grpo import train_grpo
+
+    run = train_grpo(cfg)
     print(f"model saved in {run / 'model'}")
 
 

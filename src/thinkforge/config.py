@@ -150,7 +150,9 @@ def save_config(cfg, path: str | Path) -> None:
 def config_help(cls) -> str:
     """One line per field: name, type, default, documentation."""
     lines = []
-    for f in dataclasses.fields(cls):
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited)  # own fields first, shared last
+    for f in fields:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         typ = _types(cls)[f.name]
         tname = getattr(typ, "__name__", str(typ).replace("typing.", ""))

@@ -13,7 +13,8 @@ Rows (the records ``results.json`` keeps):
 | maj@k | accuracy | majority vote over the k extracted answers is correct |
 
 Intervals are 95% percentile bootstraps over problems. ``tokens`` is the mean number of generated
-tokens per problem that the method spent (maj@k and pass@k: k samples).
+tokens per problem that the method spent (maj@k and pass@k: k samples); the sampled pass@1 row also
+carries ``thinking_tokens``, the mean thinking length of one sample.
 """
 from __future__ import annotations
 
@@ -121,11 +122,12 @@ def evaluate_model(model, tok, task: Task, problems: list[Problem], stage: str, 
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table of result rows."""
-    lines = [f"{'stage':<14} {'method':<8} {'metric':<9} {'value':>6}  {'95% CI':<15} {'n':>5} {'tokens':>7}"]
+    lines = [f"{'stage':<14} {'method':<8} {'metric':<9} {'value':>6}  {'95% CI':<15} {'n':>5} {'tokens':>7} {'thinking':>8}"]
     for r in rows:
         ci = f"[{r['ci_low'] * 100:5.1f}, {r['ci_high'] * 100:5.1f}]"
+        think = f"{r['thinking_tokens']:8.1f}" if "thinking_tokens" in r else ""
         lines.append(f"{r['stage']:<14} {r['method']:<8} {r['metric']:<9} {r['value'] * 100:5.1f}%  {ci:<15} "
-                     f"{r['n']:>5} {r['tokens']:>7.1f}")
+                     f"{r['n']:>5} {r['tokens']:>7.1f} {think}".rstrip())
     return "\n".join(lines)
 
 

@@ -21,10 +21,10 @@ import torch
 
 from thinkforge import format as fmt
 
-# Llama-class sizes; "small" is the probe model of the first demo (hidden 128, 3 layers).
+# Llama-class sizes; "small" is the probe model of the first demo (hidden 128, 3 layers, 0.79M parameters).
 TINY_SIZES = {
     "micro": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192),
-    "small": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=384),
+    "small": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512),
     "base": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
 }
 

@@ -18,10 +18,10 @@ def _loss_curves(stages: dict[str, Path], out: Path) -> None:
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
         tokens, seen = [], 0
         for r in rows:
-            seen += r["tokens"]
+            seen += r["seen_tokens"]
             tokens.append(seen)
         ax.plot(tokens, [r["loss"] for r in rows], label=stage)
-    ax.set_xlabel("supervised tokens")
+    ax.set_xlabel("training tokens processed (compute)")
     ax.set_ylabel("loss per completion token")
     ax.set_yscale("log")
     ax.legend()

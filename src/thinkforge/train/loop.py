@@ -27,7 +27,33 @@ from typing import Callable
 import numpy as np
 import torch
 
+from thinkforge.config import ConfigError, check, option
 from thinkforge.models import replace_dir, save_model
+
+
+@dataclass
+class RunOptions:
+    """Fields every training command shares (its own fields follow these in ``--help``)."""
+
+    seed: int = option(0, "seed for the problems, the data order, the initial weights and the roll-outs")
+    save_every: int = option(100, "checkpoint every N optimizer steps (and at the end)")
+    resume: bool = option(False, "continue the run in --out from its checkpoint, exactly")
+    overwrite: bool = option(False, "start afresh even if --out holds a checkpoint")
+    device: str = option("auto", "auto, cpu or cuda")
+    threads: int = option(0, "torch CPU threads (0 = torch's default)")
+
+    def __post_init__(self):
+        check(self.save_every >= 1 and self.threads >= 0, "save_every must be >= 1 and threads >= 0")
+
+
+def start_run(out: str, opts: RunOptions) -> Path:
+    """The run folder, refusing to clobber an existing run unless asked; sets the CPU threads."""
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    run = Path(out)
+    if (run / "checkpoint").exists() and not (opts.resume or opts.overwrite):
+        raise ConfigError(f"{run} already holds a run: pass --resume to continue it or --overwrite to start afresh")
+    return run
 
 
 @dataclass
@@ -40,6 +66,27 @@ class LoopSettings:
     grad_clip: float
     save_every: int
     seed: int
+
+
+class EpochStream:
+    """Items in a seeded random order, epoch after epoch; the position lives in a resumable ``state``
+    dict (``epoch``, ``cursor``), so a resumed run draws exactly what the original would have."""
+
+    def __init__(self, items: list, seed: int):
+        self.items, self.seed = items, seed
+        self._order: tuple[int | None, list[int]] = (None, [])
+
+    def next(self, state: dict):
+        state.setdefault("epoch", 0)
+        state.setdefault("cursor", 0)
+        if self._order[0] != state["epoch"]:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + state["epoch"])
+            self._order = (state["epoch"], torch.randperm(len(self.items), generator=g).tolist())
+        item = self.items[self._order[1][state["cursor"]]]
+        state["cursor"] += 1
+        if state["cursor"] == len(self.items):
+            state["epoch"], state["cursor"] = state["epoch"] + 1, 0
+        return item
 
 
 def lr_at(step: int, s: LoopSettings) -> float:

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 
 from thinkforge import format as fmt
 from thinkforge.config import ConfigError, check, option, save_config
-from thinkforge.models import char_tokenizer, load_model, resolve_device, tiny_model, TINY_SIZES
+from thinkforge.models import TINY_SIZES, char_tokenizer, load_model, resolve_device, tiny_model
 from thinkforge.tasks import get_task
-from thinkforge.train.loop import LoopSettings, run_training
+from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, run_training, start_run
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunOptions):
     task: str = option("mul", "task name (`thinkforge tasks list`) or a .jsonl/.parquet file of problems")
     task_options: dict = option({}, "the task's knobs, e.g. digits_a=3,digits_b=2")
     trace: str = option("cot", "cot: train on <think> gold steps then the answer; direct: the answer only")
@@ -49,21 +49,16 @@ class SFTConfig:
     warmup: int = option(20, "linear warm-up steps")
     weight_decay: float = option(0.01, "AdamW weight decay on matrices (not on norms or embeddings)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this")
-    seed: int = option(0, "seed for the problems, the data order and the initial weights")
-    save_every: int = option(100, "checkpoint every N steps (and at the end)")
-    resume: bool = option(False, "continue the run in --out from its checkpoint, exactly")
-    overwrite: bool = option(False, "start afresh even if --out holds a checkpoint")
-    device: str = option("auto", "auto, cpu or cuda")
-    threads: int = option(0, "torch CPU threads (0 = torch's default)")
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.trace in ("cot", "direct"), f"trace must be 'cot' or 'direct', got {self.trace!r}")
-        for name in ("train_problems", "steps", "batch_size", "grad_accum", "max_len", "save_every"):
+        for name in ("train_problems", "steps", "batch_size", "grad_accum", "max_len"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.batch_size % self.grad_accum == 0,
               f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
-        check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0 and self.threads >= 0,
-              "need lr > 0, 0 <= min_lr_ratio <= 1, warmup >= 0, threads >= 0")
+        check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0,
+              "need lr > 0, 0 <= min_lr_ratio <= 1, warmup >= 0")
 
 
 def completion_text(problem, trace: str) -> str:
@@ -106,22 +101,10 @@ class Batcher:
     """Seeded, resumable stream of micro-batches. State: {'epoch', 'cursor'} into the epoch's permutation."""
 
     def __init__(self, examples, cfg: SFTConfig, pad_id: int, device):
-        self.examples, self.cfg, self.pad, self.device = examples, cfg, pad_id, device
-        self._order = (None, None)  # (epoch, permutation) cache
-
-    def _next_example(self, state: dict):
-        if self._order[0] != state["epoch"]:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + state["epoch"])
-            self._order = (state["epoch"], torch.randperm(len(self.examples), generator=g).tolist())
-        ex = self.examples[self._order[1][state["cursor"]]]
-        state["cursor"] += 1
-        if state["cursor"] == len(self.examples):
-            state["epoch"], state["cursor"] = state["epoch"] + 1, 0
-        return ex
+        self.cfg, self.pad, self.device = cfg, pad_id, device
+        self.stream = EpochStream(examples, cfg.seed)
 
     def __call__(self, state: dict) -> list[dict]:
-        state.setdefault("epoch", 0)
-        state.setdefault("cursor", 0)
         rows_per_micro = self.cfg.batch_size // self.cfg.grad_accum
         return [self._micro(state, rows_per_micro) for _ in range(self.cfg.grad_accum)]
 
@@ -135,7 +118,7 @@ class Batcher:
         for r in range(rows):
             t, k = 0, 0
             while True:
-                ex = pending if pending is not None else self._next_example(state)
+                ex = pending if pending is not None else self.stream.next(state)
                 pending = None
                 n = len(ex[0])
                 if t + n > L:
@@ -150,7 +133,9 @@ class Batcher:
             state["pending"] = pending
         used = int((seg >= 0).sum(1).max())  # trim columns that are padding in every row
         ids, labels, pos, seg = ids[:, :used], labels[:, :used], pos[:, :used], seg[:, :used]
-        if bool((seg == 0).all()):  # one example per row, no padding: plain causal attention (SDPA fast path)
+        if bool((seg <= 0).all()):
+            # One example per row, padding only after it: causal attention alone never lets a real token see
+            # the padding, so no mask is needed and SDPA takes its fast causal path.
             mask = None
         else:
             causal = torch.ones(used, used, dtype=torch.bool).tril()
@@ -178,11 +163,7 @@ def sft_loss(model, mb: dict):
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT as configured; returns the run folder (final model in ``run/model``)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run = Path(cfg.out)
-    if (run / "checkpoint").exists() and not (cfg.resume or cfg.overwrite):
-        raise ConfigError(f"{run} already holds a run: pass --resume to continue it or --overwrite to start afresh")
+    run = start_run(cfg.out, cfg)
     device = resolve_device(cfg.device)
     if cfg.data:
         pairs = load_pairs(cfg.data)

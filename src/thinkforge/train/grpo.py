@@ -1,0 +1,270 @@
+"""GRPO and its variants: RL with verifiable rewards (DeepSeekMath, DeepSeek-R1).
+
+    thinkforge train grpo --model runs/demo/sft-cot/model --task mul --out runs/mul-grpo --steps 100
+
+Per roll-out batch: draw P problems, sample G completions each with the engine (old-policy logprobs
+come with them), score them with the rewards, compute group advantages, then take ``mu`` optimizer
+steps on that batch with the chosen loss (``losses.LOSSES``) and an optional k3 KL to the frozen
+starting model (``beta``).
+
+Where this departs from the papers, on purpose:
+- Dynamic sampling (DAPO) keys on the *verifier's accuracy*, not on the shaped reward: a group whose
+  completions are all right or all wrong is dropped even if format or length rewards differ inside
+  it (filtering on the total reward keeps groups that teach only formatting). With ``resample`` the
+  trainer draws more problems, up to ``max_resample`` extra rounds, to refill the batch.
+- Forced tokens (thinking-budget ``</think>``) are never trained on: the engine's mask excludes them.
+- ``mask_truncated`` (DAPO's overlong filtering) drops completions that hit ``max_new_tokens``.
+
+Metrics per step use TRL's names (``reward``, ``reward_std``, ``rewards/<fn>/mean``,
+``frac_reward_zero_std``, ``completions/mean_length``, ``completions/clipped_ratio``, ``kl``,
+``entropy``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
+``step_time``) plus ``accuracy``, ``thinking_length``, ``reflection_share`` (completions saying
+"wait", "check" or "let me") and the reward audit: ``audit/verifier_timeouts``,
+``audit/verifier_errors`` (this step's counts) and ``audit/format_only_share`` (share of completions
+rewarded for format while wrong).
+"""
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from thinkforge import format as fmt
+from thinkforge.config import check, option, save_config
+from thinkforge.generation import Engine, SamplingParams
+from thinkforge.models import load_model, resolve_device
+from thinkforge.rewards import compute_rewards
+from thinkforge.tasks import get_task
+from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, run_training, start_run
+from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, masked_mean_like
+from thinkforge.verify import STATS
+
+REFLECTION = re.compile(r"\b(wait|check|let me)\b", re.IGNORECASE)
+
+
+@dataclass
+class GRPOConfig(RunOptions):
+    model: str = option("runs/demo/sft-cot/model", "starting policy: a model folder or hub id")
+    task: str = option("mul", "task name or .jsonl/.parquet file")
+    task_options: dict = option({}, "the task's knobs")
+    out: str = option("runs/grpo", "run folder")
+    rewards: dict = option({"accuracy": 1.0, "format": 0.1}, "reward weights by name or dotted path (see rewards)")
+    loss: str = option("dapo", f"loss variant: {', '.join(LOSSES)}")
+    prompts_per_step: int = option(8, "P: problems per roll-out batch")
+    group_size: int = option(8, "G: completions per problem (>= 2: advantages are relative to the group)")
+    max_new_tokens: int = option(128, "completion length cap")
+    temperature: float = option(1.0, "sampling temperature of the roll-outs (also used in the ratio)")
+    thinking_budget: int | None = option(None, "cap on thinking tokens (forced </think>, never trained on)")
+    steps: int = option(100, "optimizer steps (roll-out batches = steps / mu)")
+    mu: int = option(1, "optimizer steps per roll-out batch (PPO epochs); > 1 makes the clip matter")
+    lr: float = option(1e-4, "peak learning rate")
+    warmup: int = option(5, "linear warm-up steps")
+    weight_decay: float = option(0.0, "AdamW weight decay on matrices")
+    grad_clip: float = option(1.0, "clip the global gradient norm")
+    epsilon: float = option(0.2, "clip range below 1 (ε_low); GSPO uses ~3e-4")
+    epsilon_high: float | None = option(None, "clip range above 1 (DAPO clip-higher 0.28); default: the loss's own")
+    beta: float = option(0.0, "weight of the k3 KL to the starting model (0 = no reference forward)")
+    scale_rewards: str = option("group", "advantage scaling: group (GRPO), batch or none (Dr. GRPO)")
+    dynamic_sampling: bool = option(True, "drop groups whose accuracy has zero variance (DAPO)")
+    resample: bool = option(True, "refill dropped groups with new problems")
+    max_resample: int = option(3, "extra sampling rounds per batch when resampling")
+    mask_truncated: bool = option(False, "exclude completions that hit max_new_tokens from the loss")
+    train_problems: int = option(5000, "distinct training problems")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        check(self.group_size >= 2, f"group_size must be >= 2 (GRPO's advantage is relative to the group), got {self.group_size}")
+        for name in ("prompts_per_step", "max_new_tokens", "steps", "mu", "train_problems"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.scale_rewards in ("group", "batch", "none"), f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+        check(self.temperature > 0, f"temperature must be > 0 for RL roll-outs, got {self.temperature}")
+        check(self.lr > 0 and self.epsilon > 0 and self.beta >= 0, "need lr > 0, epsilon > 0, beta >= 0")
+        check(bool(self.rewards), "rewards must name at least one reward")
+
+
+@dataclass
+class Rollouts:
+    """One scored batch, as tensors aligned on next-token targets (position t predicts ids[t + 1])."""
+
+    ids: torch.Tensor  # (N, L) prompt + completion, right-padded
+    mask: torch.Tensor  # (N, L-1) 1.0 where the target is a sampled completion token
+    old_logp: torch.Tensor  # (N, L-1)
+    ref_logp: torch.Tensor | None  # (N, L-1)
+    adv: torch.Tensor  # (N,)
+    stats: dict
+
+
+def _tensors(comps, pad: int, mask_truncated: bool, device):
+    """Right-padded ids, the sampled-token mask and the engine's logprobs, aligned on targets."""
+    L = max(len(c.prompt_ids) + len(c.ids) for c in comps)
+    N = len(comps)
+    ids = torch.full((N, L), pad, dtype=torch.long)
+    mask = torch.zeros((N, L - 1))
+    old = torch.zeros((N, L - 1))
+    for i, c in enumerate(comps):
+        p, n = len(c.prompt_ids), len(c.ids)
+        ids[i, : p + n] = torch.tensor(c.prompt_ids + c.ids)
+        if not (mask_truncated and c.finish_reason == "length"):
+            mask[i, p - 1 : p - 1 + n] = torch.tensor(c.mask, dtype=torch.float)
+        old[i, p - 1 : p - 1 + n] = torch.tensor(c.logprobs)
+    return ids.to(device), mask.to(device), old.to(device)
+
+
+def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: bool = False):
+    """log π(ids[t+1] | ids[:t+1]) for every t under logits / temperature: (N, L-1) (and the entropy)."""
+    logits = model(input_ids=ids).logits[:, :-1].float() / temperature  # (N, L-1, V)
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]  # (N, L-1)
+    if not with_entropy:
+        return logp, None
+    return logp, -(logp_all.exp() * logp_all).sum(-1).detach()
+
+
+class RolloutSource:
+    """Draws problems from a seeded, resumable stream and turns them into scored roll-out batches."""
+
+    def __init__(self, cfg: GRPOConfig, model, tok, task, problems, ref_model, device):
+        self.cfg, self.model, self.tok, self.task = cfg, model, tok, task
+        self.problems, self.ref, self.device = problems, ref_model, device
+        self.engine = Engine(model, tok)
+        self.stream = EpochStream(problems, cfg.seed)
+
+    def _draw(self, state: dict, n: int) -> list:
+        return [self.stream.next(state) for _ in range(n)]
+
+    def _sample(self, problems, round_seed: int):
+        cfg = self.cfg
+        params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                thinking_budget=cfg.thinking_budget, seed=round_seed)
+        comps = self.engine.generate([fmt.render_prompt(p.question) for p in problems], params)
+        probs = [p for p in problems for _ in range(cfg.group_size)]
+        r = compute_rewards([c.text for c in comps], probs, self.task, cfg.rewards, lengths=[len(c.ids) for c in comps])
+        return comps, probs, r
+
+    def collect(self, state: dict) -> Rollouts:
+        cfg, G = self.cfg, self.cfg.group_size
+        t0 = time.perf_counter()
+        before = dict(STATS)
+        kept, dropped, rounds, all_rewards = [], 0, 0, []
+        while len(kept) < cfg.prompts_per_step and rounds <= (cfg.max_resample if cfg.resample else 0):
+            need = cfg.prompts_per_step - len(kept)
+            comps, probs, r = self._sample(self._draw(state, need), cfg.seed * 7919 + state["batches"] * 31 + rounds)
+            rounds += 1
+            for j in range(need):
+                sl = slice(j * G, (j + 1) * G)
+                group = (comps[sl], probs[sl], r.total[sl], r.accuracy[sl], {k: v[sl] for k, v in r.components.items()})
+                all_rewards.append(group)
+                if cfg.dynamic_sampling and len(set(r.accuracy[sl])) == 1:
+                    dropped += 1
+                    continue
+                kept.append(group)
+        state["batches"] += 1
+        stats = self._stats(all_rewards, dropped, before)
+        stats["sampling_rounds"] = rounds
+        stats["gen_time"] = time.perf_counter() - t0
+        if not kept:  # every group had zero variance: nothing to learn from this batch
+            return Rollouts(None, None, None, None, None, stats)
+        comps = [c for g in kept for c in g[0]]
+        rewards = torch.tensor([x for g in kept for x in g[2]])
+        adv = group_advantages(rewards, G, cfg.scale_rewards).to(self.device)
+        ids, mask, old = _tensors(comps, self.tok.pad_token_id, cfg.mask_truncated, self.device)
+        ref = None
+        if cfg.beta > 0:
+            with torch.no_grad():
+                ref, _ = token_logprobs(self.ref, ids, cfg.temperature)
+        return Rollouts(ids, mask, old, ref, adv, stats)
+
+    def _stats(self, groups, dropped: int, before: dict) -> dict:
+        comps = [c for g in groups for c in g[0]]
+        total = torch.tensor([x for g in groups for x in g[2]])
+        acc = [x for g in groups for x in g[3]]
+        grouped = total.view(-1, self.cfg.group_size)
+        s = {
+            "reward": float(total.mean()),
+            "reward_std": float(grouped.std(1).mean()),
+            "frac_reward_zero_std": float((grouped.std(1) == 0).float().mean()),
+            "accuracy": sum(acc) / len(acc),
+            "groups_dropped": dropped,
+            "completions/mean_length": sum(len(c.ids) for c in comps) / len(comps),
+            "completions/clipped_ratio": sum(c.finish_reason == "length" for c in comps) / len(comps),
+            "thinking_length": sum(c.thinking_tokens for c in comps) / len(comps),
+            "reflection_share": sum(bool(REFLECTION.search(c.text)) for c in comps) / len(comps),
+            "audit/verifier_timeouts": STATS["timeouts"] - before.get("timeouts", 0),
+            "audit/verifier_errors": STATS["errors"] - before.get("errors", 0),
+        }
+        for name in groups[0][4]:
+            s[f"rewards/{name}/mean"] = sum(x for g in groups for x in g[4][name]) / len(comps)
+        if "format" in groups[0][4]:
+            fmt_ok = [x for g in groups for x in g[4]["format"]]
+            s["audit/format_only_share"] = sum(f > 0 and a < 1 for f, a in zip(fmt_ok, acc)) / len(comps)
+        return s
+
+    def __call__(self, state: dict) -> list[dict]:
+        """The loop's ``next_batch``: a new roll-out batch every ``mu`` optimizer steps."""
+        state.setdefault("batches", 0)
+        state.setdefault("pass", 0)
+        if state["pass"] == 0 or "rollouts" not in state:
+            state["rollouts"] = self.collect(state).__dict__
+        state["pass"] = (state["pass"] + 1) % self.cfg.mu
+        ro = state["rollouts"]
+        seen = 0 if ro["ids"] is None else int(ro["ids"].numel())
+        return [{"rollouts": ro, "n_tokens": 1, "seen_tokens": seen}]
+
+
+def make_loss_fn(cfg: GRPOConfig):
+    eps_high = {} if cfg.epsilon_high is None else {"eps_high": cfg.epsilon_high}
+    loss_variant = LOSSES[cfg.loss]
+
+    def loss_fn(model, mb: dict):
+        ro = mb["rollouts"]
+        stats = dict(ro["stats"])
+        if ro["ids"] is None:  # nothing to learn: a zero loss keeps the step (and the schedule) in place
+            zero = sum(p.sum() * 0.0 for p in model.parameters())
+            return zero, stats
+        logp, entropy = token_logprobs(model, ro["ids"], cfg.temperature, with_entropy=True)
+        mask, old, adv = ro["mask"], ro["old_logp"], ro["adv"]
+        kw = dict(eps_low=cfg.epsilon, max_len=cfg.max_new_tokens, **eps_high)
+        loss = loss_variant(logp, old, adv, mask, **kw)
+        if cfg.beta > 0:
+            kl = masked_mean_like(cfg.loss, k3_kl(logp, ro["ref_logp"]), mask, cfg.max_new_tokens)
+            loss = loss + cfg.beta * kl
+            stats["kl"] = float(kl.detach())
+        ratio = torch.exp(logp.detach() - old)
+        n = mask.sum().clamp(min=1)
+        hi = 1 + kw.get("eps_high", 0.28 if cfg.loss == "dapo" else cfg.epsilon)
+        low_clip = ((ratio < 1 - cfg.epsilon) & (adv[:, None] < 0)).float() * mask
+        high_clip = ((ratio > hi) & (adv[:, None] > 0)).float() * mask
+        stats.update({
+            "entropy": float((entropy * mask).sum() / n),
+            "clip_ratio/low_mean": float(low_clip.sum() / n),
+            "clip_ratio/high_mean": float(high_clip.sum() / n),
+            "clip_ratio/region_mean": float((low_clip + high_clip).sum() / n),
+        })
+        return loss, stats
+
+    return loss_fn
+
+
+def train_grpo(cfg: GRPOConfig) -> Path:
+    """Run GRPO as configured; returns the run folder (final model in ``run/model``)."""
+    run = start_run(cfg.out, cfg)
+    device = resolve_device(cfg.device)
+    task = get_task(cfg.task, **cfg.task_options)
+    problems = task.problems(cfg.train_problems, "train", seed=cfg.seed)
+    model, tok = load_model(str(run / "checkpoint") if cfg.resume else cfg.model, device=str(device))
+    ref = None
+    if cfg.beta > 0:  # the reference is the starting model, also on resume
+        ref = load_model(cfg.model, device=str(device))[0] if cfg.resume else copy.deepcopy(model)
+        ref.requires_grad_(False).eval()
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.toml")
+    settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, 1.0, cfg.weight_decay, cfg.grad_clip, cfg.save_every, cfg.seed)
+    source = RolloutSource(cfg, model, tok, task, problems, ref, device)
+    run_training(model, tok, run, settings, source, make_loss_fn(cfg), resume=cfg.resume,
+                 describe=lambda m: f"reward {m.get('reward', 0):.2f} acc {m.get('accuracy', 0):.2f}")
+    return run

@@ -1,0 +1,165 @@
+import json
+import math
+
+import pytest
+import torch
+
+from thinkforge.config import ConfigError
+from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, masked_mean_like
+
+# Two completions, two target positions. Ratios r = [[1.5, 1.0], [0.5, 9.0]], the last token masked out.
+MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+ADV = torch.tensor([1.0, -2.0])
+OLD = torch.zeros(2, 2)
+LOGP = torch.log(torch.tensor([[1.5, 1.0], [0.5, 9.0]]))
+
+
+def test_losses_match_hand_computed_values():
+    # Per-token surrogates -min(r A, clip(r) A), ε = 0.2:
+    #   (0,0): r=1.5, A=1  -> -min(1.5, 1.2)  = -1.2      (DAPO, ε_high=0.28: -1.28)
+    #   (0,1): r=1.0, A=1  -> -1.0
+    #   (1,0): r=0.5, A=-2 -> -min(-1.0, -1.6) = +1.6
+    expected = {
+        "grpo": ((-1.2 - 1.0) / 2 + 1.6 / 1) / 2,  # per-sequence means, then the mean: 0.25
+        "bnpo": (-1.2 - 1.0 + 1.6) / 3,  # over the 3 unmasked tokens: -0.2
+        "dr_grpo": (-1.2 - 1.0 + 1.6) / (2 * 4),  # constant normaliser: 2 sequences x max_len 4
+        "dapo": (-1.28 - 1.0 + 1.6) / 3,
+        # GSPO: sequence ratios sqrt(1.5)=1.2247 -> clipped to 1.0004 (A=1), 0.5 -> 0.9997 (A=-2)
+        "gspo": (-1.0004 + 2 * 0.9997) / 2,
+    }
+    assert set(expected) == set(LOSSES)
+    for name, value in expected.items():
+        got = LOSSES[name](LOGP, OLD, ADV, MASK, max_len=4)
+        assert float(got) == pytest.approx(value, abs=1e-6), name
+
+
+def test_gradient_flows_only_through_unclipped_tokens():
+    logp = LOGP.clone().requires_grad_(True)
+    LOSSES["bnpo"](logp, OLD, ADV, MASK).backward()
+    # (0,0) is clipped (r=1.5 > 1.2 with A>0): no gradient; (0,1): d(-rA)/dlogp = -r A / 3 = -1/3;
+    # (1,0) is clipped below (r=0.5 < 0.8 with A<0): no gradient; (1,1) masked.
+    assert logp.grad.flatten().tolist() == pytest.approx([0.0, -1 / 3, 0.0, 0.0])
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 1.0])
+    assert group_advantages(r, 2, "none").tolist() == [0.5, -0.5, 0.0, 0.0, 0.5, -0.5]
+    std = math.sqrt(0.5)  # unbiased std of (1, 0)
+    assert group_advantages(r, 2, "group", eps=0).tolist() == pytest.approx([0.5 / std, -0.5 / std, 0, 0, 0.5 / std, -0.5 / std])
+    assert group_advantages(r, 2, "batch", eps=0).tolist() == pytest.approx(
+        [x / float(r.std()) for x in [0.5, -0.5, 0.0, 0.0, 0.5, -0.5]])
+    with pytest.raises(ValueError):
+        group_advantages(r, 2, "global")
+
+
+def test_k3_kl():
+    d = -math.log(1.5)  # ref - logp
+    assert float(k3_kl(torch.tensor(math.log(1.5)), torch.tensor(0.0))) == pytest.approx(math.exp(d) - d - 1)
+    assert float(k3_kl(torch.tensor(-0.3), torch.tensor(-0.3))) == 0.0
+    vals = torch.tensor([[1.0, 3.0], [2.0, 100.0]])
+    assert float(masked_mean_like("grpo", vals, MASK)) == pytest.approx((2.0 + 2.0) / 2)
+    assert float(masked_mean_like("dapo", vals, MASK)) == pytest.approx(6.0 / 3)
+
+
+# ---- the trainer -------------------------------------------------------------------------------
+
+def sevens(completions, problems, **_):
+    """A reward with variance even for an untrained model: the share of '7' characters."""
+    return [c.count("7") / max(1, len(c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory):
+    from thinkforge.train.sft import SFTConfig, train_sft
+
+    out = tmp_path_factory.mktemp("sft") / "run"
+    return str(train_sft(SFTConfig(task="add", task_options={"digits": 2}, size="micro", steps=15, batch_size=16,
+                                   max_len=64, out=str(out), train_problems=200, save_every=15)) / "model")
+
+
+def grpo_cfg(model, out, **kw):
+    from thinkforge.train.grpo import GRPOConfig
+
+    base = dict(model=model, task="add", task_options={"digits": 2}, out=str(out), steps=4, prompts_per_step=2,
+                group_size=4, max_new_tokens=24, rewards={"test_grpo:sevens": 1.0}, dynamic_sampling=False,
+                train_problems=50, save_every=2, lr=1e-3, warmup=1)
+    return GRPOConfig(**{**base, **kw})
+
+
+def test_grpo_smoke_changes_parameters_and_logs_metrics(sft_model, tmp_path):
+    from thinkforge.models import load_model
+    from thinkforge.train.grpo import train_grpo
+
+    run = train_grpo(grpo_cfg(sft_model, tmp_path / "g", beta=0.04, mu=2, loss="grpo"))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows)
+    for key in ("reward", "reward_std", "rewards/test_grpo:sevens/mean", "frac_reward_zero_std", "kl", "entropy",
+                "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean", "step_time",
+                "accuracy", "thinking_length", "reflection_share", "audit/verifier_timeouts"):
+        assert key in rows[0], key
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert rows[1]["reward"] == rows[0]["reward"]  # mu=2: the second step reuses the roll-outs
+    before, _ = load_model(sft_model, device="cpu")
+    after, _ = load_model(str(run / "model"), device="cpu")
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
+def test_grpo_resume_gives_the_same_rollouts_and_losses(sft_model, tmp_path, monkeypatch):
+    from thinkforge.train import grpo
+
+    full = grpo.train_grpo(grpo_cfg(sft_model, tmp_path / "a"))
+    expected = (full / "metrics.jsonl").read_text().splitlines()
+    real = grpo.make_loss_fn
+    calls = {"n": 0}
+
+    def crashing(cfg):
+        fn = real(cfg)
+
+        def wrapped(model, mb):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+            return fn(model, mb)
+
+        return wrapped
+
+    monkeypatch.setattr(grpo, "make_loss_fn", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        grpo.train_grpo(grpo_cfg(sft_model, tmp_path / "b"))
+    monkeypatch.setattr(grpo, "make_loss_fn", real)
+    grpo.train_grpo(grpo_cfg(sft_model, tmp_path / "b", resume=True))
+    got = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    drop = ("step_time", "tokens_per_s", "gen_time")
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in drop} for r in rows]
+    assert strip(got) == strip(expected)
+
+
+def test_dynamic_sampling_keys_on_accuracy_not_shaped_reward(sft_model, tmp_path):
+    from thinkforge.models import load_model
+    from thinkforge.rewards import Rewards
+    from thinkforge.tasks import get_task
+    from thinkforge.train.grpo import RolloutSource
+
+    cfg = grpo_cfg(sft_model, tmp_path, dynamic_sampling=True, resample=False, prompts_per_step=2, group_size=2)
+    model, tok = load_model(sft_model, device="cpu")
+    task = get_task("add", digits=2)
+    src = RolloutSource(cfg, model, tok, task, task.problems(20), None, "cpu")
+    real = src._sample
+
+    def fake(problems, seed):  # group 0: all wrong but format differs; group 1: one right, one wrong
+        comps, probs, _ = real(problems, seed)
+        return comps, probs, Rewards([0.1, 0.0, 1.1, 0.1], {"accuracy": [0.0, 0.0, 1.0, 0.0],
+                                                          "format": [1.0, 0.0, 1.0, 1.0]}, [0.0, 0.0, 1.0, 0.0])
+
+    src._sample = fake
+    ro = src.collect({"epoch": 0, "cursor": 0, "batches": 0})
+    assert ro.stats["groups_dropped"] == 1 and ro.ids.shape[0] == 2  # only group 1 is kept
+    assert ro.adv.tolist() == pytest.approx([0.7071, -0.7071], abs=1e-3)
+    assert ro.stats["audit/format_only_share"] == 0.5  # 2 of 4 completions: format reward while wrong
+
+
+def test_grpo_config_errors(sft_model, tmp_path):
+    with pytest.raises(ConfigError, match="group_size must be >= 2"):
+        grpo_cfg(sft_model, tmp_path, group_size=1)
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        grpo_cfg(sft_model, tmp_path, loss="ppo")
