@@ -6,6 +6,8 @@
     thinkforge train grpo --model runs/mul-cot/model --task mul --out runs/mul-grpo --loss dapo
     thinkforge eval --model runs/mul-cot/model --task mul --samples 8
     thinkforge generate --model runs/mul-cot/model --prompt "347*89" [--budget 16] [--temperature 0]
+    thinkforge sample --model runs/mul-cot/model --task mul --problems 2000 --out runs/rs.jsonl
+    thinkforge pipeline recipes/r1.toml
     thinkforge demo [--quick]
 
 Every command that takes a config accepts ``--config FILE.toml`` and ``--field value`` for any field;
@@ -92,11 +94,13 @@ def _commands():
     from thinkforge.evaluate import EvalConfig
     from thinkforge.pipeline import DemoConfig
     from thinkforge.train.grpo import GRPOConfig
+    from thinkforge.train.rejection import SampleConfig
     from thinkforge.train.sft import SFTConfig
 
     return {
         "train sft": (SFTConfig, "supervised fine-tuning on reasoning traces", _train_sft),
         "train grpo": (GRPOConfig, "RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, BNPO, GSPO", _train_grpo),
+        "sample": (SampleConfig, "rejection sampling: verified, well-formed traces to JSONL (for SFT --data)", _sample),
         "eval": (EvalConfig, "pass@1 ± CI, pass@k, maj@k on held-out problems", _eval),
         "generate": (GenerateConfig, "complete one prompt (thinking budget, budget forcing)", _generate),
         "demo": (DemoConfig, "train direct vs chain-of-thought models at equal compute and compare", _demo),
@@ -117,6 +121,27 @@ def _train_grpo(cfg) -> None:
     print(f"model saved in {run / 'model'}")
 
 
+def _sample(cfg) -> None:
+    from thinkforge.train.rejection import run_sample
+
+    stats = run_sample(cfg)
+    print(f"kept {stats['kept']} traces covering {stats['problems_covered']} of {stats['problems']} problems "
+          f"({stats['correct']} of {stats['samples']} samples correct); written to {cfg.out}")
+
+
+def _pipeline(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="thinkforge pipeline", description="run a recipe's stages in order")
+    ap.add_argument("recipe", help="a TOML recipe, e.g. recipes/r1.toml")
+    ap.add_argument("--out", default=None, help="output folder (default: the recipe's 'out')")
+    args = ap.parse_args(argv)
+    from thinkforge.evaluate import format_rows
+    from thinkforge.pipeline import run_recipe
+
+    res = run_recipe(args.recipe, args.out)
+    print(format_rows(res["rows"]))
+    print(f"{len(res['stages'])} stages in {res['seconds']:.0f} s; results in {res['out']}/results.json")
+
+
 def _eval(cfg) -> None:
     from thinkforge.evaluate import format_rows, run_eval
 
@@ -135,6 +160,7 @@ USAGE = """usage: thinkforge <command> [--field value ...]
 
 commands:
   tasks list | tasks show NAME   the tasks with verifiable answers
+  pipeline RECIPE.toml           run a recipe stage by stage (recipes/r1.toml, r1_zero.toml, distill.toml)
 {commands}
 Run `thinkforge <command> --help` for a command's fields."""
 
@@ -149,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        if argv and argv[0] == "tasks":
-            _tasks(argv[1:])
+        if argv and argv[0] in ("tasks", "pipeline"):
+            (_tasks if argv[0] == "tasks" else _pipeline)(argv[1:])
             return 0
         commands = _commands()
         name = " ".join(argv[:2]) if " ".join(argv[:2]) in commands else (argv[0] if argv else "")

@@ -133,6 +133,17 @@ def parse_config(cls, argv: list[str]):
     hints = _types(cls)
     values = {k: _coerce(v, hints[k], f"field {k!r} in the config file") for k, v in file_values.items()}
     values.update({k: _coerce(v, hints[k], f"--{k.replace('_', '-')}") for k, v in flags.items()})
+    return _construct(cls, values)
+
+
+def build_config(cls, values: dict, source: str):
+    """A ``cls`` from a dict (e.g. one stage of a recipe); errors name ``source`` and the field."""
+    _check_names(cls, values, source)
+    hints = _types(cls)
+    return _construct(cls, {k: _coerce(v, hints[k], f"{source}: field {k!r}") for k, v in values.items()})
+
+
+def _construct(cls, values: dict):
     try:
         return cls(**values)
     except ConfigError:

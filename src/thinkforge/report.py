@@ -42,7 +42,8 @@ def _accuracy_bars(rows: list[dict], out: Path) -> None:
     values = [r["value"] * 100 for r in shown]
     err = [[(r["value"] - r["ci_low"]) * 100 for r in shown], [(r["ci_high"] - r["value"]) * 100 for r in shown]]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(shown)), 3.5))
-    ax.bar(range(len(shown)), values, yerr=err, capsize=4, color=["#999" if "direct" in r["stage"] else "#3a7" for r in shown])
+    colours = {"sft-direct": "#999", "sft-cot": "#3a7", "grpo": "#37a"}
+    ax.bar(range(len(shown)), values, yerr=err, capsize=4, color=[colours.get(r["stage"], "#a73") for r in shown])
     ax.set_xticks(range(len(shown)), labels, fontsize=8)
     ax.set_ylabel("accuracy on held-out problems (%)")
     ax.set_ylim(0, 100)
@@ -52,9 +53,44 @@ def _accuracy_bars(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out_dir: Path, results: dict, stages: dict[str, Path]) -> Path:
-    """Write ``loss.png``, ``accuracy.png`` and ``report.md`` into ``out_dir``."""
+def _rl_curves(run: Path, out: Path) -> None:
+    """Reward, accuracy and completion length per GRPO step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r["step"] for r in rows]
+
+    def curve(ax, key: str, label: str) -> None:  # raw values faint, a 10-step moving average on top
+        raw = [r[key] for r in rows]
+        smooth = [sum(raw[max(0, i - 9) : i + 1]) / len(raw[max(0, i - 9) : i + 1]) for i in range(len(raw))]
+        line = ax.plot(steps, smooth, label=label)[0]
+        ax.plot(steps, raw, color=line.get_color(), alpha=0.25, linewidth=0.8)
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.3))
+    curve(a, "reward", "reward")
+    curve(a, "accuracy", "accuracy (all sampled groups)")
+    a.set_xlabel("GRPO step")
+    a.legend(fontsize=8)
+    curve(b, "completions/mean_length", "completion")
+    curve(b, "thinking_length", "thinking")
+    b.set_xlabel("GRPO step")
+    b.set_ylabel("tokens")
+    b.legend(fontsize=8)
+    fig.suptitle("GRPO: reward and response length")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, results: dict, stages: dict[str, Path], rl_run: Path | None = None) -> Path:
+    """Write ``loss.png``, ``accuracy.png`` (and ``rl.png``) and ``report.md`` into ``out_dir``."""
     _loss_curves(stages, out_dir / "loss.png")
+    has_rl = rl_run is not None and (rl_run / "metrics.jsonl").exists()
+    if has_rl:
+        _rl_curves(rl_run, out_dir / "rl.png")
     _accuracy_bars(results["rows"], out_dir / "accuracy.png")
     lines = [
         f"# thinkforge demo — {results['task']}",
@@ -73,6 +109,8 @@ def write_report(out_dir: Path, results: dict, stages: dict[str, Path]) -> Path:
     for stage, t in results.get("train", {}).items():
         lines.append(f"| {stage} | {t['steps']} | {t['supervised_tokens']} | {t['seen_tokens']} | {t['seconds']:.0f} |")
     lines += ["", "![training loss](loss.png)", "", "![accuracy](accuracy.png)", ""]
+    if has_rl:
+        lines += ["![GRPO reward and length](rl.png)", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

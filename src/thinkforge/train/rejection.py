@@ -1,0 +1,91 @@
+"""Rejection sampling (DeepSeek-R1 §2.3.3): keep only verified-correct, well-formed traces for SFT.
+
+    thinkforge sample --model runs/r1/reasoning-rl/model --task mul --problems 2000 --samples 4 \\
+        --out runs/r1/rs.jsonl
+
+For each training problem, sample ``samples`` completions; keep those whose extracted answer the task
+scores 1.0 *and* whose format is well formed (``<think>…</think>`` then one answer), drop exact
+duplicates within a problem, and keep at most ``keep_per_problem``. Rows are ``{"prompt",
+"completion", "problem_id"}``, the input of ``thinkforge train sft --data``. The same function makes a
+teacher's traces for distillation.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from thinkforge import format as fmt
+from thinkforge.config import check, option
+from thinkforge.evaluate import sample_and_grade
+from thinkforge.generation import Engine, SamplingParams
+from thinkforge.tasks import get_task
+
+
+@dataclass
+class SampleConfig:
+    model: str = option("runs/demo/sft-cot/model", "the model that writes the traces")
+    task: str = option("mul", "task name or .jsonl/.parquet file")
+    task_options: dict = option({}, "the task's knobs")
+    problems: int = option(2000, "training-split problems to sample")
+    samples: int = option(4, "completions per problem")
+    keep_per_problem: int = option(1, "at most this many distinct correct traces per problem")
+    temperature: float = option(1.0, "sampling temperature")
+    max_new_tokens: int = option(256, "completion length cap")
+    seed: int = option(1, "seed for the problems and the samples")
+    out: str = option("runs/rs.jsonl", "JSONL file to write")
+    device: str = option("auto", "auto, cpu or cuda")
+
+    def __post_init__(self):
+        check(min(self.problems, self.samples, self.keep_per_problem, self.max_new_tokens) >= 1,
+              "problems, samples, keep_per_problem and max_new_tokens must be >= 1")
+
+
+def rejection_sample(model, tok, task, problems, samples: int, keep_per_problem: int = 1, temperature: float = 1.0,
+                     max_new_tokens: int = 256, seed: int = 1) -> tuple[list[dict], dict]:
+    """Verified, well-formed, de-duplicated traces and the counts behind them."""
+    params = SamplingParams(n=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    with torch.no_grad():
+        graded = sample_and_grade(Engine(model, tok), task, problems, params)
+    rows, stats = [], {"problems": len(problems), "samples": 0, "correct": 0, "well_formed_correct": 0, "kept": 0}
+    for g in graded:
+        seen = set()
+        for c, ok in zip(g.completions, g.correct):
+            stats["samples"] += 1
+            stats["correct"] += ok
+            if not ok or not fmt.parse_completion(c.text).well_formed:
+                continue
+            stats["well_formed_correct"] += 1
+            if c.text in seen or len(seen) >= keep_per_problem:
+                continue
+            seen.add(c.text)
+            rows.append({"prompt": fmt.render_prompt(g.problem.question), "completion": c.text + fmt.IM_END,
+                         "problem_id": g.problem.id})
+    stats["kept"] = len(rows)
+    stats["problems_covered"] = len({r["problem_id"] for r in rows})
+    return rows, stats
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path
+
+
+def run_sample(cfg: SampleConfig) -> dict:
+    from thinkforge.models import load_model
+
+    model, tok = load_model(cfg.model, device=cfg.device)
+    task = get_task(cfg.task, **cfg.task_options)
+    problems = task.problems(cfg.problems, "train", seed=cfg.seed)
+    rows, stats = rejection_sample(model, tok, task, problems, cfg.samples, cfg.keep_per_problem, cfg.temperature,
+                                   cfg.max_new_tokens, cfg.seed)
+    if not rows:
+        raise ValueError(f"no verified trace among {stats['samples']} samples: nothing to write to {cfg.out}")
+    write_jsonl(rows, cfg.out)
+    return stats
