@@ -163,3 +163,20 @@ def test_grpo_config_errors(sft_model, tmp_path):
         grpo_cfg(sft_model, tmp_path, group_size=1)
     with pytest.raises(ConfigError, match="loss must be one of"):
         grpo_cfg(sft_model, tmp_path, loss="ppo")
+
+
+def test_no_update_when_every_group_is_dropped(sft_model, tmp_path):
+    """All-wrong groups carry no signal: the step is logged, but the weights must not move (not even by
+    AdamW's momentum)."""
+    from thinkforge.models import load_model
+    from thinkforge.train.grpo import train_grpo
+
+    data = tmp_path / "impossible.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+{i}", "answer": "never-this"}) + "\n" for i in range(200)))
+    run = train_grpo(grpo_cfg(sft_model, tmp_path / "g", task=str(data), task_options={}, dynamic_sampling=True,
+                              resample=False, rewards={"accuracy": 1.0, "format": 0.5}, train_problems=20, steps=2))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["groups_dropped"] for r in rows] == [2, 2] and all(r["grad_norm"] == 0.0 for r in rows)
+    before, _ = load_model(sft_model, device="cpu")
+    after, _ = load_model(str(run / "model"), device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))

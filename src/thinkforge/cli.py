@@ -8,6 +8,7 @@
     thinkforge generate --model runs/mul-cot/model --prompt "347*89" [--budget 16] [--temperature 0]
     thinkforge sample --model runs/mul-cot/model --task mul --problems 2000 --out runs/rs.jsonl
     thinkforge pipeline recipes/r1.toml
+    thinkforge serve --model runs/demo/grpo/model [--port 8000 --api-key KEY]
     thinkforge demo [--quick]
 
 Every command that takes a config accepts ``--config FILE.toml`` and ``--field value`` for any field;
@@ -93,6 +94,7 @@ def _generate(cfg: GenerateConfig) -> None:
 def _commands():
     from thinkforge.evaluate import EvalConfig
     from thinkforge.pipeline import DemoConfig
+    from thinkforge.serve import ServeConfig
     from thinkforge.train.grpo import GRPOConfig
     from thinkforge.train.rejection import SampleConfig
     from thinkforge.train.sft import SFTConfig
@@ -103,6 +105,7 @@ def _commands():
         "sample": (SampleConfig, "rejection sampling: verified, well-formed traces to JSONL (for SFT --data)", _sample),
         "eval": (EvalConfig, "pass@1 ± CI, pass@k, maj@k on held-out problems", _eval),
         "generate": (GenerateConfig, "complete one prompt (thinking budget, budget forcing)", _generate),
+        "serve": (ServeConfig, "OpenAI-compatible server: /v1/responses, /v1/chat/completions, /v1/models", _serve),
         "demo": (DemoConfig, "train direct vs chain-of-thought models at equal compute and compare", _demo),
     }
 
@@ -140,6 +143,12 @@ def _pipeline(argv: list[str]) -> None:
     res = run_recipe(args.recipe, args.out)
     print(format_rows(res["rows"]))
     print(f"{len(res['stages'])} stages in {res['seconds']:.0f} s; results in {res['out']}/results.json")
+
+
+def _serve(cfg) -> None:
+    from thinkforge.serve import serve
+
+    serve(cfg)
 
 
 def _eval(cfg) -> None:

@@ -36,6 +36,12 @@ import torch
 from thinkforge.format import STOP_STRINGS, THINK_CLOSE, THINK_OPEN
 from thinkforge.generation.backends import make_backend
 
+# Reasoning effort -> thinking budget in tokens: the one table the server (reasoning.effort,
+# reasoning_effort) and test-time search share. "none" answers without thinking: the prompt is prefilled
+# with an empty think block. "xhigh" has no cap but max_new_tokens. Budgets are sized for the tiny
+# models trained here (their traces are 20-60 tokens); a served hub model may want them scaled.
+EFFORT_BUDGETS: dict[str, int | None] = {"none": 0, "minimal": 8, "low": 32, "medium": 128, "high": 512, "xhigh": None}
+
 
 @dataclass
 class SamplingParams:
@@ -103,8 +109,11 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @torch.no_grad()
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:
-        """Complete every prompt ``params.n`` times; results are grouped by prompt (prompt 0's n first)."""
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams, on_step=None) -> list[Completion]:
+        """Complete every prompt ``params.n`` times; results are grouped by prompt (prompt 0's n first).
+
+        ``on_step(rows)``, if given, is called after every step with ``[(row, token id), …]`` for the rows
+        that emitted a token (row = index in the result list): what a streaming server needs."""
         if not prompts:
             return []
         p_ids = [self.tok.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
@@ -129,6 +138,8 @@ class Engine:
             tokens_l, logps_l = tokens.tolist(), logps.tolist()
             for j, s_idx in enumerate(active):
                 tokens_l[j] = self._advance(seqs[s_idx], tokens_l[j], logps_l[j], params, stops, wait_ids)
+            if on_step is not None:
+                on_step([(s_idx, tokens_l[j]) for j, s_idx in enumerate(active)])
             if step == params.max_new_tokens - 1:
                 break
             keep = [j for j, s_idx in enumerate(active) if seqs[s_idx].done is None]

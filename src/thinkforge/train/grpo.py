@@ -211,7 +211,7 @@ class RolloutSource:
         if state["pass"] == 0 or "rollouts" not in state:
             state["rollouts"] = self.collect(state).__dict__
         state["pass"] = (state["pass"] + 1) % self.cfg.mu
-        ro = state["rollouts"]
+        ro = state["rollouts"] if state["pass"] else state.pop("rollouts")  # kept (and checkpointed) while passes remain
         seen = 0 if ro["ids"] is None else int(ro["ids"].numel())
         return [{"rollouts": ro, "n_tokens": 1, "seen_tokens": seen}]
 
@@ -223,9 +223,8 @@ def make_loss_fn(cfg: GRPOConfig):
     def loss_fn(model, mb: dict):
         ro = mb["rollouts"]
         stats = dict(ro["stats"])
-        if ro["ids"] is None:  # nothing to learn: a zero loss keeps the step (and the schedule) in place
-            zero = sum(p.sum() * 0.0 for p in model.parameters())
-            return zero, stats
+        if ro["ids"] is None:  # every group was dropped: the loop makes no update this step
+            return None, stats
         logp, entropy = token_logprobs(model, ro["ids"], cfg.temperature, with_entropy=True)
         mask, old, adv = ro["mask"], ro["old_logp"], ro["adv"]
         kw = dict(eps_low=cfg.epsilon, max_len=cfg.max_new_tokens, **eps_high)

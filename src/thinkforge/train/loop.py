@@ -3,7 +3,8 @@
 A trainer supplies two functions: ``next_batch(state) -> list[micro-batch]`` (it may keep its data
 position in ``state``, a dict saved with every checkpoint; each micro-batch is a dict with
 ``n_tokens``, the loss normaliser, and ``seen_tokens``, the tokens processed) and ``loss_fn(model,
-micro) -> (loss_sum, stats)``. The loop divides by the ``n_tokens`` of the whole optimizer step, so
+micro) -> (loss_sum, stats)``; a loss of None means nothing to learn, and a step where no micro-batch
+has anything to learn makes no optimizer update (it is still logged and counted). The loop divides by the ``n_tokens`` of the whole optimizer step, so
 gradient accumulation gives the same update as one large batch.
 
 Run folder ``runs/<name>/``: ``config.toml``, ``metrics.jsonl`` (one row per step), ``checkpoint/``
@@ -195,21 +196,26 @@ def run_training(
             total_tokens = sum(mb["n_tokens"] for mb in micro_batches)
             optimizer.zero_grad(set_to_none=True)
             loss_sum, stats_sum, seen = 0.0, {}, 0
+            learned = False
             for mb in micro_batches:
                 loss, stats = loss_fn(model, mb)
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + v / len(micro_batches)
+                seen += mb.get("seen_tokens", 0)
+                if loss is None:  # nothing to learn from this micro-batch (e.g. every RL group dropped)
+                    continue
                 # Each micro-batch's loss sum over the whole step's count: the same update as one big batch.
                 (loss / max(1, total_tokens)).backward()
                 loss_sum += float(loss.detach())
-                seen += mb.get("seen_tokens", 0)
-                for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v / len(micro_batches)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip))
+                learned = True
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)) if learned else 0.0
             if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
                 raise FloatingPointError(
                     f"step {step}: non-finite loss ({loss_sum}) or gradient norm ({grad_norm}); "
                     f"the last good checkpoint is in {run / 'checkpoint'}"
                 )
-            optimizer.step()
+            if learned:  # no step on an empty batch: AdamW's momentum would still move the weights
+                optimizer.step()
             dt = time.perf_counter() - t0
             row = {"step": step, "loss": loss_sum / max(1, total_tokens), "lr": lr, "grad_norm": grad_norm,
                    "tokens": total_tokens, "seen_tokens": seen, "step_time": dt, "tokens_per_s": seen / dt,

@@ -1,0 +1,200 @@
+"""The serving logic behind the routes: prompts, sampling, splitting thinking from the answer, usage.
+
+- Prompts come from ``format.render_chat`` (thinking dropped from earlier assistant turns, exactly as
+  at training time). ``effort`` maps to a thinking budget through ``generation.EFFORT_BUDGETS``;
+  ``none`` prefills an empty think block so the model answers at once.
+- The visible answer is the text of the first ``<answer>…</answer>`` block (or after ``</think>`` when
+  there are no tags), with any stray tag removed; the raw thinking is never returned as visible text. Responses get a *summary* of it when
+  asked: a deterministic extractive summary (``concise``/``auto``: the last line of the thinking;
+  ``detailed``: its first, middle and last lines) — documented as such, not a model-written summary.
+  Chat Completions return the thinking in ``reasoning_content`` (the vLLM / DeepSeek convention).
+- One engine call at a time (a lock): concurrent requests queue, none fails.
+- Streaming is real: the engine reports every token, and events are emitted as the text grows.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from thinkforge import format as fmt
+from thinkforge.generation import EFFORT_BUDGETS, Engine, SamplingParams
+
+NO_THINK = f"{fmt.THINK_OPEN}\n\n{fmt.THINK_CLOSE}\n"  # prefill for effort "none"
+_TAGS = (fmt.THINK_OPEN, fmt.THINK_CLOSE, fmt.ANSWER_OPEN, fmt.ANSWER_CLOSE, fmt.IM_END)
+
+
+def _hold_back(s: str) -> str:
+    """``s`` without a trailing partial tag (``"42</ans"`` -> ``"42"``), so streamed text never retracts."""
+    for tag in _TAGS:
+        for k in range(len(tag) - 1, 0, -1):
+            if s.endswith(tag[:k]):
+                return s[:-k]
+    return s
+
+
+@dataclass
+class Split:
+    thinking: str | None  # None: the completion has no think block
+    closed: bool  # the thinking ended (always True without a think block)
+    visible: str  # the answer text so far, tags removed
+
+
+def split_text(text: str, prefilled: bool = False) -> Split:
+    """Split a (possibly unfinished) completion. Growing ``text`` only ever grows each part."""
+    text = text.split(fmt.IM_END)[0]
+    if not prefilled and text.lstrip().startswith(fmt.THINK_OPEN):
+        body = text.split(fmt.THINK_OPEN, 1)[1]
+        if fmt.THINK_CLOSE not in body:
+            return Split(_hold_back(body).strip("\n"), False, "")
+        thinking, rest = body.split(fmt.THINK_CLOSE, 1)
+        thinking, closed = thinking.strip("\n"), True
+    else:
+        thinking, closed, rest = None, True, text
+    if fmt.ANSWER_OPEN in rest:
+        rest = rest.split(fmt.ANSWER_OPEN, 1)[1]
+    visible = rest.split(fmt.ANSWER_CLOSE, 1)[0] if fmt.ANSWER_CLOSE in rest else _hold_back(rest)
+    for tag in _TAGS:  # a confused model may repeat tags inside its answer: they are never shown
+        visible = visible.replace(tag, "")
+    return Split(thinking, closed, visible.lstrip())
+
+
+def summarize(thinking: str | None, mode: str | None) -> str | None:
+    """Extractive summary of the thinking (see the module docstring); None when not asked or empty."""
+    lines = [x.strip() for x in (thinking or "").splitlines() if x.strip()]
+    if mode is None or not lines:
+        return None
+    if mode == "detailed":
+        picked = [lines[0], lines[len(lines) // 2], lines[-1]]
+        return "\n".join(dict.fromkeys(picked))  # keeps order, drops repeats
+    return lines[-1]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+class ReasoningService:
+    def __init__(self, model, tokenizer, model_name: str, default_max_tokens: int = 256):
+        self.tok, self.model_name, self.default_max_tokens = tokenizer, model_name, default_max_tokens
+        self.engine = Engine(model, tokenizer)
+        self.lock = threading.Lock()
+
+    # ---- shared ------------------------------------------------------------------------------------
+
+    def prompt(self, messages: list[dict], effort: str | None) -> str:
+        text = fmt.render_chat(messages)
+        return text + NO_THINK if effort == "none" else text
+
+    def params(self, max_tokens: int | None, temperature, top_p, effort: str | None, n: int = 1) -> SamplingParams:
+        budget = EFFORT_BUDGETS[effort] if effort not in (None, "none") else None
+        return SamplingParams(max_new_tokens=max_tokens or self.default_max_tokens,
+                              temperature=1.0 if temperature is None else temperature,
+                              top_p=1.0 if top_p is None else top_p, n=n, seed=None, thinking_budget=budget)
+
+    def run(self, prompt: str, params: SamplingParams, on_step=None):
+        with self.lock:  # one engine call at a time: concurrent requests queue here
+            return self.engine.generate([prompt], params, on_step)
+
+    def stream_tokens(self, prompt: str, params: SamplingParams):
+        """Yield ``("token", row, ids_so_far)`` as tokens arrive, then ``("done", completions)``."""
+        q: queue.Queue = queue.Queue()
+
+        def work():
+            try:
+                q.put(("done", self.run(prompt, params, lambda rows: q.put(("step", rows)))))
+            except Exception as e:  # surfaced to the client as a failed stream, never a hung one
+                q.put(("error", e))
+
+        threading.Thread(target=work, daemon=True).start()
+        ids: dict[int, list[int]] = {}
+        while True:
+            kind, value = q.get()
+            if kind == "step":
+                for row, token in value:
+                    ids.setdefault(row, []).append(token)
+                    yield "token", row, ids[row]
+            elif kind == "done":
+                yield "done", None, value
+                return
+            else:
+                raise value
+
+    def usage_counts(self, c, prefilled: bool = False) -> dict:
+        """Token counts; after the empty think block of effort "none" every generated token is answer."""
+        return {"input": len(c.prompt_ids), "output": len(c.ids), "reasoning": 0 if prefilled else c.thinking_tokens}
+
+    # ---- Responses ---------------------------------------------------------------------------------
+
+    def responses_messages(self, req) -> list[dict]:
+        msgs = [{"role": "system", "content": req.instructions}] if req.instructions else []
+        if isinstance(req.input, str):
+            return msgs + [{"role": "user", "content": req.input}]
+        return msgs + [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.input]
+
+    def response_object(self, req, rid: str, created: int, completion=None, split: Split | None = None,
+                        status: str = "in_progress") -> dict:
+        """The Response resource; with a completion, its output items and usage."""
+        effort = req.reasoning.effort if req.reasoning else None
+        summary_mode = req.reasoning.summary if req.reasoning else None
+        obj = {
+            "id": rid, "object": "response", "created_at": created, "model": req.model, "status": status,
+            "error": None, "incomplete_details": None, "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens, "output": [], "parallel_tool_calls": False,
+            "reasoning": {"effort": effort, "summary": summary_mode}, "temperature": req.temperature,
+            "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": req.top_p,
+            "usage": None,
+        }
+        if completion is None:
+            return obj
+        if split.thinking is not None:
+            text = summarize(split.thinking, summary_mode)
+            obj["output"].append({"type": "reasoning", "id": rid.replace("resp_", "rs_"), "status": "completed",
+                                  "summary": [{"type": "summary_text", "text": text}] if text else []})
+        if split.closed:
+            obj["output"].append({
+                "type": "message", "id": rid.replace("resp_", "msg_"), "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": split.visible, "annotations": []}]})
+        if completion.finish_reason == "length":
+            obj["status"], obj["incomplete_details"] = "incomplete", {"reason": "max_output_tokens"}
+        else:
+            obj["status"] = "completed"
+        u = self.usage_counts(completion, effort == "none")
+        obj["usage"] = {"input_tokens": u["input"], "input_tokens_details": {"cached_tokens": 0},
+                        "output_tokens": u["output"], "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
+                        "total_tokens": u["input"] + u["output"]}
+        return obj
+
+    def respond(self, req) -> dict:
+        effort = req.reasoning.effort if req.reasoning else None
+        prompt = self.prompt(self.responses_messages(req), effort)
+        c = self.run(prompt, self.params(req.max_output_tokens, req.temperature, req.top_p, effort))[0]
+        return self.response_object(req, new_id("resp"), int(time.time()), c, split_text(c.text, effort == "none"))
+
+    # ---- Chat Completions --------------------------------------------------------------------------
+
+    def chat_messages(self, req) -> list[dict]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+
+    def chat(self, req) -> dict:
+        prompt = self.prompt(self.chat_messages(req), req.reasoning_effort)
+        params = self.params(req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p,
+                             req.reasoning_effort, req.n)
+        comps = self.run(prompt, params)
+        choices = []
+        for i, c in enumerate(comps):
+            sp = split_text(c.text, req.reasoning_effort == "none")
+            choices.append({"index": i, "logprobs": None,
+                            "finish_reason": "length" if c.finish_reason == "length" else "stop",
+                            "message": {"role": "assistant", "content": sp.visible if sp.closed else "",
+                                        "reasoning_content": sp.thinking}})
+        return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+                "model": req.model, "choices": choices, "usage": self.chat_usage(comps, req.reasoning_effort == "none")}
+
+    def chat_usage(self, comps, prefilled: bool = False) -> dict:
+        out = sum(len(c.ids) for c in comps)
+        reasoning = sum(self.usage_counts(c, prefilled)["reasoning"] for c in comps)
+        return {"prompt_tokens": len(comps[0].prompt_ids), "completion_tokens": out,
+                "total_tokens": len(comps[0].prompt_ids) + out, "completion_tokens_details": {"reasoning_tokens": reasoning}}
