@@ -11,7 +11,9 @@ sampling off, so both sides do the same work (a random model scores 0 everywhere
 forward and backward on zero advantages). The two sides alternate; a round's first step is warm-up.
 
 Loss equivalence: on one identical batch (same completions, same old/ref logprobs, same advantages),
-each variant's loss from ``thinkforge.train.losses`` equals TRL's ``_compute_loss`` within 1e-5.
+each variant's loss from ``thinkforge.train.losses`` equals TRL's ``_compute_loss`` within 1e-5, with
+β = 0.04 and TRL's KL bias correction (its 1.16 default, DeepSeek-V3.2) off: thinkforge's KL term is
+DeepSeekMath's plain k3.
 Ends with: RESULT grpo_vs_trl thinkforge_s=… trl_s=… ratio=… thinkforge_s_kl=… trl_s_kl=… ratio_kl=… max_loss_diff=…
 """
 from __future__ import annotations
@@ -46,7 +48,8 @@ def accuracy(completions, answer, **_):
     return [TASK.score(Problem("", "", a), extract_answer(c)) for c, a in zip(completions, answer)]
 
 
-def trl_trainer(tok, model, beta: float, steps: int, timer=None):
+def trl_trainer(tok, model_path: str, beta: float, steps: int, timer=None):
+    """TRL's trainer on the saved start model (a path: with beta > 0 TRL rebuilds the reference from it)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -57,11 +60,11 @@ def trl_trainer(tok, model, beta: float, steps: int, timer=None):
                       use_cpu=True, learning_rate=1e-5, max_steps=steps, report_to=[], logging_steps=10**6,
                       save_strategy="no", temperature=1.0, loss_type="dapo", disable_tqdm=True, seed=0,
                       dataloader_num_workers=0)
-    return GRPOTrainer(model=model, reward_funcs=accuracy, args=args, train_dataset=ds, processing_class=tok,
+    return GRPOTrainer(model=model_path, reward_funcs=accuracy, args=args, train_dataset=ds, processing_class=tok,
                        callbacks=[timer] if timer else [])
 
 
-def run_trl(tok, beta: float, steps: int) -> list[float]:
+def run_trl(tok, start: str, beta: float, steps: int) -> list[float]:
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
@@ -75,7 +78,7 @@ def run_trl(tok, beta: float, steps: int) -> list[float]:
 
     timer = Timer()
     timer.times = []
-    trl_trainer(tok, build(tok), beta, steps, timer).train()
+    trl_trainer(tok, start, beta, steps, timer).train()
     return timer.times[1:]
 
 
@@ -90,15 +93,17 @@ def run_thinkforge(tok, start: str, beta: float, steps: int) -> list[float]:
     return [r["step_time"] for r in rows[1:]]
 
 
-def loss_equivalence(tok) -> float:
+def loss_equivalence(tok, start: str) -> float:
     """Max |ours - TRL| over the five variants (β = 0.04), on one identical batch."""
     from thinkforge.generation import Engine, SamplingParams
     from thinkforge.train.grpo import token_logprobs
     from thinkforge.train.losses import LOSSES, k3_kl, masked_mean_like
 
-    model = build(tok)
-    trainer = trl_trainer(tok, model, beta=0.04, steps=1)
-    model.eval()  # TRL's eval mode: no gradient-accumulation normaliser
+    trainer = trl_trainer(tok, start, beta=0.04, steps=1)
+    # TRL 1.16 multiplies the KL by the importance ratio by default (DeepSeek-V3.2's bias correction);
+    # thinkforge's KL is DeepSeekMath's plain k3, so compare the matching variant.
+    trainer.args.use_bias_correction_kl = False
+    model = trainer.model.eval()  # TRL's eval mode: no gradient-accumulation normaliser
     torch.manual_seed(0)
     questions = [p.question for p in TASK.problems(40) if len(p.question) == 6][:P]  # equal-length prompts
     comps = Engine(model, tok).generate([fmt.render_prompt(q) for q in questions],
@@ -147,16 +152,16 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     tok = char_tokenizer()
-    print("loss equivalence on one batch (beta 0.04):")
-    worst = loss_equivalence(tok)
-    assert worst < 1e-5, f"losses differ from TRL's by {worst}"
     start = str(save_model(build(tok), tok, Path(tempfile.mkdtemp()) / "start"))
+    print("loss equivalence on one batch (beta 0.04):")
+    worst = loss_equivalence(tok, start)
+    assert worst < 1e-5, f"losses differ from TRL's by {worst}"
     result = {}
     for beta in (0.0, 0.04):
         times = {"thinkforge": [], "trl": []}
         for r in range(args.rounds):
             sides = [("thinkforge", lambda: run_thinkforge(tok, start, beta, args.steps)),
-                     ("trl", lambda: run_trl(tok, beta, args.steps))]
+                     ("trl", lambda: run_trl(tok, start, beta, args.steps))]
             for name, fn in sides if r % 2 == 0 else sides[::-1]:
                 times[name] += fn()
         tf, trl = statistics.median(times["thinkforge"]), statistics.median(times["trl"])
