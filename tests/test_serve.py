@@ -25,14 +25,15 @@ def syllogism_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("syl") / "syllogism"
     run = train_sft(SFTConfig(task="syllogism", size="micro", steps=120, batch_size=32, max_len=256, out=str(out),
                               train_problems=1000, save_every=120, lr=3e-3, min_lr_ratio=1.0))
-    return load_model(str(run / "model"), device="cpu")
+    model, tok = load_model(str(run / "model"), device="cpu")
+    return model, tok, str(run / "model")
 
 
 @pytest.fixture(scope="module")
 def server(syllogism_model):
     import uvicorn
 
-    model, tok = syllogism_model
+    model, tok, _ = syllogism_model
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -195,3 +196,33 @@ def test_split_text_grows_monotonically():
     assert seen == ["all a are b\nso yes", "yes"]
     assert json.dumps(split_text("<answer>42</ans").__dict__) == '{"thinking": null, "closed": true, "visible": "42"}'
     assert split_text("<think>\nx\n</think>\n<answer>a <answer>b</answer>").visible == "a b"  # stray tags never shown
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_thinkforge_serve_command(syllogism_model):
+    """`thinkforge serve` as a user runs it: a real process, the model folder, the name from the folder."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "thinkforge", "serve", "--model", syllogism_model[2],
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        for _ in range(300):
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.1)
+        assert [m.id for m in models.data] == ["syllogism"]  # runs/<name>/model is served as <name>
+        r = client.chat.completions.create(model="syllogism", messages=[{"role": "user", "content": SEED_PROMPT}])
+        assert isinstance(r.choices[0].message.content, str)
+    finally:
+        proc.terminate()
+        proc.wait(10)

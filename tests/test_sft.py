@@ -106,3 +106,20 @@ def test_cot_needs_gold_steps(tmp_path):
     f.write_text('{"question": "2+2?", "answer": "4"}\n')
     with pytest.raises(ConfigError, match="has no gold steps"):
         train_sft(small(tmp_path, task=str(f), task_options={}))
+
+
+def test_recovery_from_a_kill_between_the_two_renames(tmp_path):
+    """A kill after the old checkpoint was moved aside but before the new one was renamed in."""
+    import os
+
+    from thinkforge.train.loop import recover_checkpoint
+
+    train_sft(small(tmp_path, steps=3, save_every=3))
+    run = tmp_path / "run"
+    os.rename(run / "checkpoint", run / ".checkpoint.old")  # the state the kill leaves
+    (run / ".checkpoint.abc123").mkdir()  # and a half-written temporary folder
+    recover_checkpoint(run)
+    assert (run / "checkpoint" / "trainer_state.pt").exists()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    train_sft(small(tmp_path, steps=4, save_every=3, resume=True))  # and the run resumes from it
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4

@@ -11,7 +11,7 @@ BUILTIN = {
 
 
 def test_every_builtin_is_covered():
-    assert set(BUILTIN) == set(REGISTRY)
+    assert set(BUILTIN) == set(REGISTRY) - {"code"}  # code has tests, not gold steps: see test_sandbox.py
 
 
 @pytest.mark.parametrize("name,opts", [(n, o) for n, os in BUILTIN.items() for o in os])

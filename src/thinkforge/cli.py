@@ -163,6 +163,8 @@ def _demo(cfg) -> None:
     results = run_demo(cfg)
     print("\n" + results["summary"])
     print(f"results: {cfg.out}/results.json, report: {cfg.out}/report.md")
+    last = list(results["models"])[-1]
+    print(f"serve it: thinkforge serve --model {results['models'][last]}   (OpenAI-compatible, model name '{last}')")
 
 
 USAGE = """usage: thinkforge <command> [--field value ...]

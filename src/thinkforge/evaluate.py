@@ -29,7 +29,6 @@ from thinkforge.config import check, option
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.metrics import bootstrap_ci, maj_correct, pass_at_k
 from thinkforge.tasks import Problem, Task, get_task
-from thinkforge.verify import extract_answer
 
 
 @dataclass
@@ -75,7 +74,7 @@ def sample_and_grade(engine: Engine, task: Task, problems: list[Problem], params
         for i, prob in enumerate(chunk):
             g = Graded(prob)
             for c in outs[i * params.n : (i + 1) * params.n]:
-                ans = extract_answer(c.text)
+                ans = task.extract(c.text)
                 g.completions.append(c)
                 g.answers.append(ans)
                 g.correct.append(task.score(prob, ans) >= 1.0)

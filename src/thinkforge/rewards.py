@@ -27,7 +27,7 @@ from typing import Callable
 
 from thinkforge.format import parse_completion
 from thinkforge.tasks import Problem, Task
-from thinkforge.verify import STATS, extract_answer
+from thinkforge.verify import STATS
 
 RewardFn = Callable[..., list[float]]
 
@@ -37,7 +37,7 @@ def accuracy(completions: list[str], problems: list[Problem], *, task: Task, **_
     out = []
     for c, p in zip(completions, problems):
         try:
-            out.append(float(task.score(p, extract_answer(c))))
+            out.append(float(task.score(p, task.extract(c))))
         except Exception:
             STATS["errors"] += 1
             out.append(0.0)

@@ -70,6 +70,12 @@ class Task:
                 return out
         raise ValueError(f"task {self.name!r} has only {len(out)} distinct {split} problems, {n} were asked for")
 
+    def extract(self, completion: str) -> str | None:
+        """The answer a completion gives (a task whose answers are not short strings overrides this)."""
+        from thinkforge.verify import extract_answer
+
+        return extract_answer(completion)
+
     def score(self, problem: Problem, answer: str | None) -> float:
         """Score an extracted answer against the gold one, in [0, 1]."""
         from thinkforge.verify import is_equivalent
@@ -119,4 +125,4 @@ def get_task(name: str, **options) -> Task:
         raise ValueError(f"bad option for task {name!r}: {e}") from None
 
 
-from thinkforge.tasks import builtin  # noqa: E402,F401  (fills REGISTRY)
+from thinkforge.tasks import builtin, code  # noqa: E402,F401  (fills REGISTRY)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -47,11 +48,29 @@ class RunOptions:
         check(self.save_every >= 1 and self.threads >= 0, "save_every must be >= 1 and threads >= 0")
 
 
+def recover_checkpoint(run: Path) -> None:
+    """Repair what a kill during a checkpoint write can leave: a half-written temporary folder is
+    deleted; if the kill fell between ``replace_dir``'s two renames (old moved aside, new not yet in
+    place), the previous checkpoint is put back."""
+    for tmp in run.glob(".checkpoint.*"):
+        if tmp.name != ".checkpoint.old":
+            shutil.rmtree(tmp, ignore_errors=True)
+    old, ck = run / ".checkpoint.old", run / "checkpoint"
+    if old.exists():
+        if ck.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, ck)
+
+
 def start_run(out: str, opts: RunOptions) -> Path:
-    """The run folder, refusing to clobber an existing run unless asked; sets the CPU threads."""
+    """The run folder, refusing to clobber an existing run unless asked; sets the CPU threads and repairs
+    what a crash during a checkpoint write left behind."""
     if opts.threads:
         torch.set_num_threads(opts.threads)
     run = Path(out)
+    if run.exists():
+        recover_checkpoint(run)
     if (run / "checkpoint").exists() and not (opts.resume or opts.overwrite):
         raise ConfigError(f"{run} already holds a run: pass --resume to continue it or --overwrite to start afresh")
     return run
