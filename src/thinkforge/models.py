@@ -73,15 +73,9 @@ def tiny_model(tokenizer, size: str = "small", seed: int = 0, **overrides):
 
     if size not in TINY_SIZES:
         raise ValueError(f"tiny model size must be one of {sorted(TINY_SIZES)}, got {size!r}")
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **{**TINY_SIZES[size], **overrides},
-    )
+    defaults = dict(vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
+                    bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(**{**defaults, **TINY_SIZES[size], **overrides})
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
 

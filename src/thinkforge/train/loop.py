@@ -71,6 +71,15 @@ def start_run(out: str, opts: RunOptions) -> Path:
     run = Path(out)
     if run.exists():
         recover_checkpoint(run)
+    if opts.resume and not (run / "checkpoint" / "trainer_state.pt").is_file():
+        raise ConfigError(f"{run}: nothing to resume (no checkpoint/); drop --resume to start a new run")
+    try:  # an unwritable or missing-parent output folder fails now, not after the first hour of training
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{run}: cannot write the run folder here ({e.strerror})") from None
     if (run / "checkpoint").exists() and not (opts.resume or opts.overwrite):
         raise ConfigError(f"{run} already holds a run: pass --resume to continue it or --overwrite to start afresh")
     return run

@@ -68,6 +68,8 @@ def completion_text(problem, trace: str) -> str:
 
 def load_pairs(path: str) -> list[tuple[str, str]]:
     """``{"prompt", "completion"}`` rows; errors name the file, line and field."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such file")
     pairs = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
