@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from thinkforge import format as fmt
-from thinkforge.config import check, option, save_config
+from thinkforge.config import ConfigError, check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.models import load_model, resolve_device
 from thinkforge.rewards import compute_rewards
@@ -251,6 +251,11 @@ def make_loss_fn(cfg: GRPOConfig):
 
 def train_grpo(cfg: GRPOConfig) -> Path:
     """Run GRPO as configured; returns the run folder (final model in ``run/model``)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("GRPO under torchrun is not implemented yet (roll-outs are not split across ranks); "
+                          "run it in one process, or use torchrun for SFT")
     run = start_run(cfg.out, cfg)
     device = resolve_device(cfg.device)
     task = get_task(cfg.task, **cfg.task_options)

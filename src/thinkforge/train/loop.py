@@ -7,6 +7,11 @@ micro) -> (loss_sum, stats)``; a loss of None means nothing to learn, and a step
 has anything to learn makes no optimizer update (it is still logged and counted). The loop divides by the ``n_tokens`` of the whole optimizer step, so
 gradient accumulation gives the same update as one large batch.
 
+Under ``torchrun --nproc-per-node N -m thinkforge train sft …`` every rank builds the same seeded global
+batch, keeps its rows (``shard``), divides its loss by the global token count and sums gradients with
+``torch.distributed.all_reduce``: the update equals the single-process one on the same global batch
+(tested with 2 gloo processes). Only rank 0 writes metrics and checkpoints.
+
 Run folder ``runs/<name>/``: ``config.toml``, ``metrics.jsonl`` (one row per step), ``checkpoint/``
 (HF folder + ``trainer_state.pt``: optimizer, RNG states, step, data position) replaced atomically
 (written to a temporary folder, then renamed), and ``model/``, the final model. ``resume=True`` loads
@@ -69,13 +74,14 @@ def start_run(out: str, opts: RunOptions) -> Path:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     run = Path(out)
-    if run.exists():
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 repairs and writes
+    if run.exists() and rank == 0:
         recover_checkpoint(run)
     if opts.resume and not (run / "checkpoint" / "trainer_state.pt").is_file():
         raise ConfigError(f"{run}: nothing to resume (no checkpoint/); drop --resume to start a new run")
     try:  # an unwritable or missing-parent output folder fails now, not after the first hour of training
         run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write-test"
+        probe = run / f".write-test-{rank}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -116,6 +122,38 @@ class EpochStream:
         if state["cursor"] == len(self.items):
             state["epoch"], state["cursor"] = state["epoch"] + 1, 0
         return item
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size), initialising torch.distributed under torchrun (gloo on CPU, NCCL on GPUs)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def shard(mb: dict, rank: int, world: int) -> dict:
+    """This rank's rows of a global micro-batch (rows rank, rank + world, …); scalars stay global."""
+    rows = mb["input_ids"].shape[0]
+    if rows % world:
+        raise ValueError(f"a micro-batch of {rows} rows cannot be split over {world} processes: "
+                         f"make batch_size / grad_accum a multiple of {world}")
+    return {k: v[rank::world] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v
+            for k, v in mb.items()}
+
+
+def all_reduce_grads(params: list) -> None:
+    """Sum gradients over the processes: each rank's loss is already divided by the *global* token count,
+    so the sum is exactly the gradient of the whole global batch (what DDP computes, without its buckets)."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
 
 
 def lr_at(step: int, s: LoopSettings) -> float:
@@ -193,6 +231,7 @@ def run_training(
     optimizer, RNG states, step and data position saved beside it."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    rank, world = distributed()
     run.mkdir(parents=True, exist_ok=True)
     model.train()
     optimizer = make_optimizer(model, settings)
@@ -206,22 +245,25 @@ def run_training(
     else:
         torch.manual_seed(settings.seed)
     metrics_path = run / "metrics.jsonl"
-    if resume:
-        _trim_metrics(metrics_path, start)
-    else:
-        metrics_path.write_text("")
+    if rank == 0:
+        if resume:
+            _trim_metrics(metrics_path, start)
+        else:
+            metrics_path.write_text("")
     rows = []
     params = [p for p in model.parameters() if p.requires_grad]
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn(), transient=True) as progress:
+                  TimeRemainingColumn(), transient=True, disable=rank != 0) as progress:
         bar = progress.add_task(run.name, total=settings.steps, completed=start)
         for step in range(start, settings.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, settings)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            micro_batches = next_batch(data_state)
+            micro_batches = next_batch(data_state)  # the global batch: the same on every rank
             total_tokens = sum(mb["n_tokens"] for mb in micro_batches)
+            if world > 1:
+                micro_batches = [shard(mb, rank, world) for mb in micro_batches]
             optimizer.zero_grad(set_to_none=True)
             loss_sum, stats_sum, seen = 0.0, {}, 0
             learned = False
@@ -236,6 +278,11 @@ def run_training(
                 (loss / max(1, total_tokens)).backward()
                 loss_sum += float(loss.detach())
                 learned = True
+            if world > 1:
+                all_reduce_grads(params)
+                totals = torch.tensor([loss_sum, float(learned)])
+                torch.distributed.all_reduce(totals)
+                loss_sum, learned = float(totals[0]), bool(totals[1])
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)) if learned else 0.0
             if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
                 raise FloatingPointError(
@@ -249,12 +296,16 @@ def run_training(
                    "tokens": total_tokens, "seen_tokens": seen, "step_time": dt, "tokens_per_s": seen / dt,
                    **stats_sum}
             rows.append(row)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            progress.update(bar, advance=1, description=f"{run.name} {describe(row)} {row['tokens_per_s']:.0f} tok/s")
+            if rank == 0:  # one writer: rank 0 logs and checkpoints (every rank holds the same weights)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                progress.update(bar, advance=1, description=f"{run.name} {describe(row)} {row['tokens_per_s']:.0f} tok/s")
             done = step + 1
-            if done % settings.save_every == 0 or done == settings.steps:
+            if rank == 0 and (done % settings.save_every == 0 or done == settings.steps):
                 save_checkpoint(run, model, tokenizer, optimizer, done, data_state)
     model.eval()
-    save_model(model, tokenizer, run / "model")
+    if rank == 0:
+        save_model(model, tokenizer, run / "model")
+    if world > 1:
+        torch.distributed.barrier()  # no rank leaves before the model is written
     return rows

@@ -16,6 +16,7 @@ supervised positions, not over the prompt.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,8 +186,8 @@ def train_sft(cfg: SFTConfig) -> Path:
     else:
         model, tok = load_model(cfg.model, device=str(device))
     examples = encode_pairs(pairs, tok, cfg.max_len)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.toml")
+    if os.environ.get("RANK", "0") == "0":
+        save_config(cfg, run / "config.toml")
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)
     run_training(model, tok, run, settings, Batcher(examples, cfg, tok.pad_token_id, device), sft_loss,
