@@ -36,6 +36,7 @@ class DemoConfig:
     task_options: dict = option({"digits_a": 3, "digits_b": 2}, "the task's knobs")
     size: str = option("small", "tiny model size (same for both models)")
     steps: int = option(450, "SFT steps per model (quick: 40)")
+    train_problems: int = option(5000, "distinct training problems (measured: 5000 gave a stronger CoT model than 20000 at 450 steps)")
     batch_size: int = option(64, "rows per step of the CoT model (the direct model gets the same tokens)")
     max_len: int = option(128, "longest example in tokens")
     lr: float = option(2e-3, "peak learning rate")
@@ -50,6 +51,7 @@ class DemoConfig:
     def __post_init__(self):
         if self.quick:
             self.steps, self.eval_problems, self.samples = min(self.steps, 40), min(self.eval_problems, 40), 4
+            self.train_problems = min(self.train_problems, 2000)
             self.grpo_steps = min(self.grpo_steps, 4)
         check(self.steps >= 1 and self.eval_problems >= 1 and self.samples >= 1,
               "steps, eval_problems and samples must be >= 1")
@@ -111,6 +113,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         t0 = time.perf_counter()
         run = train_sft(SFTConfig(
             task=cfg.task, task_options=cfg.task_options, trace=trace, size=cfg.size, out=str(out / stage),
+            train_problems=cfg.train_problems,
             steps=cfg.steps, batch_size=round(cfg.batch_size * lengths["cot"] / lengths[trace]), packing=False,
             max_len=cfg.max_len, lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed, save_every=cfg.steps, overwrite=True,
             warmup=min(20, cfg.steps // 5),
