@@ -55,25 +55,29 @@ def _problem(row, where: str, index: int) -> Problem:
     return Problem(pid, q, answer, steps, meta)
 
 
+def iter_jsonl(path: Path):
+    """(line number, parsed row) for each non-blank line; bad encoding or JSON names the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+        yield n, row
+
+
 def read_problems(path: str | Path) -> list[Problem]:
     """All rows of a .jsonl or .parquet file as problems (see the module docstring for the checks)."""
     path = Path(path)
     if not path.is_file():
         raise DataFileError(f"{path}: no such file")
     if path.suffix == ".jsonl":
-        rows = []
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise DataFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFileError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            rows.append(_problem(row, f"{path}:{n}", n - 1))
+        rows = [_problem(row, f"{path}:{n}", n - 1) for n, row in iter_jsonl(path)]
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -15,7 +15,6 @@ supervised positions, not over the prompt.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,16 +70,12 @@ def load_pairs(path: str) -> list[tuple[str, str]]:
     """``{"prompt", "completion"}`` rows; errors name the file, line and field."""
     if not Path(path).is_file():
         raise ConfigError(f"{path}: no such file")
+    from thinkforge.tasks.files import iter_jsonl
+
     pairs = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+    for n, row in iter_jsonl(Path(path)):
         for key in ("prompt", "completion"):
-            if not isinstance(row.get(key), str) or not row[key]:
+            if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key]:
                 raise ConfigError(f"{path}:{n}: field {key!r} must be a non-empty string")
         pairs.append((row["prompt"], row["completion"]))
     if not pairs:
