@@ -218,31 +218,42 @@ class ReasoningService:
                         "total_tokens": u["input"] + u["output"]}
         return obj
 
-    def respond(self, req) -> dict:
+    def responses_input(self, req) -> tuple[str, SamplingParams, bool]:
+        """(prompt, sampling parameters, prefilled?) of a Responses request: one rule for both the
+        plain and the streamed call."""
         effort = req.reasoning.effort if req.reasoning else None
         prompt = self.prompt(self.responses_messages(req), effort)
-        c = self.run(prompt, self.params(req.max_output_tokens, req.temperature, req.top_p, effort))[0]
-        return self.response_object(req, new_id("resp"), int(time.time()), c, split_text(c.text, effort == "none"))
+        return prompt, self.params(req.max_output_tokens, req.temperature, req.top_p, effort), effort == "none"
+
+    def respond(self, req) -> dict:
+        prompt, params, prefilled = self.responses_input(req)
+        c = self.run(prompt, params)[0]
+        return self.response_object(req, new_id("resp"), int(time.time()), c, split_text(c.text, prefilled))
 
     # ---- Chat Completions --------------------------------------------------------------------------
 
     def chat_messages(self, req) -> list[dict]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
 
-    def chat(self, req) -> dict:
+    def chat_input(self, req) -> tuple[str, SamplingParams, bool]:
+        """(prompt, sampling parameters, prefilled?) of a chat request, plain or streamed."""
         prompt = self.prompt(self.chat_messages(req), req.reasoning_effort)
         params = self.params(req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p,
                              req.reasoning_effort, req.n)
+        return prompt, params, req.reasoning_effort == "none"
+
+    def chat(self, req) -> dict:
+        prompt, params, prefilled = self.chat_input(req)
         comps = self.run(prompt, params)
         choices = []
         for i, c in enumerate(comps):
-            sp = split_text(c.text, req.reasoning_effort == "none")
+            sp = split_text(c.text, prefilled)
             choices.append({"index": i, "logprobs": None,
                             "finish_reason": "length" if c.finish_reason == "length" else "stop",
                             "message": {"role": "assistant", "content": sp.visible if sp.closed else "",
                                         "reasoning_content": sp.thinking}})
         return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
-                "model": req.model, "choices": choices, "usage": self.chat_usage(comps, req.reasoning_effort == "none")}
+                "model": req.model, "choices": choices, "usage": self.chat_usage(comps, prefilled)}
 
     def chat_usage(self, comps, prefilled: bool = False) -> dict:
         out = sum(len(c.ids) for c in comps)

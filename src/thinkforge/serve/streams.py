@@ -23,9 +23,8 @@ from thinkforge.serve.service import Split, new_id, split_text, summarize
 
 def responses_events(svc, req):
     """Yield (event type, payload) pairs for one streamed Response."""
-    effort = req.reasoning.effort if req.reasoning else None
     summary_mode = req.reasoning.summary if req.reasoning else None
-    prefilled = effort == "none"
+    prompt, params, prefilled = svc.responses_input(req)
     rid, created = new_id("resp"), int(time.time())
     rs_id, msg_id = rid.replace("resp_", "rs_"), rid.replace("resp_", "msg_")
     seq = 0
@@ -37,8 +36,6 @@ def responses_events(svc, req):
 
     yield event("response.created", response=svc.response_object(req, rid, created))
     yield event("response.in_progress", response=svc.response_object(req, rid, created))
-    prompt = svc.prompt(svc.responses_messages(req), effort)
-    params = svc.params(req.max_output_tokens, req.temperature, req.top_p, effort)
     state = {"reasoning_open": False, "reasoning_done": False, "message_open": False, "sent": ""}
     index = {"reasoning": 0, "message": 0}
 
@@ -100,11 +97,8 @@ def responses_events(svc, req):
 
 def chat_chunks(svc, req, include_usage: bool):
     """Yield chat.completion.chunk dicts for one streamed chat completion (then the caller sends [DONE])."""
-    prefilled = req.reasoning_effort == "none"
+    prompt, params, prefilled = svc.chat_input(req)
     cid, created = new_id("chatcmpl"), int(time.time())
-    prompt = svc.prompt(svc.chat_messages(req), req.reasoning_effort)
-    params = svc.params(req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p,
-                        req.reasoning_effort, req.n)
     sent: dict[int, dict] = {}
 
     def chunk(choices, usage=None):
