@@ -57,6 +57,19 @@ class DemoConfig:
               "steps, eval_problems and samples must be >= 1")
 
 
+def evaluate_stage(model_path: str, stage: str, task, test, samples: int, max_new_tokens: int, seed: int,
+                   **extra) -> tuple[list[dict], dict]:
+    """Load a stage's model, evaluate it on ``test`` (rows tagged with ``extra``, e.g. ``from``), print the table."""
+    model, tok = load_model(model_path, device="cpu")
+    with torch.no_grad():
+        rows, values = evaluate_model(model, tok, task, test, stage, samples=samples, max_new_tokens=max_new_tokens,
+                                      seed=seed)
+    for r in rows:
+        r.update(extra)
+    print(format_rows(rows), flush=True)
+    return rows, values
+
+
 def _grpo_stage(cfg: DemoConfig, out: Path, task, test, models, train, per_problem) -> list[dict]:
     """GRPO (DAPO loss, accuracy + format rewards) from the CoT model; its rows carry "from": "sft-cot"."""
     from thinkforge.train.grpo import GRPOConfig, train_grpo
@@ -69,13 +82,8 @@ def _grpo_stage(cfg: DemoConfig, out: Path, task, test, models, train, per_probl
     ))
     train["grpo"] = _train_stats(run, time.perf_counter() - t0)
     models["grpo"] = str(run / "model")
-    model, tok = load_model(models["grpo"], device="cpu")
-    with torch.no_grad():
-        rows, per_problem["grpo"] = evaluate_model(model, tok, task, test, "grpo", samples=cfg.samples,
-                                                   max_new_tokens=128, seed=cfg.seed)
-    for r in rows:
-        r["from"] = "sft-cot"
-    print(format_rows(rows), flush=True)
+    rows, per_problem["grpo"] = evaluate_stage(models["grpo"], "grpo", task, test, cfg.samples, 128, cfg.seed,
+                                               **{"from": "sft-cot"})
     return rows
 
 
@@ -120,12 +128,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         ))
         train[stage] = _train_stats(run, time.perf_counter() - t0)
         models[stage] = str(run / "model")
-        model, tok = load_model(models[stage], device="cpu")
-        with torch.no_grad():
-            stage_rows, per_problem[stage] = evaluate_model(model, tok, task, test, stage, samples=cfg.samples,
-                                        max_new_tokens=128, seed=cfg.seed)
+        stage_rows, per_problem[stage] = evaluate_stage(models[stage], stage, task, test, cfg.samples, 128, cfg.seed)
         rows += stage_rows
-        print(format_rows(stage_rows), flush=True)
     c = paired_bootstrap(per_problem["sft-direct"]["greedy"], per_problem["sft-cot"]["greedy"], seed=cfg.seed)
     comparisons = [{"a": "sft-direct", "b": "sft-cot", "metric": "greedy pass@1", **c}]
     if cfg.grpo_steps:
@@ -251,14 +255,9 @@ def run_recipe(path: str, out: str | None = None) -> dict:
             entry["stats"] = result
         else:
             models[name] = str(Path(result) / "model")
-            model, tok = load_model(models[name], device="cpu")
-            with torch.no_grad():
-                stage_rows, _ = evaluate_model(model, tok, task, test, name, samples=recipe.get("eval_samples", 4),
-                                               max_new_tokens=recipe.get("max_new_tokens", 128), seed=recipe.get("seed", 0))
-            for r in stage_rows:
-                r["from"] = src
+            stage_rows, _ = evaluate_stage(models[name], name, task, test, recipe.get("eval_samples", 4),
+                                           recipe.get("max_new_tokens", 128), recipe.get("seed", 0), **{"from": src})
             rows += stage_rows
-            print(format_rows(stage_rows), flush=True)
         log.append(entry)
     results = {"recipe": str(path), "out": str(out_dir), "task": f"{task_name} {task_options}", "rows": rows, "models": models,
                "data": data, "stages": log, "seconds": time.perf_counter() - start}

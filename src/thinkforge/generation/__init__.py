@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from thinkforge.format import STOP_STRINGS, THINK_CLOSE, THINK_OPEN
+from thinkforge.format import STOP_STRINGS, THINK_CLOSE, THINK_OPEN, count_reasoning_tokens
 from thinkforge.generation.backends import make_backend
 
 # Reasoning effort -> thinking budget in tokens: the one table the server (reasoning.effort,
@@ -187,8 +187,6 @@ class Engine:
         if s.done in ("stop", "budget"):
             cut = next((len(x) for x in stops if body[-len(x) :] == x), 1)
             body = body[:-cut]
-        from thinkforge.format import count_reasoning_tokens
-
         think, answer = count_reasoning_tokens(s.ids, self.tok)
         return Completion(
             prompt_ids, s.ids, s.logprobs, s.mask, self.tok.decode(body), s.done or "length", think, answer, s.waits

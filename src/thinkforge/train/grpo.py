@@ -265,7 +265,6 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     if cfg.beta > 0:  # the reference is the starting model, also on resume
         ref = load_model(cfg.model, device=str(device))[0] if cfg.resume else copy.deepcopy(model)
         ref.requires_grad_(False).eval()
-    run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.toml")
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, 1.0, cfg.weight_decay, cfg.grad_clip, cfg.save_every, cfg.seed)
     source = RolloutSource(cfg, model, tok, task, problems, ref, device)
