@@ -5,7 +5,7 @@ from pathlib import Path
 PKG = Path(__file__).parent.parent / "src" / "thinkforge"
 # lower number = lower layer; a module may import only modules of its own or a lower layer
 LAYER = {"format": 0, "config": 0, "metrics": 1, "verify": 1, "sandbox": 1, "tasks": 2, "rewards": 3, "models": 1,
-         "generation": 2, "train": 4, "evaluate": 4, "report": 5, "serve": 5, "pipeline": 6, "cli": 7}
+         "generation": 2, "scorers": 3, "search": 4, "train": 4, "evaluate": 4, "report": 5, "serve": 5, "pipeline": 6, "cli": 7}
 
 
 def top(module: str) -> str | None:

@@ -5,6 +5,8 @@
     thinkforge train sft --task mul --trace cot --out runs/mul-cot [--config run.toml] [--field value …]
     thinkforge train grpo --model runs/mul-cot/model --task mul --out runs/mul-grpo --loss dapo
     thinkforge eval --model runs/mul-cot/model --task mul --samples 8
+    thinkforge eval --model runs/mul-cot/model --method maj,bon-prm,prm-beam --n 1,4,16 --prm runs/prm/model --plot t.png
+    thinkforge train rm --kind prm --labels gold --policy runs/mul-cot/model --out runs/prm
     thinkforge generate --model runs/mul-cot/model --prompt "347*89" [--budget 16] [--temperature 0]
     thinkforge sample --model runs/mul-cot/model --task mul --problems 2000 --out runs/rs.jsonl
     thinkforge pipeline recipes/r1.toml
@@ -97,11 +99,13 @@ def _commands():
     from thinkforge.serve import ServeConfig
     from thinkforge.train.grpo import GRPOConfig
     from thinkforge.train.rejection import SampleConfig
+    from thinkforge.train.reward_model import RMConfig
     from thinkforge.train.sft import SFTConfig
 
     return {
         "train sft": (SFTConfig, "supervised fine-tuning on reasoning traces", _train_sft),
         "train grpo": (GRPOConfig, "RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, BNPO, GSPO", _train_grpo),
+        "train rm": (RMConfig, "reward models: PRM (step labels: gold, judge, Monte-Carlo) or ORM", _train_rm),
         "sample": (SampleConfig, "rejection sampling: verified, well-formed traces to JSONL (for SFT --data)", _sample),
         "eval": (EvalConfig, "pass@1 ± CI, pass@k, maj@k on held-out problems", _eval),
         "generate": (GenerateConfig, "complete one prompt (thinking budget, budget forcing)", _generate),
@@ -122,6 +126,21 @@ def _train_grpo(cfg) -> None:
 
     run = train_grpo(cfg)
     print(f"model saved in {run / 'model'}")
+
+
+def _train_rm(cfg) -> None:
+    import json
+
+    from thinkforge.train.reward_model import train_reward_model
+
+    run = train_reward_model(cfg)
+    if (run / "eval.json").exists():
+        ev = json.loads((run / "eval.json").read_text())
+        st = ev["step"]
+        print(f"held-out {ev['completions']} completions, {st['steps']} steps ({ev['eval_labels']} labels): "
+              f"wrong-step precision {st['precision']:.3f} recall {st['recall']:.3f} F1 {st['f1']:.3f}; "
+              f"right-over-wrong ranking (min) {ev['ranking']['min']['accuracy']:.3f}")
+    print(f"reward model saved in {run / 'model'}")
 
 
 def _sample(cfg) -> None:
@@ -154,7 +173,12 @@ def _serve(cfg) -> None:
 def _eval(cfg) -> None:
     from thinkforge.evaluate import format_rows, run_eval
 
-    print(format_rows(run_eval(cfg)))
+    rows = run_eval(cfg)
+    print(format_rows(rows))
+    if cfg.plot:
+        from thinkforge.report import compute_curves
+
+        print(f"plot: {compute_curves(rows, cfg.plot)}")
 
 
 def _demo(cfg) -> None:

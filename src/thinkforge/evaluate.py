@@ -1,6 +1,8 @@
 """Evaluation: sample a model on held-out problems and report pass@1, pass@k and maj@k with 95% CIs.
 
     thinkforge eval --model runs/demo/sft-cot/model --task mul --problems 300 --samples 8
+    thinkforge eval --model runs/demo/grpo/model --method maj,bon-prm,prm-beam --n 1,2,4,8,16 --prm runs/prm/model
+    thinkforge eval --model runs/demo/grpo/model --method budget --n 0,8,16,32,64
 
 For each problem: one greedy completion and ``samples`` sampled ones (temperature ``temperature``).
 Rows (the records ``results.json`` keeps):
@@ -11,6 +13,11 @@ Rows (the records ``results.json`` keeps):
 | sample | pass@1 | mean over problems of the share of correct samples (pass@1 averaged over k) |
 | sample | pass@k | unbiased pass@k (Chen et al. 2021) |
 | maj@k | accuracy | majority vote over the k extracted answers is correct |
+
+With ``--method`` the command sweeps test-time methods (``search.METHODS``) over the compute levels
+``--n`` instead: one row per (method, n), ``method`` = ``maj@16``, ``bon-prm@16``, ``prm-beam@16``,
+``budget=32`` …, ``metric`` = ``accuracy``, with ``tokens`` (policy tokens per problem) and
+``rm_tokens`` (reward-model tokens per problem); ``--plot`` draws accuracy against tokens.
 
 Intervals are 95% percentile bootstraps over problems. ``tokens`` is the mean number of generated
 tokens per problem that the method spent (maj@k and pass@k: k samples); the sampled pass@1 row also
@@ -44,12 +51,39 @@ class EvalConfig:
     thinking_budget: int | None = option(None, "cap on thinking tokens (the engine then forces </think>)")
     seed: int = option(0, "seed for the problems and the samples")
     batch_rows: int = option(256, "rows generated together (memory vs speed)")
+    method: list[str] = option([], "test-time methods to sweep (empty: the greedy / pass@k / maj@k table): "
+                                   "greedy, sample, maj, bon-orm, bon-prm, wmaj, prm-greedy, prm-beam, budget, wait")
+    n: list[int] = option([1, 2, 4, 8, 16], "compute levels of the sweep: samples (maj, bon-*, wmaj), candidates per "
+                                            "step (prm-*), thinking tokens (budget), wait rounds (wait)")
+    prm: str | None = option(None, "PRM folder (thinkforge train rm --kind prm) for bon-prm, wmaj, prm-*")
+    orm: str | None = option(None, "ORM folder (thinkforge train rm --kind orm) for bon-orm, wmaj")
+    aggregate: str = option("min", "step scores -> one score: min, prod or last")
+    beam_width: int = option(4, "partial traces kept by prm-beam")
+    prompt_style: str = option("chat", "chat, cot (zero-shot 'think step by step') or few-shot")
+    shots: int = option(2, "solved examples in a few-shot prompt")
+    plot: str | None = option(None, "draw accuracy vs tokens of the sweep into this PNG")
     out: str | None = option(None, "write the rows as JSON here")
     device: str = option("auto", "auto, cpu or cuda")
 
     def __post_init__(self):
         check(self.problems >= 1 and self.samples >= 1 and self.max_new_tokens >= 1 and self.batch_rows >= 1,
               "problems, samples, max_new_tokens and batch_rows must be >= 1")
+        from thinkforge.scorers import AGGREGATES
+        from thinkforge.search import METHODS, PROMPT_STYLES
+
+        unknown = [m for m in self.method if m not in METHODS]
+        check(not unknown, f"unknown method(s) {unknown}: choose from {sorted(METHODS)}")
+        check(all(k >= 0 for k in self.n) and bool(self.n), "n must be a non-empty list of numbers >= 0")
+        check(all(k >= 1 for k in self.n) or set(self.method) <= {"budget", "greedy"},
+              "n = 0 only makes sense for budget (answer without thinking)")
+        check(self.aggregate in AGGREGATES, f"aggregate must be one of {sorted(AGGREGATES)}, got {self.aggregate!r}")
+        check(self.prompt_style in PROMPT_STYLES, f"prompt_style must be one of {PROMPT_STYLES}")
+        check(self.beam_width >= 1 and self.shots >= 0, "beam_width must be >= 1 and shots >= 0")
+        for m in self.method:
+            check(not (m in ("bon-prm", "prm-greedy", "prm-beam") and not self.prm),
+                  f"method {m} needs a PRM: pass --prm (train one with `thinkforge train rm`)")
+            check(not (m == "bon-orm" and not self.orm), "method bon-orm needs an ORM: pass --orm")
+            check(not (m == "wmaj" and not (self.prm or self.orm)), "method wmaj needs a PRM or ORM: pass --prm or --orm")
 
 
 @dataclass
@@ -121,13 +155,31 @@ def evaluate_model(model, tok, task: Task, problems: list[Problem], stage: str, 
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table of result rows."""
-    lines = [f"{'stage':<14} {'method':<8} {'metric':<9} {'value':>6}  {'95% CI':<15} {'n':>5} {'tokens':>7} {'thinking':>8}"]
+    lines = [f"{'stage':<14} {'method':<12} {'metric':<9} {'value':>6}  {'95% CI':<15} {'n':>5} {'tokens':>7} {'thinking':>8}"]
     for r in rows:
         ci = f"[{r['ci_low'] * 100:5.1f}, {r['ci_high'] * 100:5.1f}]"
         think = f"{r['thinking_tokens']:8.1f}" if "thinking_tokens" in r else ""
-        lines.append(f"{r['stage']:<14} {r['method']:<8} {r['metric']:<9} {r['value'] * 100:5.1f}%  {ci:<15} "
+        lines.append(f"{r['stage']:<14} {r['method']:<12} {r['metric']:<9} {r['value'] * 100:5.1f}%  {ci:<15} "
                      f"{r['n']:>5} {r['tokens']:>7.1f} {think}".rstrip())
     return "\n".join(lines)
+
+
+def sweep(search, problems: list[Problem], methods: list[str], ns: list[int], stage: str, seed: int = 0,
+          log=print) -> list[dict]:
+    """One accuracy row per (method, n) of ``search.METHODS``; greedy runs once whatever ``ns`` says."""
+    from thinkforge.search import run_method
+
+    rows = []
+    for m in methods:
+        for n in ([1] if m in ("greedy", "sample") else ns):
+            outs = run_method(m, search, problems, n)
+            label = m if m in ("greedy", "sample") else f"{m}={n}" if m in ("budget", "wait") else f"{m}@{n}"
+            rows.append(row(stage, label, "accuracy", [float(o.correct) for o in outs],
+                            sum(o.tokens for o in outs) / len(outs), seed, family=m, compute=n,
+                            rm_tokens=sum(o.rm_tokens for o in outs) / len(outs)))
+            if log:
+                log(format_rows(rows[-1:]).splitlines()[-1])
+    return rows
 
 
 def run_eval(cfg: EvalConfig) -> list[dict]:
@@ -136,9 +188,21 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     model, tok = load_model(cfg.model, device=cfg.device)
     task = get_task(cfg.task, **cfg.task_options)
     problems = task.problems(cfg.problems, "test", seed=cfg.seed)
+    stage = Path(cfg.model).name if Path(cfg.model).name != "model" else Path(cfg.model).parent.name
     with torch.no_grad():
-        rows, _ = evaluate_model(model, tok, task, problems, Path(cfg.model).name, cfg.samples, cfg.temperature,
-                              cfg.top_p, cfg.max_new_tokens, cfg.thinking_budget, cfg.seed, cfg.batch_rows)
+        if cfg.method:
+            from thinkforge.scorers import RewardModel
+            from thinkforge.search import Search
+
+            search = Search(Engine(model, tok), task, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_new_tokens=cfg.max_new_tokens, aggregate=cfg.aggregate, beam_width=cfg.beam_width,
+                            prompt_style=cfg.prompt_style, shots=cfg.shots, seed=cfg.seed, batch_rows=cfg.batch_rows,
+                            prm=RewardModel.load(cfg.prm, cfg.device) if cfg.prm else None,
+                            orm=RewardModel.load(cfg.orm, cfg.device) if cfg.orm else None)
+            rows = sweep(search, problems, cfg.method, cfg.n, stage, cfg.seed, log=None)
+        else:
+            rows, _ = evaluate_model(model, tok, task, problems, stage, cfg.samples, cfg.temperature,
+                                     cfg.top_p, cfg.max_new_tokens, cfg.thinking_budget, cfg.seed, cfg.batch_rows)
     if cfg.out:
         Path(cfg.out).write_text(json.dumps({"task": cfg.task, "model": cfg.model, "rows": rows}, indent=2))
     return rows

@@ -26,6 +26,7 @@ IM_START, IM_END, PAD, UNK = "<|im_start|>", "<|im_end|>", "<|pad|>", "<|unk|>"
 # Tokens a from-scratch tokenizer keeps whole. A hub tokenizer may split the tags; the code never relies on that.
 SPECIAL_TOKENS = [PAD, UNK, IM_START, IM_END, THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE]
 STOP_STRINGS = [IM_END]
+EMPTY_THINK = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n"  # prefilled after the prompt to answer without thinking
 
 CHAT_TEMPLATE = (
     "{%- for m in messages -%}"

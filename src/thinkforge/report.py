@@ -37,7 +37,7 @@ def _accuracy_bars(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if r["metric"] in ("pass@1", "accuracy")]
+    shown = [r for r in rows if r["metric"] in ("pass@1", "accuracy") and "family" not in r]
     labels = [f"{r['stage']}\n{r['method']}" for r in shown]
     values = [r["value"] * 100 for r in shown]
     err = [[(r["value"] - r["ci_low"]) * 100 for r in shown], [(r["ci_high"] - r["value"]) * 100 for r in shown]]
@@ -85,6 +85,38 @@ def _rl_curves(run: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def compute_curves(rows: list[dict], out: Path, title: str = "accuracy vs inference compute") -> Path:
+    """Accuracy (95% CI bars) against policy tokens per problem, one line per test-time method family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        if "family" in r:
+            families.setdefault(r["family"], []).append(r)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for fam, rs in families.items():
+        rs = sorted(rs, key=lambda r: r["tokens"])
+        x, y = [r["tokens"] for r in rs], [r["value"] * 100 for r in rs]
+        err = [[(r["value"] - r["ci_low"]) * 100 for r in rs], [(r["ci_high"] - r["value"]) * 100 for r in rs]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=fam)
+        for r, xi, yi in zip(rs, x, y):
+            ax.annotate(str(r["compute"]), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("policy tokens generated per problem (log scale); labels: n")
+    ax.set_ylabel("accuracy on held-out problems (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def write_report(out_dir: Path, results: dict, stages: dict[str, Path], rl_run: Path | None = None) -> Path:
     """Write ``loss.png``, ``accuracy.png`` (and ``rl.png``) and ``report.md`` into ``out_dir``."""
     _loss_curves(stages, out_dir / "loss.png")
@@ -111,6 +143,17 @@ def write_report(out_dir: Path, results: dict, stages: dict[str, Path], rl_run: 
     lines += ["", "![training loss](loss.png)", "", "![accuracy](accuracy.png)", ""]
     if has_rl:
         lines += ["![GRPO reward and length](rl.png)", ""]
+    if any("family" in r for r in results["rows"]):
+        compute_curves(results["rows"], out_dir / "compute.png", "test-time compute on the final model")
+        lines += ["## Test-time compute", ""]
+        ev = results.get("prm_eval")
+        if ev:
+            st, rk = ev["step"], ev["ranking"]["min"]
+            lines += [f"PRM (gold step labels) on {ev['completions']} completions of held-out problems: wrong-step "
+                      f"precision {st['precision']:.3f}, recall {st['recall']:.3f}, F1 {st['f1']:.3f} over "
+                      f"{st['steps']} steps; it ranks a right completion above a wrong one of the same problem in "
+                      f"{rk['accuracy'] * 100:.1f}% of {rk['pairs']} pairs (min aggregation).", ""]
+        lines += ["![accuracy vs tokens](compute.png)", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from thinkforge import format as fmt
 from thinkforge.generation import EFFORT_BUDGETS, Engine, SamplingParams
 
-NO_THINK = f"{fmt.THINK_OPEN}\n\n{fmt.THINK_CLOSE}\n"  # prefill for effort "none"
 _TAGS = (fmt.THINK_OPEN, fmt.THINK_CLOSE, fmt.ANSWER_OPEN, fmt.ANSWER_CLOSE, fmt.IM_END)
 
 
@@ -101,7 +100,7 @@ class ReasoningService:
 
     def prompt(self, messages: list[dict], effort: str | None) -> str:
         text = fmt.render_chat(messages)
-        return text + NO_THINK if effort == "none" else text
+        return text + fmt.EMPTY_THINK if effort == "none" else text
 
     def params(self, max_tokens: int | None, temperature, top_p, effort: str | None, n: int = 1) -> SamplingParams:
         budget = EFFORT_BUDGETS[effort] if effort not in (None, "none") else None

@@ -3,8 +3,9 @@
     thinkforge sample --model runs/r1/reasoning-rl/model --task mul --problems 2000 --samples 4 \\
         --out runs/r1/rs.jsonl
 
-For each training problem, sample ``samples`` completions; keep those whose extracted answer the task
-scores 1.0 *and* whose format is well formed (``<think>…</think>`` then one answer), drop exact
+For each training problem, sample ``samples`` completions (or, with ``method``, let a test-time
+search method write one trace per problem, e.g. PRM beam search with ``--method prm-beam --prm
+runs/prm/model``); keep those whose extracted answer the task scores 1.0 *and* whose format is well formed (``<think>…</think>`` then one answer), drop exact
 duplicates within a problem, and keep at most ``keep_per_problem``. Rows are ``{"prompt",
 "completion", "problem_id"}``, the input of ``thinkforge train sft --data``. The same function makes a
 teacher's traces for distillation.
@@ -35,12 +36,23 @@ class SampleConfig:
     temperature: float = option(1.0, "sampling temperature")
     max_new_tokens: int = option(256, "completion length cap")
     seed: int = option(1, "seed for the problems and the samples")
+    method: str = option("sample", "sample, or a test-time method that writes one trace per problem (search.METHODS: "
+                                   "prm-beam, prm-greedy, bon-prm, maj, ...)")
+    n: int = option(16, "compute of the method: samples or candidates per step")
+    prm: str | None = option(None, "PRM folder for the PRM-guided methods")
+    batch_rows: int = option(256, "rows generated together")
     out: str = option("runs/rs.jsonl", "JSONL file to write")
     device: str = option("auto", "auto, cpu or cuda")
 
     def __post_init__(self):
         check(min(self.problems, self.samples, self.keep_per_problem, self.max_new_tokens) >= 1,
               "problems, samples, keep_per_problem and max_new_tokens must be >= 1")
+        from thinkforge.search import METHODS
+
+        check(self.method in METHODS, f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        check(self.n >= 1 and self.batch_rows >= 1, "n and batch_rows must be >= 1")
+        check(self.prm is not None or self.method not in ("bon-prm", "prm-beam", "prm-greedy", "wmaj"),
+              f"method {self.method} needs a PRM: pass --prm")
 
 
 def rejection_sample(model, tok, task, problems, samples: int, keep_per_problem: int = 1, temperature: float = 1.0,
@@ -68,6 +80,25 @@ def rejection_sample(model, tok, task, problems, samples: int, keep_per_problem:
     return rows, stats
 
 
+def search_traces(model, tok, task, problems, cfg: SampleConfig) -> tuple[list[dict], dict]:
+    """One trace per problem from a test-time method; kept when verified correct and well formed."""
+    from thinkforge.scorers import RewardModel
+    from thinkforge.search import Search, run_method
+
+    search = Search(Engine(model, tok), task, prm=RewardModel.load(cfg.prm, cfg.device) if cfg.prm else None,
+                    temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                    batch_rows=cfg.batch_rows)
+    with torch.no_grad():
+        outcomes = run_method(cfg.method, search, problems, cfg.n)
+    rows = [{"prompt": fmt.render_prompt(p.question), "completion": o.text + fmt.IM_END, "problem_id": p.id}
+            for p, o in zip(problems, outcomes) if o.correct and fmt.parse_completion(o.text).well_formed]
+    stats = {"problems": len(problems), "method": f"{cfg.method}@{cfg.n}", "samples": len(problems),
+             "correct": sum(o.correct for o in outcomes), "kept": len(rows), "problems_covered": len(rows),
+             "tokens_per_problem": sum(o.tokens for o in outcomes) / max(1, len(outcomes))}
+    stats["well_formed_correct"] = len(rows)
+    return rows, stats
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +114,11 @@ def run_sample(cfg: SampleConfig) -> dict:
     model, tok = load_model(cfg.model, device=cfg.device)
     task = get_task(cfg.task, **cfg.task_options)
     problems = task.problems(cfg.problems, "train", seed=cfg.seed)
-    rows, stats = rejection_sample(model, tok, task, problems, cfg.samples, cfg.keep_per_problem, cfg.temperature,
-                                   cfg.max_new_tokens, cfg.seed)
+    if cfg.method != "sample":
+        rows, stats = search_traces(model, tok, task, problems, cfg)
+    else:
+            rows, stats = rejection_sample(model, tok, task, problems, cfg.samples, cfg.keep_per_problem,
+                                       cfg.temperature, cfg.max_new_tokens, cfg.seed)
     if not rows:
         raise ValueError(f"no verified trace among {stats['samples']} samples: nothing to write to {cfg.out}")
     write_jsonl(rows, cfg.out)

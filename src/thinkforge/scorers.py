@@ -1,0 +1,213 @@
+"""Reward models at inference: a score per reasoning step (PRM) or per completion (ORM).
+
+    rm = RewardModel.load("runs/prm/model")
+    steps = rm.score(["347*89"], ["<think>\\n743*9=3213\\n...</think>\\n<answer>30883</answer>"])
+    aggregate(steps[0], "min")      # one number per completion: min | prod | last
+
+A completion is cut into **steps** by :func:`split_steps`: every line of the thinking block (the
+task's step delimiter, a newline for every built-in task) is one step, and everything from
+``</think>`` to the end is one last *answer step*, whose label is the outcome. A completion without
+thinking is a single answer step, so ``last`` aggregation reads like an ORM and ``min`` like a
+process verifier (Lightman et al. 2023: a solution is as good as its worst step).
+
+A reward model is an ordinary HF token-classification checkpoint (``AutoModelForTokenClassification``,
+one logit per token) whose ``config.json`` also records ``thinkforge_rm = {"kind", "step_delimiter"}``.
+A PRM is read at the last token of each step (the delimiter that ends it); an ORM (Cobbe et al. 2021)
+is trained on every completion token and read at the last one. Scores are probabilities, sigmoid of the
+logit.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from thinkforge import format as fmt
+
+RM_KINDS = ("prm", "orm")
+AGGREGATES = {
+    "min": min,
+    "prod": math.prod,
+    "last": lambda scores: scores[-1],
+}
+
+
+def aggregate(scores: list[float], how: str = "min") -> float:
+    """One number for a completion from its step scores; a completion with no step scores 0.
+
+    >>> aggregate([0.9, 0.5, 0.8], "min"), aggregate([0.5, 0.5], "prod"), aggregate([0.9, 0.2], "last")
+    (0.5, 0.25, 0.2)
+    """
+    if how not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {how!r}")
+    return float(AGGREGATES[how](scores)) if scores else 0.0
+
+
+def split_steps(completion: str, delimiter: str = "\n") -> tuple[str, list[str]]:
+    """``(head, steps)`` with ``head + "".join(steps) == completion`` (the completion cut, not rewritten).
+
+    ``head`` is everything up to and including ``<think>`` and the delimiter after it; each thinking step
+    keeps its delimiter; the text from ``</think>`` on is the last step. Blank lines join the step before.
+
+    >>> split_steps("<think>\\n3+4=7\\n7*2=14\\n</think>\\n<answer>14</answer>")
+    ('<think>\\n', ['3+4=7\\n', '7*2=14\\n', '</think>\\n<answer>14</answer>'])
+    >>> split_steps("<answer>14</answer>")
+    ('', ['<answer>14</answer>'])
+    """
+    completion = completion.split(fmt.IM_END)[0]
+    start = completion.find(fmt.THINK_OPEN)
+    if start < 0:
+        return "", [completion] if completion else []
+    head_end = start + len(fmt.THINK_OPEN)
+    if completion.startswith(delimiter, head_end):
+        head_end += len(delimiter)
+    head, body = completion[:head_end], completion[head_end:]
+    close = body.find(fmt.THINK_CLOSE)
+    thinking, answer = (body, "") if close < 0 else (body[:close], body[close:])
+    pieces = thinking.split(delimiter)
+    steps: list[str] = []
+    for k, piece in enumerate(pieces):
+        text = piece + (delimiter if k < len(pieces) - 1 else "")  # the last piece has no delimiter after it
+        if not text:
+            continue
+        if not piece.strip() and steps:  # a blank line belongs to the step before it
+            steps[-1] += text
+        elif not piece.strip():  # blank lines before the first step belong to the head
+            head += text
+        else:
+            steps.append(text)
+    if answer:
+        steps.append(answer)
+    return head, steps
+
+
+def step_text(step: str) -> str:
+    """A step without its delimiter and surrounding blanks (what a step checker reads)."""
+    return step.strip()
+
+
+def encode(tok, prompt: str, completion: str, delimiter: str = "\n") -> tuple[list[int], list[int], int]:
+    """``(ids, step_ends, completion_start)``: prompt and completion token ids, the index of the last
+    token of every step, and where the completion starts. Pieces are tokenized one by one, so a step
+    boundary is always a token boundary, identically in training and scoring."""
+    head, steps = split_steps(completion, delimiter)
+    enc = lambda s: tok.encode(s, add_special_tokens=False) if s else []  # noqa: E731
+    ids = enc(prompt)
+    start = len(ids)
+    ids += enc(head)
+    ends = []
+    for s in steps:
+        piece = enc(s)
+        if piece:
+            ids += piece
+            ends.append(len(ids) - 1)
+    return ids, ends, start
+
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+class RewardModel:
+    """A loaded PRM or ORM. ``score`` is all that search needs; any object with ``kind`` and ``score``
+    works in its place (the tests use scripted ones)."""
+
+    def __init__(self, model, tok, kind: str = "prm", delimiter: str = "\n", batch_rows: int = 64):
+        if kind not in RM_KINDS:
+            raise ValueError(f"reward model kind must be one of {RM_KINDS}, got {kind!r}")
+        self.model, self.tok, self.kind, self.delimiter, self.batch_rows = model, tok, kind, delimiter, batch_rows
+        self.tokens_read = 0  # every token the model has read: the compute search spends on scoring
+
+    @classmethod
+    def load(cls, path: str, device: str = "auto") -> "RewardModel":
+        from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+        from thinkforge.models import ModelLoadError, resolve_device
+
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a reward model folder (no config.json)")
+        try:
+            model = AutoModelForTokenClassification.from_pretrained(str(p))
+            tok = AutoTokenizer.from_pretrained(str(p))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{path}: cannot load a token-classification reward model ({e})") from None
+        meta = getattr(model.config, "thinkforge_rm", None)
+        if not isinstance(meta, dict) or meta.get("kind") not in RM_KINDS or model.config.num_labels != 1:
+            raise ModelLoadError(f"{path}: not a thinkforge reward model (config.json has no thinkforge_rm "
+                                 "kind, or the head has more than one label); train one with `thinkforge train rm`")
+        return cls(model.to(resolve_device(device)).eval(), tok, meta["kind"], meta.get("step_delimiter", "\n"))
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) logits of right-padded rows (causal attention: padding never reaches a real token)."""
+        return self.model(input_ids=ids).logits[..., 0]
+
+    @torch.no_grad()
+    def score(self, prompts: list, completions: list[str]) -> list[list[float]]:
+        """Per completion: its step scores (PRM) or ``[outcome score]`` (ORM). ``prompts`` are questions
+        (``str`` or ``Problem``, rendered with the chat template) or already rendered prompt texts."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        encoded = [encode(self.tok, _prompt_text(p), c, self.delimiter) for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        out: list[list[float]] = []
+        for i in range(0, len(encoded), self.batch_rows):
+            chunk = encoded[i : i + self.batch_rows]
+            ids = pad_rows([e[0] for e in chunk], self.tok.pad_token_id or 0).to(device)
+            self.tokens_read += sum(len(e[0]) for e in chunk)
+            probs = torch.sigmoid(self.logits(ids).float()).cpu()
+            for row, (seq, ends, start) in enumerate(chunk):
+                if self.kind == "orm":
+                    out.append([float(probs[row, len(seq) - 1])] if len(seq) > start else [])
+                else:
+                    out.append([float(probs[row, e]) for e in ends])
+        return out
+
+
+def _prompt_text(p) -> str:
+    if isinstance(p, str):
+        return p if p.startswith(fmt.IM_START) else fmt.render_prompt(p)
+    return fmt.render_prompt(p.question)
+
+
+def step_metrics(scores: list[list[float]], labels: list[list[float]], threshold: float = 0.5) -> dict:
+    """Step-level detection of **wrong** steps (label < 0.5) by score < threshold: precision, recall, F1,
+    plus accuracy over all steps and F1 of the correct class. Lists are per completion, step by step."""
+    tp = fp = fn = tn = 0
+    for s_row, l_row in zip(scores, labels, strict=True):
+        if len(s_row) != len(l_row):
+            raise ValueError(f"{len(s_row)} step scores but {len(l_row)} labels for one completion")
+        for s, lab in zip(s_row, l_row):
+            wrong, flagged = lab < 0.5, s < threshold
+            tp += wrong and flagged
+            fp += flagged and not wrong
+            fn += wrong and not flagged
+            tn += not wrong and not flagged
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    good_p = tn / (tn + fn) if tn + fn else 0.0
+    good_r = tn / (tn + fp) if tn + fp else 0.0
+    f1 = lambda p, r: 2 * p * r / (p + r) if p + r else 0.0  # noqa: E731
+    n = tp + fp + fn + tn
+    return {"precision": prec, "recall": rec, "f1": f1(prec, rec), "f1_correct": f1(good_p, good_r),
+            "accuracy": (tp + tn) / n if n else 0.0, "steps": n, "wrong_steps": tp + fn}
+
+
+def ranking_accuracy(groups: list, scores: list[float], outcomes: list[float]) -> dict:
+    """What best-of-N needs from a reward model: among pairs of one right and one wrong completion of the
+    same problem (``groups`` says which problem), the share the score ranks right above wrong (ties count
+    half; 0.5 = no better than chance)."""
+    by: dict = {}
+    for g, s, o in zip(groups, scores, outcomes, strict=True):
+        by.setdefault(g, []).append((s, o >= 0.5))
+    wins = pairs = 0.0
+    for items in by.values():
+        for s_right, ok in items:
+            if ok:
+                for s_wrong, ok2 in items:
+                    if not ok2:
+                        pairs += 1
+                        wins += 1.0 if s_right > s_wrong else 0.5 if s_right == s_wrong else 0.0
+    return {"accuracy": wins / pairs if pairs else 0.0, "pairs": int(pairs)}
