@@ -34,6 +34,8 @@ def files(tmp_path_factory):
         "plain": w("plain.jsonl", "".join(json.dumps({"question": f"{i}+{i}?", "answer": str(2 * i)}) + "\n"
                                           for i in range(50))),
         "recipe": w("recipe.toml", 'task = "add"\n[[stage]]\nname = "x"\nrun = "dpo"\n'),
+        "labels": w("labels.jsonl", json.dumps({"question": "1*1", "completion": "<think>\na\n</think>\n<answer>1</answer>",
+                                                "labels": [1.0]}) + "\n"),
     }
     pq.write_table(pa.table({"question": ["1+1?"], "solution": ["2"]}), d / "no_answer.parquet")
     f["parquet"] = str(d / "no_answer.parquet")
@@ -51,6 +53,9 @@ def files(tmp_path_factory):
     T5Config(vocab_size=len(tok), d_model=16, d_ff=32, num_layers=1, num_heads=2).save_pretrained(d / "t5")
     tok.save_pretrained(d / "t5")
     f["t5"] = str(d / "t5")
+    tiny_model(tok, "micro").save_pretrained(d / "causal")  # a complete causal LM folder: a policy, not a reward model
+    tok.save_pretrained(d / "causal")
+    f["causal"] = str(d / "causal")
     f["dir"] = str(d)
     return f
 
@@ -104,6 +109,17 @@ CATALOGUE = [
     ("resume-without-checkpoint", ["train", "sft", "--resume", "--out", "{dir}/fresh"], "nothing to resume"),
     ("unwritable-output", ["train", "sft", "--out", "/proc/thinkforge-run"], "cannot write the run folder"),
     ("bad-recipe-stage", ["pipeline", "{recipe}"], "'run' must be one of"),
+    # reward models and test-time search
+    ("rm-unknown-labels", ["train", "rm", "--labels", "vibes"], "labels must be one of"),
+    ("rm-gold-labels-without-checker", ["train", "rm", "--task", "{plain}", "--policy", "{causal}", "--out", "{dir}/r14"],
+     "has no step checker"),
+    ("rm-labels-count-mismatch", ["train", "rm", "--data", "{labels}", "--policy", "{causal}", "--out", "{dir}/r15"],
+     "labels.jsonl:1: 1 labels but the completion has 2 steps"),
+    ("eval-method-unknown", ["eval", "--method", "mcts"], "unknown method(s) ['mcts']"),
+    ("eval-method-needs-prm", ["eval", "--method", "prm-beam"], "method prm-beam needs a PRM"),
+    ("eval-n-zero", ["eval", "--method", "maj", "--n", "0,4"], "n = 0 only makes sense for budget"),
+    ("eval-policy-as-prm", ["eval", "--model", "{causal}", "--method", "bon-prm", "--prm", "{causal}"],
+     "not a thinkforge reward model"),
 ]
 
 

@@ -5,15 +5,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from mock_policy import plan_engine
+
 from thinkforge import format as fmt
 from thinkforge.config import ConfigError
 from thinkforge.models import ModelLoadError, char_tokenizer, save_model, tiny_model
-from thinkforge.scorers import (RewardModel, aggregate, encode, ranking_accuracy, split_steps, step_metrics)
+from thinkforge.scorers import RewardModel, aggregate, encode, ranking_accuracy, split_steps, step_metrics
 from thinkforge.tasks import get_task
-from thinkforge.train.reward_model import (RMConfig, gold_labels, judge_labels, llm_judge_labels, mc_labels,
-                                           parse_judgement, read_labels, train_reward_model)
+from thinkforge.train.reward_model import (
+    RMConfig,
+    gold_labels,
+    judge_labels,
+    llm_judge_labels,
+    mc_labels,
+    parse_judgement,
+    read_labels,
+    train_reward_model,
+)
 
 MUL = get_task("mul", digits_a=3, digits_b=2)
 PROB = MUL.problems(1, "train", seed=0)[0]

@@ -47,9 +47,10 @@ class DemoConfig:
     grpo_lr: float = option(2e-5, "GRPO learning rate (measured: 1e-4 made a 12% model worse, 2e-5 gained)")
     test_time: bool = option(True, "test-time section: train a PRM, then greedy vs maj@N vs PRM best-of-N vs PRM "
                                    "beam search vs thinking budgets on the final model")
-    prm_problems: int = option(1000, "training problems whose sampled completions (4 each) label the PRM (quick: 60)")
-    prm_steps: int = option(300, "PRM training steps (quick: 10)")
-    search_n: list[int] = option([1, 4, 16], "compute levels of the test-time sweep (samples / candidates per step)")
+    prm_problems: int = option(300, "training problems whose sampled completions (4 each) label the PRM (quick: 60)")
+    prm_steps: int = option(150, "PRM training steps (quick: 10)")
+    search_n: list[int] = option([4, 16], "samples per problem of the test-time sweep (maj, bon-prm; wmaj at the last)")
+    beam_n: int = option(8, "candidates per step of PRM beam search (4 beams x n/4 samples)")
     budgets: list[int] = option([0, 16, 32, 48, 64], "thinking budgets of the test-time sweep")
     seed: int = option(0, "seed")
     threads: int = option(2, "torch CPU threads")
@@ -60,7 +61,7 @@ class DemoConfig:
             self.train_problems = min(self.train_problems, 2000)
             self.grpo_steps = min(self.grpo_steps, 4)
             self.prm_problems, self.prm_steps = min(self.prm_problems, 60), min(self.prm_steps, 10)
-            self.search_n, self.budgets = [1, 4], [0, 32]
+            self.search_n, self.budgets, self.beam_n = [4], [0, 32], 4
         check(self.steps >= 1 and self.eval_problems >= 1 and self.samples >= 1,
               "steps, eval_problems and samples must be >= 1")
 
@@ -107,17 +108,16 @@ def _test_time_stage(cfg: DemoConfig, out: Path, task, test, models, train) -> t
     t0 = time.perf_counter()
     run = train_reward_model(RMConfig(
         policy=models[source], task=cfg.task, task_options=cfg.task_options, labels="gold", problems=cfg.prm_problems,
-        samples=4, steps=cfg.prm_steps, out=str(out / "prm"), overwrite=True, save_every=cfg.prm_steps,
+        samples=4, steps=cfg.prm_steps, extra_layers=2, out=str(out / "prm"), overwrite=True, save_every=cfg.prm_steps,
         eval_problems=min(100, cfg.eval_problems), seed=cfg.seed,
     ))
     train["prm"] = _train_stats(run, time.perf_counter() - t0)
-    models["prm"] = str(run / "model")
     prm_eval = json.loads((run / "eval.json").read_text())
     model, tok = load_model(models[source], device="cpu")
-    search = Search(Engine(model, tok), task, prm=RewardModel.load(models["prm"], device="cpu"), max_new_tokens=128,
+    search = Search(Engine(model, tok), task, prm=RewardModel.load(str(run / "model"), device="cpu"), max_new_tokens=128,
                     seed=cfg.seed)
     plan = [("greedy", [1]), ("sample", [1]), ("maj", cfg.search_n), ("bon-prm", cfg.search_n),
-            ("wmaj", cfg.search_n[-1:]), ("prm-beam", cfg.search_n[-1:]), ("budget", cfg.budgets)]
+            ("wmaj", cfg.search_n[-1:]), ("prm-beam", [cfg.beam_n]), ("budget", cfg.budgets)]
     rows = []
     with torch.no_grad():
         for method, ns in plan:
@@ -185,6 +185,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "task": f"{cfg.task} {cfg.task_options}",
         "rows": rows,
         "prm_eval": prm_eval,
+        "reward_models": {"prm": str(out / "prm" / "model")} if cfg.test_time else {},
         "models": models,
         "train": train,
         "comparisons": comparisons,
@@ -213,7 +214,8 @@ def _summary(results: dict) -> str:
     if tt:
         big = max(results["config"]["search_n"])
         parts = [f"{m} {tt[m]['value'] * 100:.1f}% ({tt[m]['tokens']:.0f} tokens)"
-                 for m in ("greedy", "sample", f"maj@{big}", f"bon-prm@{big}", f"prm-beam@{big}") if m in tt]
+                 for m in ("greedy", "sample", f"maj@{big}", f"bon-prm@{big}", f"wmaj@{big}",
+                           f"prm-beam@{results['config']['beam_n']}") if m in tt]
         text += " Test-time compute on the final model: " + ", ".join(parts) + "."
     return text + f" The whole run took {results['seconds']:.0f} s."
 
@@ -227,9 +229,8 @@ RECIPE_KEYS = {"name", "out", "task", "task_options", "eval_problems", "eval_sam
 def _stage_runners():
     from thinkforge.train.grpo import GRPOConfig, train_grpo
     from thinkforge.train.rejection import SampleConfig, run_sample
-    from thinkforge.train.sft import SFTConfig, train_sft
-
     from thinkforge.train.reward_model import RMConfig, train_reward_model
+    from thinkforge.train.sft import SFTConfig, train_sft
 
     return {"sft": (SFTConfig, train_sft), "grpo": (GRPOConfig, train_grpo), "sample": (SampleConfig, run_sample),
             "rm": (RMConfig, train_reward_model)}
