@@ -48,15 +48,19 @@ def test_quick_demo_writes_results_and_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert {r["stage"] for r in res["rows"]} == {"sft-direct", "sft-cot", "grpo"}
+    assert {r["stage"] for r in res["rows"]} == {"sft-direct", "sft-cot", "grpo", "test-time"}
     assert {r.get("from") for r in res["rows"] if r["stage"] == "grpo"} == {"sft-cot"}  # read against its start
+    assert {r.get("from") for r in res["rows"] if r["stage"] == "test-time"} == {"grpo"}
+    tt = [r["method"] for r in res["rows"] if r["stage"] == "test-time"]
+    assert tt == ["greedy", "sample", "maj@4", "bon-prm@4", "wmaj@4", "prm-beam@4", "budget=0", "budget=32"]
+    assert res["reward_models"]["prm"].endswith("prm/model") and 0 <= res["prm_eval"]["step"]["f1"] <= 1
     for r in res["rows"]:
         assert set(r) >= {"stage", "method", "metric", "value", "ci_low", "ci_high", "n", "tokens"}
         assert 0 <= r["ci_low"] <= r["value"] <= r["ci_high"] <= 1 and r["n"] == 40
     assert res["train"]["sft-direct"]["steps"] == res["train"]["sft-cot"]["steps"] == 40
     assert set(res["models"]) == {"sft-direct", "sft-cot", "grpo"} and res["seconds"] < 120
     assert [c["b"] for c in res["comparisons"]] == ["sft-cot", "grpo", "grpo"]
-    for f in ("report.md", "loss.png", "accuracy.png", "rl.png"):
+    for f in ("report.md", "loss.png", "accuracy.png", "rl.png", "compute.png"):
         assert (out / f).stat().st_size > 0
     # the model the demo trained loads and generates through the CLI
     assert main(["generate", "--model", res["models"]["sft-cot"], "--prompt", "347*89", "--max-new-tokens", "20"]) == 0

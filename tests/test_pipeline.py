@@ -121,3 +121,45 @@ def test_shipped_recipes_plan(tmp_path):
         assert set(recipe) <= RECIPE_KEYS, path
         plan = _plan(recipe, str(path), tmp_path, recipe["task"], recipe.get("task_options", {}))
         assert len(plan) == len(recipe["stage"])
+
+
+LOOP = """
+[[stage]]
+name = "prm"
+run = "rm"
+from = "cold"
+labels = "mc"
+mc_rollouts = 2
+problems = 6
+samples = 2
+max_new_tokens = 32
+steps = 2
+batch_size = 4
+eval_problems = 2
+
+[[stage]]
+name = "searched"
+run = "sample"
+from = "cold"
+method = "prm-beam"
+prm = "prm"
+n = 4
+problems = 60
+max_new_tokens = 32
+"""
+
+
+def test_recipe_with_a_reward_model_and_search_stage(tmp_path):
+    f = tmp_path / "r.toml"
+    f.write_text(RECIPE.format(more=LOOP))
+    res = run_recipe(str(f), str(tmp_path / "out"))
+    assert [s["stage"] for s in res["stages"]] == ["cold", "prm", "searched"]
+    assert res["reward_models"]["prm"].endswith("prm/model") and set(res["models"]) == {"cold"}
+    ev = res["stages"][1]["eval"]
+    assert ev["labels"] == "mc" and ev["eval_labels"] == "gold" and "train_labels_vs_gold" in ev
+    stats = res["stages"][2]["stats"]
+    assert stats["method"] == "prm-beam@4" and stats["problems"] == 60 and stats["tokens_per_problem"] > 0
+    assert stats["kept"] <= stats["correct"]
+    f.write_text(RECIPE.format(more=LOOP.replace('prm = "prm"', 'prm = "cold"')))
+    with pytest.raises(ConfigError, match="'prm' = 'cold' is not an earlier rm stage"):
+        run_recipe(str(f), str(tmp_path / "out2"))
