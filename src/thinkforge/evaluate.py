@@ -167,8 +167,10 @@ def format_rows(rows: list[dict]) -> str:
 def sweep(search, problems: list[Problem], methods: list[str], ns: list[int], stage: str, seed: int = 0,
           log=print) -> list[dict]:
     """One accuracy row per (method, n) of ``search.METHODS``; greedy runs once whatever ``ns`` says."""
-    from thinkforge.search import run_method
+    from thinkforge.search import POOL_METHODS, run_method
 
+    if set(methods) & POOL_METHODS:  # one pool at the largest n; smaller n read its prefix
+        search.pool(problems, max(ns))
     rows = []
     for m in methods:
         for n in ([1] if m in ("greedy", "sample") else ns):

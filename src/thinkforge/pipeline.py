@@ -120,6 +120,7 @@ def _test_time_stage(cfg: DemoConfig, out: Path, task, test, models, train) -> t
             ("wmaj", cfg.search_n[-1:]), ("prm-beam", [cfg.beam_n]), ("budget", cfg.budgets)]
     rows = []
     with torch.no_grad():
+        search.pool(test, max(cfg.search_n))  # one pool: every pool method and n reads a prefix of it
         for method, ns in plan:
             rows += sweep(search, test, [method], ns, "test-time", cfg.seed)
     for r in rows:

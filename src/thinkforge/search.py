@@ -21,7 +21,8 @@
 Every outcome carries ``tokens``, the policy tokens generated for that problem (every candidate,
 kept or not), and ``rm_tokens``, the tokens the reward model read, so methods compare at equal
 compute. Sample pools are drawn once per problem set and reused: ``maj`` at n=4 reads the first 4 of
-the same pool ``maj`` at n=32 reads, which makes a sweep cost one pool.
+the same pool ``maj`` at n=32 reads, which makes a sweep cost one pool (``evaluate.sweep`` draws it at
+the largest n first; asking a larger n than the pool holds draws a new, larger one).
 
 Prompts: ``prompt_style`` ``chat`` (the chat template, for models trained here), ``cot`` (zero-shot:
 "Think step by step" plus the output format) or ``few-shot`` (``shots`` solved training problems,
@@ -302,6 +303,8 @@ def prm_greedy(s: Search, problems, n: int) -> list[Outcome]:
 def prm_beam(s: Search, problems, n: int) -> list[Outcome]:
     return step_search(s, problems, n, width=s.beam_width)
 
+
+POOL_METHODS = {"sample", "maj", "bon-orm", "bon-prm", "wmaj"}  # methods that read a shared sample pool
 
 METHODS = {
     "greedy": greedy,
