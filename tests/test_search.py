@@ -145,3 +145,11 @@ def test_a_sweep_draws_one_pool_and_smaller_n_read_its_prefix(char_tok):
     assert len(backend.prompts) == 1  # one engine call: the pool of 8
     assert [(r["method"], r["value"]) for r in rows] == [("sample", 1.0), ("maj@2", 1.0), ("maj@8", 1.0)]
     assert rows[1]["tokens"] < rows[2]["tokens"]
+
+
+def test_wait_forces_more_thinking_and_counts_the_forced_tokens(char_tok):
+    s, _ = search_with(char_tok, lambda prompt, j: trace("30883", ("abc",)))
+    (plain,) = run_method("budget", s, [P], 64)
+    (waited,) = run_method("wait", s, [P], 1)
+    assert waited.text == "<think>\nabc\n\nWait</think>\n<answer>30883</answer>" and waited.correct
+    assert waited.tokens == plain.tokens + len(char_tok.encode("\nWait"))
