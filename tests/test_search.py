@@ -141,7 +141,7 @@ def test_a_sweep_draws_one_pool_and_smaller_n_read_its_prefix(char_tok):
 
     answers = ["30883", "1", "1", "30883", "30883", "2", "3", "4"]
     s, backend = search_with(char_tok, lambda prompt, j: trace(answers[j]))
-    rows = sweep(s, [P], ["sample", "maj"], [2, 8], "t", log=None)
+    rows = sweep(s, [P], [("sample", [1]), ("maj", [2, 8])], "t", log=None)
     assert len(backend.prompts) == 1  # one engine call: the pool of 8
     assert [(r["method"], r["value"]) for r in rows] == [("sample", 1.0), ("maj@2", 1.0), ("maj@8", 1.0)]
     assert rows[1]["tokens"] < rows[2]["tokens"]

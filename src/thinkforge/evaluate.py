@@ -69,7 +69,7 @@ class EvalConfig:
         check(self.problems >= 1 and self.samples >= 1 and self.max_new_tokens >= 1 and self.batch_rows >= 1,
               "problems, samples, max_new_tokens and batch_rows must be >= 1")
         from thinkforge.scorers import AGGREGATES
-        from thinkforge.search import METHODS, PROMPT_STYLES
+        from thinkforge.search import METHODS, PROMPT_STYLES, missing_reward_model
 
         unknown = [m for m in self.method if m not in METHODS]
         check(not unknown, f"unknown method(s) {unknown}: choose from {sorted(METHODS)}")
@@ -80,10 +80,8 @@ class EvalConfig:
         check(self.prompt_style in PROMPT_STYLES, f"prompt_style must be one of {PROMPT_STYLES}")
         check(self.beam_width >= 1 and self.shots >= 0, "beam_width must be >= 1 and shots >= 0")
         for m in self.method:
-            check(not (m in ("bon-prm", "prm-greedy", "prm-beam") and not self.prm),
-                  f"method {m} needs a PRM: pass --prm (train one with `thinkforge train rm`)")
-            check(not (m == "bon-orm" and not self.orm), "method bon-orm needs an ORM: pass --orm")
-            check(not (m == "wmaj" and not (self.prm or self.orm)), "method wmaj needs a PRM or ORM: pass --prm or --orm")
+            why = missing_reward_model(m, self.prm, self.orm)
+            check(why is None, why or "")
 
 
 @dataclass
@@ -97,14 +95,15 @@ class Graded:
 
 
 def sample_and_grade(engine: Engine, task: Task, problems: list[Problem], params: SamplingParams,
-                     batch_rows: int = 256) -> list[Graded]:
-    """``params.n`` completions per problem, each graded by the task's scorer (score 1.0 = correct)."""
+                     batch_rows: int = 256, render=lambda q: fmt.render_prompt(q.question)) -> list[Graded]:
+    """``params.n`` completions per problem, each graded by the task's scorer (score 1.0 = correct);
+    ``render(problem)`` is the prompt text (the chat template by default)."""
     per_call = max(1, batch_rows // params.n)
     graded = []
     for start in range(0, len(problems), per_call):
         chunk = problems[start : start + per_call]
         p = SamplingParams(**{**params.__dict__, "seed": (params.seed or 0) + start})
-        outs = engine.generate([fmt.render_prompt(q.question) for q in chunk], p)
+        outs = engine.generate([render(q) for q in chunk], p)
         for i, prob in enumerate(chunk):
             g = Graded(prob)
             for c in outs[i * params.n : (i + 1) * params.n]:
@@ -164,15 +163,18 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def sweep(search, problems: list[Problem], methods: list[str], ns: list[int], stage: str, seed: int = 0,
+def sweep(search, problems: list[Problem], plan: list[tuple[str, list[int]]], stage: str, seed: int = 0,
           log=print) -> list[dict]:
-    """One accuracy row per (method, n) of ``search.METHODS``; greedy runs once whatever ``ns`` says."""
+    """One accuracy row per (method, n) of ``plan`` (``search.METHODS`` names, each with its compute levels);
+    greedy and sample run once whatever their levels say. The sample pool is drawn once, at the largest n
+    any pool method asks for, and every smaller n reads its first samples."""
     from thinkforge.search import POOL_METHODS, run_method
 
-    if set(methods) & POOL_METHODS:  # one pool at the largest n; smaller n read its prefix
-        search.pool(problems, max(ns))
+    pooled = [n for m, ns in plan if m in POOL_METHODS for n in ns]
+    if pooled:
+        search.pool(problems, max(pooled))
     rows = []
-    for m in methods:
+    for m, ns in plan:
         for n in ([1] if m in ("greedy", "sample") else ns):
             outs = run_method(m, search, problems, n)
             label = m if m in ("greedy", "sample") else f"{m}={n}" if m in ("budget", "wait") else f"{m}@{n}"
@@ -201,7 +203,7 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
                             prompt_style=cfg.prompt_style, shots=cfg.shots, seed=cfg.seed, batch_rows=cfg.batch_rows,
                             prm=RewardModel.load(cfg.prm, cfg.device) if cfg.prm else None,
                             orm=RewardModel.load(cfg.orm, cfg.device) if cfg.orm else None)
-            rows = sweep(search, problems, cfg.method, cfg.n, stage, cfg.seed, log=None)
+            rows = sweep(search, problems, [(m, cfg.n) for m in cfg.method], stage, cfg.seed, log=None)
         else:
             rows, _ = evaluate_model(model, tok, task, problems, stage, cfg.samples, cfg.temperature,
                                      cfg.top_p, cfg.max_new_tokens, cfg.thinking_budget, cfg.seed, cfg.batch_rows)

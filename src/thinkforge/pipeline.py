@@ -118,11 +118,8 @@ def _test_time_stage(cfg: DemoConfig, out: Path, task, test, models, train) -> t
                     seed=cfg.seed)
     plan = [("greedy", [1]), ("sample", [1]), ("maj", cfg.search_n), ("bon-prm", cfg.search_n),
             ("wmaj", cfg.search_n[-1:]), ("prm-beam", [cfg.beam_n]), ("budget", cfg.budgets)]
-    rows = []
     with torch.no_grad():
-        search.pool(test, max(cfg.search_n))  # one pool: every pool method and n reads a prefix of it
-        for method, ns in plan:
-            rows += sweep(search, test, [method], ns, "test-time", cfg.seed)
+        rows = sweep(search, test, plan, "test-time", cfg.seed)
     for r in rows:
         r["from"] = source
     return rows, prm_eval

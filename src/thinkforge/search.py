@@ -107,16 +107,14 @@ class Search:
         return Candidate(text, answer, self.task.score(problem, answer) >= 1.0, tokens)
 
     def generate(self, problems: list[Problem], params: SamplingParams, prefill: str = "") -> list[list[Candidate]]:
-        """``params.n`` graded candidates per problem, in chunks of at most ``batch_rows`` rows; ``prefill`` is
-        text forced after the prompt (part of the completion, not counted as generated)."""
-        per_call, out = max(1, self.batch_rows // params.n), []
-        for start in range(0, len(problems), per_call):
-            chunk = problems[start : start + per_call]
-            p = SamplingParams(**{**params.__dict__, "seed": (params.seed or 0) + start})
-            comps = self.engine.generate([self.prompt(q) + prefill for q in chunk], p)
-            for i, q in enumerate(chunk):
-                out.append([self.grade(q, prefill + c.text, len(c.ids)) for c in comps[i * p.n : (i + 1) * p.n]])
-        return out
+        """``params.n`` graded candidates per problem (``evaluate.sample_and_grade``); ``prefill`` is text forced
+        after the prompt (part of the completion, not counted as generated)."""
+        from thinkforge.evaluate import sample_and_grade
+
+        graded = sample_and_grade(self.engine, self.task, problems, params, self.batch_rows,
+                                  render=lambda q: self.prompt(q) + prefill)
+        return [[Candidate(prefill + c.text, a, ok, len(c.ids)) for c, a, ok in zip(g.completions, g.answers, g.correct)]
+                for g in graded]
 
     def pool(self, problems: list[Problem], n: int) -> list[list[Candidate]]:
         """``n`` samples per problem, drawn once and reused by every pool method (a prefix for smaller n)."""
@@ -131,10 +129,7 @@ class Search:
     def scores(self, which: str, problems: list[Problem], pools: list[list[Candidate]]) -> tuple[list[list[float]], list[int]]:
         """Aggregated ``which`` ("prm" | "orm") scores of every candidate, and the reward-model tokens read per
         problem. A candidate is scored once per reward model, however many methods read it."""
-        rm = getattr(self, which)
-        if rm is None:
-            raise ValueError(f"this method needs a{'n' if which == 'orm' else ''} {which.upper()}: pass --{which} "
-                             "(train one with `thinkforge train rm`)")
+        rm = self.reward_model(which)
         todo = [(i, c) for i, cands in enumerate(pools) for c in cands if which not in c.rm_scores]
         spent = [0] * len(pools)
         if todo:
@@ -146,6 +141,14 @@ class Search:
             for i, _ in todo:  # the reading cost, split by candidates
                 spent[i] += read // len(todo)
         return [[aggregate(c.rm_scores[which], self.aggregate) for c in cands] for cands in pools], spent
+
+    def reward_model(self, which: str):
+        """The PRM or ORM, or a clear error naming the flag that supplies it."""
+        rm = getattr(self, which)
+        if rm is None:
+            raise ValueError(f"this method needs a{'n' if which == 'orm' else ''} {which.upper()}: pass --{which} "
+                             "(train one with `thinkforge train rm`)")
+        return rm
 
 
 def _pick(problem_cands: list[Candidate], index: int | None, rm_tokens: int = 0) -> Outcome:
@@ -237,15 +240,13 @@ def step_search(s: Search, problems: list[Problem], n: int, width: int) -> list[
     thinking writes its answer in one go (one sample); one that ends its turn, or reaches
     ``max_new_tokens`` in all, is finished. A problem stops when ``width`` candidates finished or none is
     left; its answer is the best-scored finished candidate's."""
-    prm = s.prm
-    if prm is None:
-        raise ValueError("this method needs a PRM: pass --prm (train one with `thinkforge train rm`)")
+    prm = s.reward_model("prm")
     width = max(1, min(width, n))
     expand = max(1, n // width)
     head = fmt.THINK_OPEN + s.task.step_delimiter  # every trace starts thinking (forced, not sampled)
     beams = {i: [_Beam("")] for i in range(len(problems))}
     finished: dict[int, list[_Beam]] = {i: [] for i in range(len(problems))}
-    tokens, rm_tokens = [0] * len(problems), [0] * len(problems)
+    tokens = [0] * len(problems)
     depth, before = 0, getattr(prm, "tokens_read", 0)
     while any(beams.values()):
         step = SamplingParams(n=expand, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.step_tokens,
@@ -265,16 +266,15 @@ def step_search(s: Search, problems: list[Problem], n: int, width: int) -> list[
             alive = sorted(by_problem.get(i, []), key=lambda c: -c.score)  # stable: ties keep sampling order
             beams[i] = alive[:width] if len(finished[i]) < width else []
         depth += 1
-    read = getattr(prm, "tokens_read", 0) - before
+    rm_tokens = (getattr(prm, "tokens_read", 0) - before) // max(1, len(problems))  # split evenly over problems
     outcomes = []
     for i, p in enumerate(problems):
         best = best_index([c.score for c in finished[i]])
-        rm_tokens[i] = read // max(1, len(problems))  # the scoring cost, split evenly over problems
         if best is None:
-            outcomes.append(Outcome(None, False, tokens[i], rm_tokens[i]))
+            outcomes.append(Outcome(None, False, tokens[i], rm_tokens))
             continue
         cand = s.grade(p, head + finished[i][best].text, tokens[i])
-        outcomes.append(Outcome(cand.answer, cand.correct, tokens[i], rm_tokens[i], cand.text))
+        outcomes.append(Outcome(cand.answer, cand.correct, tokens[i], rm_tokens, cand.text))
     return outcomes
 
 
@@ -305,6 +305,23 @@ def prm_beam(s: Search, problems, n: int) -> list[Outcome]:
 
 
 POOL_METHODS = {"sample", "maj", "bon-orm", "bon-prm", "wmaj"}  # methods that read a shared sample pool
+# The reward model a method needs ("any": a PRM or an ORM), checked by the configs before anything loads.
+NEEDS = {"bon-prm": "prm", "prm-greedy": "prm", "prm-beam": "prm", "bon-orm": "orm", "wmaj": "any"}
+
+
+def missing_reward_model(method: str, prm, orm, orm_flag: bool = True) -> str | None:
+    """Why ``method`` cannot run with these reward models (None if it can); ``orm_flag`` says whether the
+    command takes an ``--orm`` at all (if not, "any" means a PRM)."""
+    need = NEEDS.get(method)
+    if need == "any" and not orm_flag:
+        need = "prm"
+    if need == "prm" and not prm:
+        return f"method {method} needs a PRM: pass --prm (train one with `thinkforge train rm`)"
+    if need == "orm" and not orm:
+        return f"method {method} needs an ORM: pass --orm"
+    if need == "any" and not (prm or orm):
+        return f"method {method} needs a PRM or ORM: pass --prm or --orm"
+    return None
 
 METHODS = {
     "greedy": greedy,

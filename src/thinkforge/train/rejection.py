@@ -47,12 +47,12 @@ class SampleConfig:
     def __post_init__(self):
         check(min(self.problems, self.samples, self.keep_per_problem, self.max_new_tokens) >= 1,
               "problems, samples, keep_per_problem and max_new_tokens must be >= 1")
-        from thinkforge.search import METHODS
+        from thinkforge.search import METHODS, missing_reward_model
 
         check(self.method in METHODS, f"method must be one of {sorted(METHODS)}, got {self.method!r}")
         check(self.n >= 1 and self.batch_rows >= 1, "n and batch_rows must be >= 1")
-        check(self.prm is not None or self.method not in ("bon-prm", "prm-beam", "prm-greedy", "wmaj"),
-              f"method {self.method} needs a PRM: pass --prm")
+        why = missing_reward_model(self.method, self.prm, None, orm_flag=False)
+        check(why is None, why or "")
 
 
 def rejection_sample(model, tok, task, problems, samples: int, keep_per_problem: int = 1, temperature: float = 1.0,
@@ -73,8 +73,7 @@ def rejection_sample(model, tok, task, problems, samples: int, keep_per_problem:
             if c.text in seen or len(seen) >= keep_per_problem:
                 continue
             seen.add(c.text)
-            rows.append({"prompt": fmt.render_prompt(g.problem.question), "completion": c.text + fmt.IM_END,
-                         "problem_id": g.problem.id})
+            rows.append(trace_row(g.problem, c.text))
     stats["kept"] = len(rows)
     stats["problems_covered"] = len({r["problem_id"] for r in rows})
     return rows, stats
@@ -90,13 +89,18 @@ def search_traces(model, tok, task, problems, cfg: SampleConfig) -> tuple[list[d
                     batch_rows=cfg.batch_rows)
     with torch.no_grad():
         outcomes = run_method(cfg.method, search, problems, cfg.n)
-    rows = [{"prompt": fmt.render_prompt(p.question), "completion": o.text + fmt.IM_END, "problem_id": p.id}
-            for p, o in zip(problems, outcomes) if o.correct and fmt.parse_completion(o.text).well_formed]
+    rows = [trace_row(p, o.text) for p, o in zip(problems, outcomes)
+            if o.correct and fmt.parse_completion(o.text).well_formed]
     stats = {"problems": len(problems), "method": f"{cfg.method}@{cfg.n}", "samples": len(problems),
-             "correct": sum(o.correct for o in outcomes), "kept": len(rows), "problems_covered": len(rows),
-             "tokens_per_problem": sum(o.tokens for o in outcomes) / max(1, len(outcomes))}
-    stats["well_formed_correct"] = len(rows)
+             "correct": sum(o.correct for o in outcomes), "well_formed_correct": len(rows), "kept": len(rows),
+             "problems_covered": len(rows), "tokens_per_problem": sum(o.tokens for o in outcomes) / max(1, len(outcomes))}
     return rows, stats
+
+
+def trace_row(problem, completion: str) -> dict:
+    """One SFT row (``thinkforge train sft --data``) for a verified completion of ``problem``."""
+    return {"prompt": fmt.render_prompt(problem.question), "completion": completion + fmt.IM_END,
+            "problem_id": problem.id}
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
@@ -117,7 +121,7 @@ def run_sample(cfg: SampleConfig) -> dict:
     if cfg.method != "sample":
         rows, stats = search_traces(model, tok, task, problems, cfg)
     else:
-            rows, stats = rejection_sample(model, tok, task, problems, cfg.samples, cfg.keep_per_problem,
+        rows, stats = rejection_sample(model, tok, task, problems, cfg.samples, cfg.keep_per_problem,
                                        cfg.temperature, cfg.max_new_tokens, cfg.seed)
     if not rows:
         raise ValueError(f"no verified trace among {stats['samples']} samples: nothing to write to {cfg.out}")
