@@ -15,12 +15,7 @@ ARGS = ["train", "sft", "--task", "add", "--task-options", "digits=2", "--size",
 def test_two_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "thinkforge", *ARGS, "--out", str(one)], check=True, capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                        "127.0.0.1", "--master-port", str(port), "-m", "thinkforge", *ARGS, "--out", str(two)],
-                       capture_output=True, text=True, timeout=200)
+    r = _torchrun([*ARGS, "--out", str(two)])
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -30,10 +25,51 @@ def test_two_processes_match_one(tmp_path):
     assert (one / "metrics.jsonl").read_text().count("\n") == (two / "metrics.jsonl").read_text().count("\n") == 4
 
 
-def test_grpo_under_torchrun_is_refused_clearly(monkeypatch):
-    from thinkforge.config import ConfigError
-    from thinkforge.train.grpo import GRPOConfig, train_grpo
+def letters(completions, problems, **_):
+    """A reward with variance even for a random model: the share of lowercase letters."""
+    return [sum(ch.islower() for ch in c) / max(1, len(c)) for c in completions]
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="GRPO under torchrun is not implemented yet"):
-        train_grpo(GRPOConfig())
+
+def _torchrun(args, env=None):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(port), "-m", "thinkforge", *args],
+                          capture_output=True, text=True, timeout=200, env=env)
+
+
+@pytest.mark.timeout(240)
+def test_grpo_two_processes_match_one(tmp_path):
+    """Roll-outs split over 2 processes (3 prompts: 2 on rank 0, 1 on rank 1), rewards gathered, each rank
+    trains on its rows: same roll-outs, rewards and parameters as 1 process (KL term and mu = 2 included)."""
+    import json
+    import os
+
+    from thinkforge.models import char_tokenizer, save_model, tiny_model
+
+    tok = char_tokenizer()
+    start = save_model(tiny_model(tok, "micro"), tok, tmp_path / "start")
+    args = ["train", "grpo", "--model", str(start), "--task", "add", "--task-options", "digits=2", "--steps", "3",
+            "--prompts-per-step", "3", "--group-size", "4", "--max-new-tokens", "16", "--rewards",
+            "test_ddp:letters=1.0", "--dynamic-sampling", "false", "--beta", "0.04", "--mu", "2", "--lr", "1e-3",
+            "--warmup", "1", "--train-problems", "50", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "thinkforge", *args, "--out", str(one)], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _torchrun([*args, "--out", str(two)], env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for a, b in zip(*rows):  # same roll-outs: rewards and lengths equal; losses and KL within float noise
+        for key in ("reward", "reward_std", "completions/mean_length", "accuracy"):
+            assert a[key] == pytest.approx(b[key], abs=1e-9), key
+        for key in ("loss", "kl", "grad_norm", "entropy", "clip_ratio/region_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert rows[0][1]["kl"] > 0  # the policy moved away from the reference: the KL term was live
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"GRPO: max parameter difference, 2 processes vs 1: {worst:.1e}")
+    assert worst < 1e-5, worst

@@ -42,6 +42,38 @@ def test_sampling_is_reproducible_by_seed(model, char_tok):
     assert [o.ids for o in a] != [o.ids for o in c]
 
 
+def test_per_prompt_seeds_make_samples_independent_of_the_batch(model, char_tok):
+    """With one seed per prompt, a prompt's samples are the same alone or beside others, in any position:
+    what lets GRPO split its roll-outs over processes and still sample what one process would."""
+    eng = Engine(model, char_tok)
+    p = dict(temperature=1.0, top_k=20, n=3, max_new_tokens=24)
+    both = eng.generate(PROMPTS[:2], SamplingParams(**p, seed=[11, 12]))
+    alone = eng.generate(PROMPTS[1:2], SamplingParams(**p, seed=[12]))
+    swapped = eng.generate([PROMPTS[1], PROMPTS[0]], SamplingParams(**p, seed=[12, 11]))
+    assert [o.ids for o in both[3:]] == [o.ids for o in alone] == [o.ids for o in swapped[:3]]
+    assert [o.ids for o in both[:3]] == [o.ids for o in swapped[3:]]
+    assert len({tuple(o.ids) for o in both}) > 1  # really sampled
+    for a, b in zip(both[3:], alone):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
+        eng.generate(PROMPTS[:1], SamplingParams(**p, seed=[1, 2]))
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    from thinkforge.generation import _sample
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2])
+    logits = probs.log().expand(40_000, 4)
+    u = torch.rand(40_000, generator=torch.Generator().manual_seed(0))
+    tokens, logp = _sample(logits, SamplingParams(temperature=1.0), None, u)
+    freq = torch.bincount(tokens, minlength=4).float() / 40_000
+    assert freq[1] == 0  # a token of zero probability is never drawn, even at u = 0
+    assert freq.tolist() == pytest.approx(probs.tolist(), abs=0.01)  # 4 standard errors at most
+    assert torch.allclose(logp, probs.log()[tokens])
+    zero = _sample(logits[:1], SamplingParams(temperature=1.0), None, torch.zeros(1))[0]
+    assert zero.tolist() == [0]
+
+
 class Scripted:
     """A backend whose 'model' thinks for ``think`` tokens of 'a', then answers 7. Logits are one-hot."""
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from thinkforge.config import ConfigError
-from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, masked_mean_like
+from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, masked_mean_like, shard_weight
 
 # Two completions, two target positions. Ratios r = [[1.5, 1.0], [0.5, 9.0]], the last token masked out.
 MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
@@ -61,6 +61,25 @@ def test_k3_kl():
     assert float(masked_mean_like("dapo", vals, MASK)) == pytest.approx(6.0 / 3)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_weighted_shard_losses_sum_to_the_batch_loss(world):
+    """Each process computes its rows' loss (rows rank, rank + world, …); weighted by ``shard_weight``,
+    the shard losses (and so their gradients) sum to the whole batch's, for every variant and the KL."""
+    g = torch.Generator().manual_seed(0)
+    logp, old = torch.randn(7, 5, generator=g) * 0.3, torch.randn(7, 5, generator=g) * 0.3
+    adv, ref = torch.randn(7, generator=g), torch.randn(7, 5, generator=g) * 0.3
+    mask = (torch.rand(7, 5, generator=g) > 0.3).float()
+    mask[2] = 0.0  # a completion with no trained token
+    for name, fn in LOSSES.items():
+        whole = fn(logp, old, adv, mask, max_len=5) + 0.1 * masked_mean_like(name, k3_kl(logp, ref), mask, 5)
+        parts = 0.0
+        for rank in range(world):
+            r = slice(rank, None, world)
+            part = fn(logp[r], old[r], adv[r], mask[r], max_len=5) + 0.1 * masked_mean_like(name, k3_kl(logp[r], ref[r]), mask[r], 5)
+            parts += part * shard_weight(name, mask, r)
+        assert float(parts) == pytest.approx(float(whole), abs=1e-6), name
+
+
 # ---- the trainer -------------------------------------------------------------------------------
 
 def sevens(completions, problems, **_):
@@ -112,8 +131,8 @@ def test_grpo_resume_gives_the_same_rollouts_and_losses(sft_model, tmp_path, mon
     real = grpo.make_loss_fn
     calls = {"n": 0}
 
-    def crashing(cfg):
-        fn = real(cfg)
+    def crashing(*args):
+        fn = real(*args)
 
         def wrapped(model, mb):
             calls["n"] += 1
@@ -143,7 +162,7 @@ def test_dynamic_sampling_keys_on_accuracy_not_shaped_reward(sft_model, tmp_path
     cfg = grpo_cfg(sft_model, tmp_path, dynamic_sampling=True, resample=False, prompts_per_step=2, group_size=2)
     model, tok = load_model(sft_model, device="cpu")
     task = get_task("add", digits=2)
-    src = RolloutSource(cfg, model, tok, task, task.problems(20), None, "cpu")
+    src = RolloutSource(cfg, model, tok, task, task.problems(20), "cpu")
     real = src._sample
 
     def fake(problems, seed):  # group 0: all wrong but format differs; group 1: one right, one wrong

@@ -34,10 +34,15 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA if present, else CPU. Under torchrun, plain ``cuda`` means this process's own GPU
+    (``cuda:$LOCAL_RANK``), made the current device so NCCL collectives use it."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
     return torch.device(device)
 
 

@@ -50,7 +50,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     n: int = 1  # samples per prompt
-    seed: int | None = 0
+    seed: int | list[int] | None = 0  # a list: one random stream per prompt (see the module's docstring)
     stop: list[str] = field(default_factory=lambda: list(STOP_STRINGS))
     ignore_eos: bool = False  # no stop rule at all (benchmarks: always generate max_new_tokens)
     thinking_budget: int | None = None
@@ -122,8 +122,13 @@ class Engine:
         if params.wait_rounds and len(self.close_ids) != 1:
             raise ValueError(f"budget forcing needs {THINK_CLOSE} to be one token; this tokenizer uses {len(self.close_ids)}")
         device = next(self.model.parameters()).device
-        gen = torch.Generator(device=device)
-        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        if isinstance(params.seed, (list, tuple)):
+            if len(params.seed) != len(p_ids):
+                raise ValueError(f"{len(params.seed)} seeds for {len(p_ids)} prompts: give one seed per prompt")
+            gen = [torch.Generator(device=device).manual_seed(s) for s in params.seed]
+        else:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
         stops = [self.tok.encode(s, add_special_tokens=False) for s in params.stop]
         stops = [s for s in stops if s]
         wait_ids = self.tok.encode(params.wait_text, add_special_tokens=False)
@@ -134,7 +139,8 @@ class Engine:
         seqs = [_Seq() for _ in rows]
         active = list(range(len(rows)))  # seqs still generating, in backend row order
         for step in range(params.max_new_tokens):
-            tokens, logps = _sample(logits, params, gen)  # (b,), (b,)
+            u = _prompt_uniforms(gen, active, params.n, device) if isinstance(gen, list) else None
+            tokens, logps = _sample(logits, params, gen, u)  # (b,), (b,)
             tokens_l, logps_l = tokens.tolist(), logps.tolist()
             for j, s_idx in enumerate(active):
                 tokens_l[j] = self._advance(seqs[s_idx], tokens_l[j], logps_l[j], params, stops, wait_ids)
@@ -193,8 +199,20 @@ class Engine:
         )
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator):
-    """Sampled tokens and their logprobs under logits / temperature. logits: (B, V) float."""
+def _prompt_uniforms(streams: list[torch.Generator], active: list[int], n: int, device) -> torch.Tensor:
+    """One uniform per active row, from its prompt's own stream: every prompt with a row still generating
+    draws ``n`` numbers (one per sample, finished ones included), so what a prompt draws at each step depends
+    only on its own rows."""
+    prompts = sorted({s // n for s in active})
+    draws = torch.stack([torch.rand(n, generator=streams[p], device=device) for p in prompts])  # (k, n)
+    at = {p: i for i, p in enumerate(prompts)}
+    return draws.view(-1)[torch.tensor([at[s // n] * n + s % n for s in active], device=device)]  # (b,)
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, u: torch.Tensor | None = None):
+    """Sampled tokens and their logprobs under logits / temperature. logits: (B, V) float. With ``u`` (B,)
+    uniforms in [0, 1), row i takes the token where the cumulative probability first exceeds u[i]
+    (inverse-CDF sampling: the same distribution as ``torch.multinomial``)."""
     logits = logits.float()
     if params.temperature == 0:
         tokens = logits.argmax(-1)  # (B,)
@@ -209,5 +227,9 @@ def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator):
         cum = sorted_lp.exp().cumsum(-1)
         drop = cum - sorted_lp.exp() > params.top_p  # keep the smallest prefix whose mass reaches top_p
         filtered = filtered.scatter(-1, order, sorted_lp.masked_fill(drop, float("-inf")))
-    tokens = torch.multinomial(filtered.exp(), 1, generator=gen)[:, 0]  # (B,)
+    if u is None:
+        tokens = torch.multinomial(filtered.exp(), 1, generator=gen)[:, 0]  # (B,)
+    else:
+        cum = filtered.exp().cumsum(-1)  # (B, V); right=True skips tokens of zero probability
+        tokens = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0].clamp(max=cum.shape[-1] - 1)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]

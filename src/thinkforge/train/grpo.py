@@ -34,13 +34,13 @@ from pathlib import Path
 import torch
 
 from thinkforge import format as fmt
-from thinkforge.config import ConfigError, check, option, save_config
+from thinkforge.config import check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.models import load_model, resolve_device
 from thinkforge.rewards import compute_rewards
 from thinkforge.tasks import get_task
-from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, run_training, start_run
-from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, masked_mean_like
+from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, distributed, run_training, start_run
+from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, masked_mean_like, shard_weight
 from thinkforge.verify import STATS
 
 REFLECTION = re.compile(r"\b(wait|check|let me)\b", re.IGNORECASE)
@@ -94,7 +94,6 @@ class Rollouts:
     ids: torch.Tensor  # (N, L) prompt + completion, right-padded
     mask: torch.Tensor  # (N, L-1) 1.0 where the target is a sampled completion token
     old_logp: torch.Tensor  # (N, L-1)
-    ref_logp: torch.Tensor | None  # (N, L-1)
     adv: torch.Tensor  # (N,)
     stats: dict
 
@@ -126,60 +125,81 @@ def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: b
 
 
 class RolloutSource:
-    """Draws problems from a seeded, resumable stream and turns them into scored roll-out batches."""
+    """Draws problems from a seeded, resumable stream and turns them into scored roll-out batches.
 
-    def __init__(self, cfg: GRPOConfig, model, tok, task, problems, ref_model, device):
+    Under torchrun every process draws the same problems; each samples and scores every world-th one
+    (its rank first) and the scored groups are gathered, in order, on every process, so dynamic
+    sampling, advantages and statistics are global and identical everywhere. Each problem's samples
+    come from its own seed (the engine's per-prompt streams), so the roll-outs do not depend on the
+    number of processes."""
+
+    def __init__(self, cfg: GRPOConfig, model, tok, task, problems, device):
         self.cfg, self.model, self.tok, self.task = cfg, model, tok, task
-        self.problems, self.ref, self.device = problems, ref_model, device
+        self.problems, self.device = problems, device
         self.engine = Engine(model, tok)
         self.stream = EpochStream(problems, cfg.seed)
+        self.rank, self.world = distributed()
 
     def _draw(self, state: dict, n: int) -> list:
         return [self.stream.next(state) for _ in range(n)]
 
-    def _sample(self, problems, round_seed: int):
+    def _sample(self, problems, seeds: list[int]):
         cfg = self.cfg
         params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                thinking_budget=cfg.thinking_budget, seed=round_seed)
+                                thinking_budget=cfg.thinking_budget, seed=seeds)
         comps = self.engine.generate([fmt.render_prompt(p.question) for p in problems], params)
         probs = [p for p in problems for _ in range(cfg.group_size)]
         r = compute_rewards([c.text for c in comps], probs, self.task, cfg.rewards, lengths=[len(c.ids) for c in comps])
         return comps, probs, r
 
+    def _groups(self, problems: list, round_seed: int) -> tuple[list, dict]:
+        """Every problem's scored group ``(completions, problems, rewards, accuracies, components)``, in
+        order, and the verifier's timeouts and errors while scoring, summed over the processes."""
+        G, before = self.cfg.group_size, dict(STATS)
+        mine = list(range(self.rank, len(problems), self.world))
+        groups = []
+        if mine:
+            comps, probs, r = self._sample([problems[j] for j in mine], [round_seed * 1_000_003 + j for j in mine])
+            for k in range(len(mine)):
+                sl = slice(k * G, (k + 1) * G)
+                groups.append((comps[sl], probs[sl], r.total[sl], r.accuracy[sl], {n: v[sl] for n, v in r.components.items()}))
+        audit = {k: STATS[k] - before.get(k, 0) for k in ("timeouts", "errors")}
+        if self.world == 1:
+            return groups, audit
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, (mine, groups, audit))
+        ordered = {j: g for idx, gs, _ in parts for j, g in zip(idx, gs)}
+        return [ordered[j] for j in range(len(problems))], {k: sum(a[k] for _, _, a in parts) for k in audit}
+
     def collect(self, state: dict) -> Rollouts:
         cfg, G = self.cfg, self.cfg.group_size
         t0 = time.perf_counter()
-        before = dict(STATS)
-        kept, dropped, rounds, all_rewards = [], 0, 0, []
+        kept, dropped, rounds, all_groups = [], 0, 0, []
+        audit = {"timeouts": 0, "errors": 0}
         while len(kept) < cfg.prompts_per_step and rounds <= (cfg.max_resample if cfg.resample else 0):
             need = cfg.prompts_per_step - len(kept)
-            comps, probs, r = self._sample(self._draw(state, need), cfg.seed * 7919 + state["batches"] * 31 + rounds)
+            groups, counts = self._groups(self._draw(state, need), cfg.seed * 7919 + state["batches"] * 31 + rounds)
             rounds += 1
-            for j in range(need):
-                sl = slice(j * G, (j + 1) * G)
-                group = (comps[sl], probs[sl], r.total[sl], r.accuracy[sl], {k: v[sl] for k, v in r.components.items()})
-                all_rewards.append(group)
-                if cfg.dynamic_sampling and len(set(r.accuracy[sl])) == 1:
+            audit = {k: audit[k] + counts[k] for k in audit}
+            for group in groups:
+                all_groups.append(group)
+                if cfg.dynamic_sampling and len(set(group[3])) == 1:
                     dropped += 1
                     continue
                 kept.append(group)
         state["batches"] += 1
-        stats = self._stats(all_rewards, dropped, before)
+        stats = self._stats(all_groups, dropped, audit)
         stats["sampling_rounds"] = rounds
         stats["gen_time"] = time.perf_counter() - t0
         if not kept:  # every group had zero variance: nothing to learn from this batch
-            return Rollouts(None, None, None, None, None, stats)
+            return Rollouts(None, None, None, None, stats)
         comps = [c for g in kept for c in g[0]]
         rewards = torch.tensor([x for g in kept for x in g[2]])
         adv = group_advantages(rewards, G, cfg.scale_rewards).to(self.device)
         ids, mask, old = _tensors(comps, self.tok.pad_token_id, cfg.mask_truncated, self.device)
-        ref = None
-        if cfg.beta > 0:
-            with torch.no_grad():
-                ref, _ = token_logprobs(self.ref, ids, cfg.temperature)
-        return Rollouts(ids, mask, old, ref, adv, stats)
+        return Rollouts(ids, mask, old, adv, stats)
 
-    def _stats(self, groups, dropped: int, before: dict) -> dict:
+    def _stats(self, groups, dropped: int, audit: dict) -> dict:
         comps = [c for g in groups for c in g[0]]
         total = torch.tensor([x for g in groups for x in g[2]])
         acc = [x for g in groups for x in g[3]]
@@ -194,8 +214,8 @@ class RolloutSource:
             "completions/clipped_ratio": sum(c.finish_reason == "length" for c in comps) / len(comps),
             "thinking_length": sum(c.thinking_tokens for c in comps) / len(comps),
             "reflection_share": sum(bool(REFLECTION.search(c.text)) for c in comps) / len(comps),
-            "audit/verifier_timeouts": STATS["timeouts"] - before.get("timeouts", 0),
-            "audit/verifier_errors": STATS["errors"] - before.get("errors", 0),
+            "audit/verifier_timeouts": audit["timeouts"],
+            "audit/verifier_errors": audit["errors"],
         }
         for name in groups[0][4]:
             s[f"rewards/{name}/mean"] = sum(x for g in groups for x in g[4][name]) / len(comps)
@@ -216,29 +236,49 @@ class RolloutSource:
         return [{"rollouts": ro, "n_tokens": 1, "seen_tokens": seen}]
 
 
-def make_loss_fn(cfg: GRPOConfig):
+ROW_STATS = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+
+
+def make_loss_fn(cfg: GRPOConfig, ref_model=None):
+    """The loop's ``loss_fn``. Under torchrun each process takes every world-th row of the (global) batch and
+    weights its loss by the rows' share of the loss's normaliser (``losses.shard_weight``): the gradients
+    summed over processes are those of the whole batch. The reference's logprobs (``beta > 0``) are
+    computed for the process's own rows, once per roll-out batch."""
     eps_high = {} if cfg.epsilon_high is None else {"eps_high": cfg.epsilon_high}
     loss_variant = LOSSES[cfg.loss]
+    rank, world = distributed()
+    ref_cache: dict = {}  # the roll-out batch (its ids tensor) and its reference logprobs, for mu > 1
 
     def loss_fn(model, mb: dict):
         ro = mb["rollouts"]
         stats = dict(ro["stats"])
         if ro["ids"] is None:  # every group was dropped: the loop makes no update this step
             return None, stats
-        logp, entropy = token_logprobs(model, ro["ids"], cfg.temperature, with_entropy=True)
-        mask, old, adv = ro["mask"], ro["old_logp"], ro["adv"]
+        rows = slice(rank, None, world)
+        ids, mask, old, adv = ro["ids"][rows], ro["mask"][rows], ro["old_logp"][rows], ro["adv"][rows]
+        if ids.shape[0] == 0:  # fewer kept completions than processes: this rank adds 0 to every mean
+            return None, {**stats, **dict.fromkeys(ROW_STATS + (("kl",) if cfg.beta > 0 else ()), 0.0)}
+        logp, entropy = token_logprobs(model, ids, cfg.temperature, with_entropy=True)
         kw = dict(eps_low=cfg.epsilon, max_len=cfg.max_new_tokens, **eps_high)
         loss = loss_variant(logp, old, adv, mask, **kw)
         if cfg.beta > 0:
-            kl = masked_mean_like(cfg.loss, k3_kl(logp, ro["ref_logp"]), mask, cfg.max_new_tokens)
+            if ref_cache.get("ids") is not ro["ids"]:
+                with torch.no_grad():
+                    ref_cache.update(ids=ro["ids"], logp=token_logprobs(ref_model, ids, cfg.temperature)[0])
+            kl = masked_mean_like(cfg.loss, k3_kl(logp, ref_cache["logp"]), mask, cfg.max_new_tokens)
             loss = loss + cfg.beta * kl
             stats["kl"] = float(kl.detach())
+        if world > 1:
+            weight = shard_weight(cfg.loss, ro["mask"], rows)
+            loss = loss * weight
+            if "kl" in stats:  # the loop averages over ranks: this makes the average the batch's KL
+                stats["kl"] *= weight * world
         ratio = torch.exp(logp.detach() - old)
-        n = mask.sum().clamp(min=1)
+        n = ro["mask"].sum().clamp(min=1) / world  # token means over the whole batch once averaged over ranks
         hi = 1 + kw.get("eps_high", 0.28 if cfg.loss == "dapo" else cfg.epsilon)
         low_clip = ((ratio < 1 - cfg.epsilon) & (adv[:, None] < 0)).float() * mask
         high_clip = ((ratio > hi) & (adv[:, None] > 0)).float() * mask
-        stats.update({
+        stats.update({  # ROW_STATS
             "entropy": float((entropy * mask).sum() / n),
             "clip_ratio/low_mean": float(low_clip.sum() / n),
             "clip_ratio/high_mean": float(high_clip.sum() / n),
@@ -251,11 +291,6 @@ def make_loss_fn(cfg: GRPOConfig):
 
 def train_grpo(cfg: GRPOConfig) -> Path:
     """Run GRPO as configured; returns the run folder (final model in ``run/model``)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("GRPO under torchrun is not implemented yet (roll-outs are not split across ranks); "
-                          "run it in one process, or use torchrun for SFT")
     run = start_run(cfg.out, cfg)
     device = resolve_device(cfg.device)
     task = get_task(cfg.task, **cfg.task_options)
@@ -267,7 +302,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         ref.requires_grad_(False).eval()
     save_config(cfg, run / "config.toml")
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, 1.0, cfg.weight_decay, cfg.grad_clip, cfg.save_every, cfg.seed)
-    source = RolloutSource(cfg, model, tok, task, problems, ref, device)
-    run_training(model, tok, run, settings, source, make_loss_fn(cfg), resume=cfg.resume,
+    source = RolloutSource(cfg, model, tok, task, problems, device)
+    run_training(model, tok, run, settings, source, make_loss_fn(cfg, ref), resume=cfg.resume,
                  describe=lambda m: f"reward {m.get('reward', 0):.2f} acc {m.get('accuracy', 0):.2f}")
     return run

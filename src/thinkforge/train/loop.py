@@ -137,7 +137,10 @@ def distributed() -> tuple[int, int]:
 
 
 def shard(mb: dict, rank: int, world: int) -> dict:
-    """This rank's rows of a global micro-batch (rows rank, rank + world, …); scalars stay global."""
+    """This rank's rows of a global micro-batch (rows rank, rank + world, …); scalars stay global. A
+    micro-batch without ``input_ids`` is left whole: its ``loss_fn`` picks its rows itself (GRPO)."""
+    if "input_ids" not in mb:
+        return mb
     rows = mb["input_ids"].shape[0]
     if rows % world:
         raise ValueError(f"a micro-batch of {rows} rows cannot be split over {world} processes: "
@@ -148,12 +151,25 @@ def shard(mb: dict, rank: int, world: int) -> dict:
 
 def all_reduce_grads(params: list) -> None:
     """Sum gradients over the processes: each rank's loss is already divided by the *global* token count,
-    so the sum is exactly the gradient of the whole global batch (what DDP computes, without its buckets)."""
+    so the sum is exactly the gradient of the whole global batch (what DDP computes, without its buckets).
+    A rank with nothing to learn this step (no rows) contributes zeros."""
     import torch.distributed as dist
 
     for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def mean_over_ranks(stats: dict) -> dict:
+    """Each statistic averaged over the processes that report it (roll-out statistics are the same on
+    every rank; per-row ones such as entropy are each rank's mean over its rows)."""
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, stats)
+    keys = dict.fromkeys(k for p in parts for k in p)
+    return {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys}
 
 
 def lr_at(step: int, s: LoopSettings) -> float:
@@ -280,9 +296,10 @@ def run_training(
                 learned = True
             if world > 1:
                 all_reduce_grads(params)
-                totals = torch.tensor([loss_sum, float(learned)])
+                totals = torch.tensor([loss_sum, float(learned)], device=params[0].device)
                 torch.distributed.all_reduce(totals)
                 loss_sum, learned = float(totals[0]), bool(totals[1])
+                stats_sum = mean_over_ranks(stats_sum)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)) if learned else 0.0
             if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
                 raise FloatingPointError(

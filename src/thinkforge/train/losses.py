@@ -104,3 +104,12 @@ def masked_mean_like(loss_name: str, values: torch.Tensor, mask: torch.Tensor, m
     if loss_name == "dr_grpo":
         return (values * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def shard_weight(loss_name: str, mask: torch.Tensor, rows: slice) -> float:
+    """The weight of the loss of ``rows`` alone (one process's share of a batch) such that the weighted
+    shard losses sum to the loss of the whole batch: the rows' share of what the loss divides by, tokens
+    for the token-normalised losses (bnpo, dapo), sequences for the others. ``mask`` is the whole batch's."""
+    if loss_name in ("bnpo", "dapo"):
+        return float(mask[rows].sum() / mask.sum().clamp(min=1))
+    return mask[rows].shape[0] / mask.shape[0]
