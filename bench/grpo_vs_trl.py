@@ -12,8 +12,9 @@ forward and backward on zero advantages). The two sides alternate; a round's fir
 
 Loss equivalence: on one identical batch (same completions, same old/ref logprobs, same advantages),
 each variant's loss from ``thinkforge.train.losses`` equals TRL's ``_compute_loss`` within 1e-5, with
-β = 0.04 and TRL's KL bias correction (its 1.16 default, DeepSeek-V3.2) off: thinkforge's KL term is
-DeepSeekMath's plain k3.
+β = 0.04, with the plain k3 KL (DeepSeekMath) and with the importance-weighted one (DeepSeek-V3.2; TRL
+1.16's default ``use_bias_correction_kl``, thinkforge's ``kl_bias_correction``, used by the timed β = 0.04
+runs of both sides). ``--equivalence-only`` stops after this check.
 Ends with: RESULT grpo_vs_trl thinkforge_s=… trl_s=… ratio=… thinkforge_s_kl=… trl_s_kl=… ratio_kl=… max_loss_diff=…
 """
 from __future__ import annotations
@@ -87,22 +88,20 @@ def run_thinkforge(tok, start: str, beta: float, steps: int) -> list[float]:
 
     out = Path(tempfile.mkdtemp()) / "run"
     train_grpo(GRPOConfig(model=start, task="mul", out=str(out), steps=steps, prompts_per_step=P, group_size=G,
-                          max_new_tokens=NEW, beta=beta, loss="dapo", dynamic_sampling=False, lr=1e-5,
+                          max_new_tokens=NEW, beta=beta, kl_bias_correction=True, loss="dapo", dynamic_sampling=False, lr=1e-5,
                           save_every=10**6, train_problems=P * steps, seed=3, warmup=0))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["step_time"] for r in rows[1:]]
 
 
 def loss_equivalence(tok, start: str) -> float:
-    """Max |ours - TRL| over the five variants (β = 0.04), on one identical batch."""
+    """Max |ours - TRL| over the five variants (β = 0.04), with and without the KL bias correction, on one
+    identical batch."""
     from thinkforge.generation import Engine, SamplingParams
     from thinkforge.train.grpo import token_logprobs
-    from thinkforge.train.losses import LOSSES, k3_kl, masked_mean_like
+    from thinkforge.train.losses import LOSSES, importance_ratio, k3_kl, masked_mean_like
 
     trainer = trl_trainer(tok, start, beta=0.04, steps=1)
-    # TRL 1.16 multiplies the KL by the importance ratio by default (DeepSeek-V3.2's bias correction);
-    # thinkforge's KL is DeepSeekMath's plain k3, so compare the matching variant.
-    trainer.args.use_bias_correction_kl = False
     model = trainer.model.eval()  # TRL's eval mode: no gradient-accumulation normaliser
     torch.manual_seed(0)
     questions = [p.question for p in TASK.problems(40) if len(p.question) == 6][:P]  # equal-length prompts
@@ -122,7 +121,8 @@ def loss_equivalence(tok, start: str) -> float:
     ref = logp + 0.2 * torch.randn_like(logp)
     adv = torch.randn(len(comps))
     worst = 0.0
-    for name in LOSSES:
+    for name, correction in [(n, c) for c in (False, True) for n in LOSSES]:
+        trainer.args.use_bias_correction_kl = correction
         trainer.loss_type = "grpo" if name == "gspo" else name
         trainer.importance_sampling_level = "sequence" if name == "gspo" else "token"
         eps_low, eps_high = {"gspo": (3e-4, 4e-4), "dapo": (0.2, 0.28)}.get(name, (0.2, 0.2))
@@ -133,8 +133,9 @@ def loss_equivalence(tok, start: str) -> float:
         with torch.no_grad():
             theirs = float(trainer._compute_loss(model, inputs))
             ours = LOSSES[name](logp, old, adv, cmask, eps_low=eps_low, eps_high=eps_high, max_len=NEW)
-            ours = float(ours + 0.04 * masked_mean_like(name, k3_kl(logp, ref), cmask, NEW))
-        print(f"  loss {name:<8} thinkforge {ours:+.7f}  TRL {theirs:+.7f}  |diff| {abs(ours - theirs):.1e}")
+            ratio = importance_ratio(name, logp, old, cmask) if correction else None
+            ours = float(ours + 0.04 * masked_mean_like(name, k3_kl(logp, ref, ratio), cmask, NEW))
+        print(f"  loss {name:<8} {'corrected KL' if correction else 'plain KL    '} thinkforge {ours:+.7f}  TRL {theirs:+.7f}  |diff| {abs(ours - theirs):.1e}")
         worst = max(worst, abs(ours - theirs))
     return worst
 
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--equivalence-only", action="store_true", help="only the loss check against TRL")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
@@ -156,6 +158,9 @@ def main() -> None:
     print("loss equivalence on one batch (beta 0.04):")
     worst = loss_equivalence(tok, start)
     assert worst < 1e-5, f"losses differ from TRL's by {worst}"
+    if args.equivalence_only:
+        print(f"RESULT grpo_vs_trl max_loss_diff={worst:.1e}")
+        return
     result = {}
     for beta in (0.0, 0.04):
         times = {"thinkforge": [], "trl": []}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from thinkforge.config import ConfigError
-from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, masked_mean_like, shard_weight
+from thinkforge.train.losses import LOSSES, group_advantages, importance_ratio, k3_kl, masked_mean_like, shard_weight
 
 # Two completions, two target positions. Ratios r = [[1.5, 1.0], [0.5, 9.0]], the last token masked out.
 MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
@@ -59,6 +59,23 @@ def test_k3_kl():
     vals = torch.tensor([[1.0, 3.0], [2.0, 100.0]])
     assert float(masked_mean_like("grpo", vals, MASK)) == pytest.approx((2.0 + 2.0) / 2)
     assert float(masked_mean_like("dapo", vals, MASK)) == pytest.approx(6.0 / 3)
+
+
+def test_bias_corrected_kl_by_hand():
+    # LOGP vs OLD: token ratios [[1.5, 1.0], [0.5, 9.0]]; ref = old = 0, so d = -logp and
+    # k3 = 1/r + ln r - 1: r=1.5 -> 0.0721318, r=1 -> 0, r=0.5 -> 0.3068528 (the masked token ignored).
+    k3 = lambda r: 1 / r + math.log(r) - 1  # noqa: E731
+    tok = importance_ratio("dapo", LOGP, OLD, MASK)
+    got = masked_mean_like("dapo", k3_kl(LOGP, OLD, tok), MASK)
+    assert float(got) == pytest.approx((1.5 * k3(1.5) + 0.5 * k3(0.5)) / 3, abs=1e-6)
+    seq = importance_ratio("gspo", LOGP, OLD, MASK)  # geometric means: sqrt(1.5), 0.5
+    assert seq[:, 0].tolist() == pytest.approx([math.sqrt(1.5), 0.5], abs=1e-6)
+    got = masked_mean_like("gspo", k3_kl(LOGP, OLD, seq), MASK)
+    assert float(got) == pytest.approx((math.sqrt(1.5) * k3(1.5) / 2 + 0.5 * k3(0.5)) / 2, abs=1e-6)
+    logp = LOGP.clone().requires_grad_(True)  # the ratio carries gradient: d(k3 r)/dlogp at r=1.5, ref=old
+    (k3_kl(logp, OLD, importance_ratio("dapo", logp, OLD, MASK)) * MASK).sum().backward()
+    # k3 * r = 1 + r ln r - r = f(l) with r = e^l: f'(l) = r (ln r + 1) - r = r ln r
+    assert float(logp.grad[0, 0]) == pytest.approx(1.5 * math.log(1.5), abs=1e-6)
 
 
 @pytest.mark.parametrize("world", [2, 3])

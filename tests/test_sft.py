@@ -96,6 +96,45 @@ def test_nonfinite_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
         train_sft(small(tmp_path))
 
 
+def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
+    import collections
+
+    from thinkforge.train import loop
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(loop.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**5, 10**5))
+    with pytest.raises(ConfigError, match=r"0.1 MB free on this disk, training needs about [\d.]+ MB"):
+        train_sft(small(tmp_path))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    """The disk fills up at the second save: a clear error, the step-2 checkpoint whole and resumable, no
+    temporary folder left behind."""
+    import errno
+
+    from thinkforge.train import loop
+
+    real, calls = loop.torch.save, {"n": 0}
+
+    def filling(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(loop.torch, "save", filling)
+    with pytest.raises(RuntimeError, match=r"step 4: could not write the checkpoint \(No space left on device\); "
+                                           r"the previous checkpoint in .* is intact"):
+        train_sft(small(tmp_path, steps=6, save_every=2))
+    monkeypatch.setattr(loop.torch, "save", real)
+    run = tmp_path / "run"
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
+    assert not list(run.glob(".checkpoint.*"))
+    train_sft(small(tmp_path, steps=6, save_every=2, resume=True))
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 6
+
+
 def test_too_long_example_is_an_error_not_a_cut(tmp_path):
     with pytest.raises(ConfigError, match=r"example 0 has \d+ tokens, more than max_len=20"):
         train_sft(small(tmp_path, max_len=20))

@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `thinkforge tasks list | head`
         sys.stderr.close()
         return 0
-    except (ConfigError, ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+    except (ConfigError, ValueError, KeyError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 2

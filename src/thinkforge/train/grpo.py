@@ -5,7 +5,7 @@
 Per roll-out batch: draw P problems, sample G completions each with the engine (old-policy logprobs
 come with them), score them with the rewards, compute group advantages, then take ``mu`` optimizer
 steps on that batch with the chosen loss (``losses.LOSSES``) and an optional k3 KL to the frozen
-starting model (``beta``).
+starting model (``beta``), optionally importance-weighted (``kl_bias_correction``).
 
 Where this departs from the papers, on purpose:
 - Dynamic sampling (DAPO) keys on the *verifier's accuracy*, not on the shaped reward: a group whose
@@ -40,7 +40,7 @@ from thinkforge.models import load_model, resolve_device
 from thinkforge.rewards import compute_rewards
 from thinkforge.tasks import get_task
 from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, distributed, run_training, start_run
-from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, masked_mean_like, shard_weight
+from thinkforge.train.losses import LOSSES, group_advantages, importance_ratio, k3_kl, masked_mean_like, shard_weight
 from thinkforge.verify import STATS
 
 REFLECTION = re.compile(r"\b(wait|check|let me)\b", re.IGNORECASE)
@@ -68,6 +68,7 @@ class GRPOConfig(RunOptions):
     epsilon: float = option(0.2, "clip range below 1 (ε_low); GSPO uses ~3e-4")
     epsilon_high: float | None = option(None, "clip range above 1 (DAPO clip-higher 0.28); default: the loss's own")
     beta: float = option(0.0, "weight of the k3 KL to the starting model (0 = no reference forward)")
+    kl_bias_correction: bool = option(False, "weight the KL by π_θ/π_old (DeepSeek-V3.2; TRL's use_bias_correction_kl)")
     scale_rewards: str = option("group", "advantage scaling: group (GRPO), batch or none (Dr. GRPO)")
     dynamic_sampling: bool = option(True, "drop groups whose accuracy has zero variance (DAPO)")
     resample: bool = option(True, "refill dropped groups with new problems")
@@ -265,7 +266,8 @@ def make_loss_fn(cfg: GRPOConfig, ref_model=None):
             if ref_cache.get("ids") is not ro["ids"]:
                 with torch.no_grad():
                     ref_cache.update(ids=ro["ids"], logp=token_logprobs(ref_model, ids, cfg.temperature)[0])
-            kl = masked_mean_like(cfg.loss, k3_kl(logp, ref_cache["logp"]), mask, cfg.max_new_tokens)
+            ratio = importance_ratio(cfg.loss, logp, old, mask) if cfg.kl_bias_correction else None
+            kl = masked_mean_like(cfg.loss, k3_kl(logp, ref_cache["logp"], ratio), mask, cfg.max_new_tokens)
             loss = loss + cfg.beta * kl
             stats["kl"] = float(kl.detach())
         if world > 1:

@@ -203,8 +203,23 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def checkpoint_bytes(model) -> int:
+    """What one checkpoint needs on disk, roughly: the weights and AdamW's two moments (fp32)."""
+    return sum(p.numel() * (p.element_size() + 8) for p in model.parameters())
+
+
+def check_free_space(run: Path, model) -> None:
+    """Refuse to start when the disk cannot hold a checkpoint being written beside the previous one plus
+    the final model (the atomic replacement needs both at once): better now than at the first save."""
+    need = 2 * checkpoint_bytes(model) + sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(run).free
+    if free < need:
+        raise ConfigError(f"{run}: {free / 1e6:.1f} MB free on this disk, training needs about {need / 1e6:.1f} MB "
+                          f"(two checkpoints while one replaces the other, plus the final model)")
+
+
 def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, data_state: dict) -> None:
-    """Write ``run/checkpoint`` atomically: a crash leaves the previous checkpoint whole."""
+    """Write ``run/checkpoint`` atomically: a crash, or a full disk, leaves the previous checkpoint whole."""
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
     try:
         model.save_pretrained(tmp)
@@ -212,6 +227,9 @@ def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, data_stat
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "data": data_state},
                    tmp / "trainer_state.pt")
         replace_dir(tmp, run / "checkpoint")
+    except OSError as e:  # disk full, quota, folder removed under us: say so, keep the last good checkpoint
+        kept = f"the previous checkpoint in {run / 'checkpoint'} is intact" if (run / "checkpoint").exists() else "no earlier checkpoint exists"
+        raise RuntimeError(f"step {step}: could not write the checkpoint ({e.strerror or e}); {kept}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -262,6 +280,7 @@ def run_training(
         torch.manual_seed(settings.seed)
     metrics_path = run / "metrics.jsonl"
     if rank == 0:
+        check_free_space(run, model)
         if resume:
             _trim_metrics(metrics_path, start)
         else:

@@ -91,10 +91,23 @@ LOSSES: dict[str, Callable] = {
 }
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(π_θ ‖ π_ref); ≥ 0, exact in expectation under π_θ."""
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token k3 estimate of KL(π_θ ‖ π_ref); ≥ 0, unbiased when the tokens come from π_θ.
+
+    The roll-outs come from π_old, which differs from π_θ after the first of μ passes (or when the sampler
+    is another engine): multiplying by the importance ratio π_θ/π_old (``ratio``, from
+    ``importance_ratio``) makes the estimate unbiased again (DeepSeek-V3.2 §3.1, "unbiased KL estimate";
+    TRL's ``use_bias_correction_kl``). The ratio keeps its gradient, as in both."""
     d = ref_logp - logp
-    return torch.exp(d) - d - 1
+    kl = torch.exp(d) - d - 1
+    return kl if ratio is None else kl * ratio
+
+
+def importance_ratio(loss_name: str, logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """π_θ/π_old as the loss uses it: per token (N, T), or per sequence (N, 1) for GSPO."""
+    if loss_name == "gspo":
+        return torch.exp(((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None]
+    return _token_ratio(logp, old_logp)
 
 
 def masked_mean_like(loss_name: str, values: torch.Tensor, mask: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
