@@ -71,7 +71,7 @@ CATALOGUE = [
     ("group-size-1", ["train", "grpo", "--group-size", "1"], "group_size must be >= 2"),
     ("unknown-loss", ["train", "grpo", "--loss", "ppo"], "loss must be one of"),
     ("zero-temperature-rl", ["train", "grpo", "--temperature", "0"], "temperature must be > 0"),
-    ("bad-trace", ["train", "sft", "--trace", "long"], "trace must be 'cot' or 'direct'"),
+    ("bad-trace", ["train", "sft", "--trace", "long"], "trace must be 'cot', 'direct' or 'mixed'"),
     ("accum-not-dividing", ["train", "sft", "--batch-size", "10", "--grad-accum", "3"], "multiple of grad_accum"),
     ("bad-bool", ["train", "sft", "--packing", "maybe"], "expected true or false"),
     ("missing-task", ["train", "sft", "--task", "nope", "--out", "{dir}/r1"], "unknown task 'nope'"),

@@ -21,7 +21,7 @@ def test_precedence_defaults_file_flags(tmp_path):
         (["--steps", "1.5"], "--steps: expected int"),
         (["--stepz", "3"], "unknown field 'stepz'"),
         (["--steps", "0"], "steps must be >= 1"),
-        (["--trace", "long"], "trace must be 'cot' or 'direct'"),
+        (["--trace", "long"], "trace must be 'cot', 'direct' or 'mixed'"),
         (["--batch-size", "10", "--grad-accum", "3"], "must be a multiple of grad_accum"),
         (["--packing", "maybe"], "expected true or false"),
         (["steps", "3"], "unexpected argument 'steps'"),

@@ -135,6 +135,17 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeyp
     assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 6
 
 
+def test_mixed_traces_give_cot_to_the_asked_share(tmp_path):
+    from thinkforge.train.sft import traces
+
+    kinds = traces(small(tmp_path, trace="mixed", cot_share=0.2, train_problems=2000))
+    assert set(kinds) == {"cot", "direct"} and abs(kinds.count("cot") / 2000 - 0.2) < 0.03  # ~4 standard errors
+    assert kinds == traces(small(tmp_path, trace="mixed", cot_share=0.2, train_problems=2000))  # seeded
+    assert traces(small(tmp_path, trace="mixed", cot_share=0.0)) == ["direct"] * 300
+    with pytest.raises(ConfigError, match=r"cot_share must be in \[0, 1\]"):
+        small(tmp_path, trace="mixed", cot_share=1.5)
+
+
 def test_too_long_example_is_an_error_not_a_cut(tmp_path):
     with pytest.raises(ConfigError, match=r"example 0 has \d+ tokens, more than max_len=20"):
         train_sft(small(tmp_path, max_len=20))

@@ -33,7 +33,9 @@ from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, run_tra
 class SFTConfig(RunOptions):
     task: str = option("mul", "task name (`thinkforge tasks list`) or a .jsonl/.parquet file of problems")
     task_options: dict = option({}, "the task's knobs, e.g. digits_a=3,digits_b=2")
-    trace: str = option("cot", "cot: train on <think> gold steps then the answer; direct: the answer only")
+    trace: str = option("cot", "cot: train on <think> gold steps then the answer; direct: the answer only; "
+                               "mixed: cot for a share cot_share of the problems, direct for the rest")
+    cot_share: float = option(0.1, "with trace=mixed: share of problems trained with their CoT trace")
     data: str | None = option(None, "JSONL of {prompt, completion} rows to train on instead of the task's gold traces")
     model: str = option("tiny", "'tiny' (from scratch, character tokenizer), a local folder or a hub id")
     size: str = option("small", f"size of a tiny model: {', '.join(TINY_SIZES)}")
@@ -52,13 +54,24 @@ class SFTConfig(RunOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.trace in ("cot", "direct"), f"trace must be 'cot' or 'direct', got {self.trace!r}")
+        check(self.trace in ("cot", "direct", "mixed"), f"trace must be 'cot', 'direct' or 'mixed', got {self.trace!r}")
+        check(0 <= self.cot_share <= 1, f"cot_share must be in [0, 1], got {self.cot_share}")
         for name in ("train_problems", "steps", "batch_size", "grad_accum", "max_len"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.batch_size % self.grad_accum == 0,
               f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0,
               "need lr > 0, 0 <= min_lr_ratio <= 1, warmup >= 0")
+
+
+def traces(cfg: SFTConfig) -> list[str]:
+    """Each training problem's trace kind. ``mixed`` (a "base model" for R1-Zero that has seen some reasoning
+    text, as a pretrained LM has, but answers directly by default): a seeded ``cot_share`` of the problems
+    get their CoT trace, the rest the answer only."""
+    if cfg.trace != "mixed":
+        return [cfg.trace] * cfg.train_problems
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    return ["cot" if u < cfg.cot_share else "direct" for u in torch.rand(cfg.train_problems, generator=g).tolist()]
 
 
 def completion_text(problem, trace: str) -> str:
@@ -168,10 +181,10 @@ def train_sft(cfg: SFTConfig) -> Path:
         sample_text = [p + c for p, c in pairs[:500]]
     else:
         task = get_task(cfg.task, **cfg.task_options)
-        if cfg.trace == "cot" and not task.has_gold_steps:
+        if cfg.trace != "direct" and not task.has_gold_steps:
             raise ConfigError(f"task {cfg.task!r} has no gold steps: use --trace direct or --data with traces")
         problems = task.problems(cfg.train_problems, "train", seed=cfg.seed)
-        pairs = [(fmt.render_prompt(p.question), completion_text(p, cfg.trace)) for p in problems]
+        pairs = [(fmt.render_prompt(p.question), completion_text(p, trace)) for p, trace in zip(problems, traces(cfg))]
         sample_text = task.sample_text()
     if cfg.resume:
         model, tok = load_model(str(run / "checkpoint"), device=str(device))
