@@ -57,6 +57,11 @@ def _token_ratio(logp, old_logp):
     return torch.exp(logp - old_logp)  # (N, T)
 
 
+def _sequence_ratio(logp, old_logp, mask):
+    """GSPO's ratio: the geometric mean of a sequence's token ratios. (N,)"""
+    return torch.exp(((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1))
+
+
 def grpo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, **_):
     per_tok = _clipped(_token_ratio(logp, old_logp), adv[:, None], eps_low, eps_high) * mask  # (N, T)
     return (per_tok.sum(1) / mask.sum(1).clamp(min=1)).mean()
@@ -78,8 +83,7 @@ def dapo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28, **_):
 
 def gspo_loss(logp, old_logp, adv, mask, eps_low=3e-4, eps_high=4e-4, **_):
     """Sequence-level ratio (the geometric mean of token ratios); GSPO's ε are ~1e-3 of PPO's."""
-    log_ratio = ((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1)  # (N,)
-    return _clipped(torch.exp(log_ratio), adv, eps_low, eps_high).mean()
+    return _clipped(_sequence_ratio(logp, old_logp, mask), adv, eps_low, eps_high).mean()
 
 
 LOSSES: dict[str, Callable] = {
@@ -106,7 +110,7 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, ratio: torch.Tensor | None
 def importance_ratio(loss_name: str, logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """π_θ/π_old as the loss uses it: per token (N, T), or per sequence (N, 1) for GSPO."""
     if loss_name == "gspo":
-        return torch.exp(((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None]
+        return _sequence_ratio(logp, old_logp, mask)[:, None]
     return _token_ratio(logp, old_logp)
 
 
