@@ -1,14 +1,22 @@
 # Two entry points: `make demo` and `make test`. Each creates .venv and installs what it needs on first use.
 # torch: if the system Python already has one (e.g. a CUDA build on a GPU machine) the venv sees it
 # (--system-site-packages) and keeps it; otherwise the pinned CPU wheel is installed *before* anything
-# else, so no dependency can pull a multi-GB CUDA build.
+# else, so no dependency can pull a multi-GB CUDA build. bubblewrap (the code sandbox's OS boundary) is
+# installed with apt when missing and we are root.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup bench clean sandbox-tool
+
+# Checked on every run (cheap), so an existing venv on a machine without bubblewrap still gets it.
+sandbox-tool:
+	@command -v bwrap >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+		echo "installing bubblewrap (the code sandbox's OS boundary)"; \
+		apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
+	else echo "bubblewrap is missing: code rewards will refuse to run (sudo apt-get install bubblewrap)"; fi; }
 
 $(STAMP): pyproject.toml
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -19,12 +27,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) sandbox-tool
 
-demo: $(STAMP)
+demo: $(STAMP) sandbox-tool
 	HF_HUB_OFFLINE=1 $(VENV)/bin/thinkforge demo
 
-test: $(STAMP)
+test: $(STAMP) sandbox-tool
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 bench: $(STAMP)

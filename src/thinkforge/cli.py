@@ -205,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "--unsafe-sandbox" in argv:  # an environment variable, so worker processes (torchrun, pools) inherit it
+        from thinkforge.sandbox import UNSAFE_ENV
+
+        argv.remove("--unsafe-sandbox")
+        os.environ[UNSAFE_ENV] = "1"
     try:
         from transformers.utils import logging as hf_logging
 

@@ -3,7 +3,7 @@
 The problems (``data/code_problems.json``) are small, written for thinkforge, each with a reference
 solution and assert-statement tests. The answer is the program: the last fenced ```` ```python ````
 block of the completion, else the text of its ``<answer>`` block. It runs only in
-``thinkforge.sandbox`` (a subprocess with limits and an audit hook), never in this process; the score
+``thinkforge.sandbox`` (bubblewrap: an OS boundary, with an audit hook inside), never in this process; the score
 is 1.0 when every test passes. Why a program failed (``timeout``, ``blocked``, ``memory``, …) is
 counted in ``verify.STATS`` under ``sandbox/<reason>``, which the GRPO reward audit reports.
 """
