@@ -189,13 +189,13 @@ def test_split_text_grows_monotonically():
     text = "<think>\nall a are b\nso yes\n</think>\n<answer>yes</answer><|im_end|>"
     seen = ["", ""]
     for i in range(1, len(text) + 1):
-        sp = split_text(text[:i])
+        sp = split_text(text[:i], partial=True)
         for j, part in enumerate((sp.thinking or "", sp.visible)):
             assert part.startswith(seen[j]), (text[:i], part, seen[j])
             seen[j] = part
     assert seen == ["all a are b\nso yes", "yes"]
-    assert json.dumps(split_text("<answer>42</ans").__dict__) == '{"thinking": null, "closed": true, "visible": "42"}'
-    assert split_text("<think>\nx\n</think>\n<answer>a <answer>b</answer>").visible == "a b"  # stray tags never shown
+    assert json.dumps(split_text("<answer>42</ans", partial=True).__dict__) == '{"thinking": null, "closed": true, "visible": "42"}'
+    assert split_text("<think>\nx\n</think>\n<answer>a <answer>b</answer>").visible == "b"  # what the grader scores
 
 
 def free_port() -> int:

@@ -37,3 +37,13 @@ def test_adversarial_answer_times_out_off_the_main_thread():
     assert out == {"ok": False, "seconds": out["seconds"]} and out["seconds"] < 3.0
     assert verify.STATS["timeouts"] == before + 1
     assert is_equivalent("0.25", "\\frac{1}{4}")  # the worker was replaced and works
+
+
+def test_scientific_notation_and_choice_letters():
+    from thinkforge.verify import as_choice, is_equivalent
+
+    assert is_equivalent("1e3", "1000") and is_equivalent("1000", "1E3") and is_equivalent("2.5e-1", "1/4")
+    assert not is_equivalent("1e3", "100")
+    for pred in ("B", "(B)", "b", "B)", "B.", "\\text{(B)}", "$\\textbf{B}$"):
+        assert is_equivalent(pred, "(B)") and is_equivalent("\\text{(B)}", pred), pred
+    assert not is_equivalent("(C)", "B") and as_choice("Bob") is None and as_choice("AB") is None

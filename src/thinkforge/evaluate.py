@@ -95,19 +95,21 @@ class Graded:
 
 
 def sample_and_grade(engine: Engine, task: Task, problems: list[Problem], params: SamplingParams,
-                     batch_rows: int = 256, render=lambda q: fmt.render_prompt(q.question)) -> list[Graded]:
+                     batch_rows: int = 256, render=lambda q: fmt.render_prompt(q.question),
+                     prefill: str = "") -> list[Graded]:
     """``params.n`` completions per problem, each graded by the task's scorer (score 1.0 = correct);
-    ``render(problem)`` is the prompt text (the chat template by default)."""
+    ``render(problem)`` is the prompt text (the chat template by default); ``prefill`` is text forced after
+    it, graded as the start of the completion (the server parses a prefilled answer the same way)."""
     per_call = max(1, batch_rows // params.n)
     graded = []
     for start in range(0, len(problems), per_call):
         chunk = problems[start : start + per_call]
         p = SamplingParams(**{**params.__dict__, "seed": (params.seed or 0) + start})
-        outs = engine.generate([render(q) for q in chunk], p)
+        outs = engine.generate([render(q) + prefill for q in chunk], p)
         for i, prob in enumerate(chunk):
             g = Graded(prob)
             for c in outs[i * params.n : (i + 1) * params.n]:
-                ans = task.extract(c.text)
+                ans = task.extract(prefill + c.text)
                 g.completions.append(c)
                 g.answers.append(ans)
                 g.correct.append(task.score(prob, ans) >= 1.0)

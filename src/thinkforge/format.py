@@ -82,14 +82,32 @@ def render_completion(answer: str, thinking: str | None = None) -> str:
 
 @dataclass
 class Parsed:
-    """A completion split into its parts. ``answer`` is the text inside the answer tags (or after
-    ``</think>`` when there are none); ``well_formed`` is the R1 format rule: exactly one think block
-    at the start, closed, then exactly one ``<answer>…</answer>`` (or ``\\boxed{}``) and nothing else."""
+    """A completion split into its parts — the one split every module uses (grader, server, rewards,
+    reward models), so what is scored is what is shown.
+
+    - ``thinking``: the text between ``<think>`` and the *first* ``</think>`` (None without a think
+      block; the first close is the one a left-to-right reader, a stream and a token count see);
+    - ``answer``: what the grader scores and the server shows: the content of the *last*
+      ``<answer>`` block of the text after the thinking (to ``</answer>`` or the end), else that whole
+      text; stray tags removed, surrounding white space stripped; ``""`` while the thinking is open;
+    - ``tagged``: the answer came from ``<answer>`` tags (else from free text, where a grader looks
+      for ``\\boxed{}`` or the last number);
+    - ``well_formed``: the R1 format rule: exactly one think block at the start, closed, then exactly
+      one ``<answer>…</answer>`` (or ``\\boxed{}``) and nothing else;
+    - ``thinking_start`` / ``answer_start``: offsets into the text (cut at ``<|im_end|>``) where the
+      thinking content and the text after ``</think>`` begin, for code that must cut, not rewrite."""
 
     thinking: str | None
-    answer_text: str
+    answer: str
+    tagged: bool
     well_formed: bool
     truncated_thinking: bool  # <think> opened but never closed
+    thinking_start: int = 0
+    answer_start: int = 0
+
+    @property
+    def thinking_closed(self) -> bool:
+        return not self.truncated_thinking
 
 
 _WELL_FORMED = re.compile(
@@ -97,28 +115,56 @@ _WELL_FORMED = re.compile(
     r"(?P<ans><answer>(?:(?!<answer>|</answer>).)*?</answer>|[^<]*\\boxed\{.*\}[^<]*)\s*$",
     re.DOTALL,
 )
+TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE, IM_END)
 
 
-def parse_completion(text: str) -> Parsed:
-    """Split a completion into thinking and answer text.
+def hold_back(s: str) -> str:
+    """``s`` without a trailing partial tag (``"42</ans"`` -> ``"42"``), so streamed text never shows half a tag."""
+    for tag in TAGS:
+        for k in range(len(tag) - 1, 0, -1):
+            if s.endswith(tag[:k]):
+                return s[:-k]
+    return s
+
+
+def parse_completion(text: str, thinking_open: bool = False, partial: bool = False) -> Parsed:
+    """Split a completion into thinking and answer (see :class:`Parsed`).
+
+    ``thinking_open``: the prompt already opened ``<think>`` (templates that prefill it), so the
+    completion starts inside the thinking. ``partial``: an unfinished completion being streamed; a
+    trailing partial tag is held back.
 
     >>> p = parse_completion("<think>\\n2+2=4\\n</think>\\n<answer>4</answer><|im_end|>")
-    >>> (p.thinking, p.answer_text, p.well_formed)
-    ('2+2=4', '<answer>4</answer>', True)
-    >>> parse_completion("<think>\\nhmm").truncated_thinking
-    True
+    >>> (p.thinking, p.answer, p.well_formed)
+    ('2+2=4', '4', True)
+    >>> parse_completion("<think>x</think><answer>a <answer>b</answer>").answer
+    'b'
+    >>> parse_completion("<think>\\nhmm \\\\boxed{3}").truncated_thinking, parse_completion("<think>\\nhmm").answer
+    (True, '')
     """
     text = text.split(IM_END)[0]
-    m = _WELL_FORMED.match(text.strip())
-    if m:
-        return Parsed(m.group("think"), m.group("ans").strip(), True, False)
-    if THINK_CLOSE in text:
-        before, after = text.rsplit(THINK_CLOSE, 1)
-        thinking = before.rsplit(THINK_OPEN, 1)[-1].strip("\n")
-        return Parsed(thinking, after.strip(), False, False)
-    if THINK_OPEN in text:
-        return Parsed(text.split(THINK_OPEN, 1)[1].strip("\n"), "", False, True)
-    return Parsed(None, text.strip(), False, False)
+    if partial:
+        text = hold_back(text)
+    well = bool(_WELL_FORMED.match((THINK_OPEN if thinking_open else "") + text.strip()))
+    close = text.find(THINK_CLOSE)
+    opened = text.find(THINK_OPEN, 0, close if close >= 0 else len(text))
+    if close < 0 and opened < 0 and not thinking_open:
+        return Parsed(None, *_answer(text), well, False, 0, 0)
+    start = opened + len(THINK_OPEN) if opened >= 0 else 0
+    if close < 0:
+        return Parsed(text[start:].strip("\n"), "", False, well, True, start, len(text))
+    answer, tagged = _answer(text[close + len(THINK_CLOSE):])
+    return Parsed(text[start:close].strip("\n"), answer, tagged, well, False, start, close + len(THINK_CLOSE))
+
+
+def _answer(region: str) -> tuple[str, bool]:
+    """(answer, tagged) of the text after the thinking."""
+    tagged = ANSWER_OPEN in region
+    if tagged:
+        region = region.rsplit(ANSWER_OPEN, 1)[1].split(ANSWER_CLOSE, 1)[0]
+    for tag in TAGS:  # a confused model may repeat tags inside its answer: they are never graded or shown
+        region = region.replace(tag, "")
+    return region.strip(), tagged
 
 
 def split_at_subsequence(ids: list[int], marker: list[int]) -> int | None:

@@ -49,22 +49,29 @@ def split_steps(completion: str, delimiter: str = "\n") -> tuple[str, list[str]]
 
     ``head`` is everything up to and including ``<think>`` and the delimiter after it; each thinking step
     keeps its delimiter; the text from ``</think>`` on is the last step. Blank lines join the step before.
+    Where the thinking ends is ``format.parse_completion``'s decision (see :func:`answer_steps`).
 
     >>> split_steps("<think>\\n3+4=7\\n7*2=14\\n</think>\\n<answer>14</answer>")
     ('<think>\\n', ['3+4=7\\n', '7*2=14\\n', '</think>\\n<answer>14</answer>'])
     >>> split_steps("<answer>14</answer>")
     ('', ['<answer>14</answer>'])
     """
+    head, steps, _ = answer_steps(completion, delimiter)
+    return head, steps
+
+
+def answer_steps(completion: str, delimiter: str = "\n") -> tuple[str, list[str], list[bool]]:
+    """:func:`split_steps` plus, per step, whether it is the answer step (the text after the thinking,
+    or the whole completion when it has no think block)."""
     completion = completion.split(fmt.IM_END)[0]
-    start = completion.find(fmt.THINK_OPEN)
-    if start < 0:
-        return "", [completion] if completion else []
-    head_end = start + len(fmt.THINK_OPEN)
+    parsed = fmt.parse_completion(completion)
+    if parsed.thinking is None:
+        return "", [completion] if completion else [], [True] if completion else []
+    head_end = parsed.thinking_start
     if completion.startswith(delimiter, head_end):
         head_end += len(delimiter)
-    head, body = completion[:head_end], completion[head_end:]
-    close = body.find(fmt.THINK_CLOSE)
-    thinking, answer = (body, "") if close < 0 else (body[:close], body[close:])
+    close = len(completion) if parsed.truncated_thinking else parsed.answer_start - len(fmt.THINK_CLOSE)
+    head, thinking, answer = completion[:head_end], completion[head_end:close], completion[close:]
     pieces = thinking.split(delimiter)
     steps: list[str] = []
     for k, piece in enumerate(pieces):
@@ -77,9 +84,11 @@ def split_steps(completion: str, delimiter: str = "\n") -> tuple[str, list[str]]
             head += text
         else:
             steps.append(text)
+    kinds = [False] * len(steps)
     if answer:
         steps.append(answer)
-    return head, steps
+        kinds.append(True)
+    return head, steps, kinds
 
 
 def step_text(step: str) -> str:

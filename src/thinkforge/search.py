@@ -112,7 +112,7 @@ class Search:
         from thinkforge.evaluate import sample_and_grade
 
         graded = sample_and_grade(self.engine, self.task, problems, params, self.batch_rows,
-                                  render=lambda q: self.prompt(q) + prefill)
+                                  render=self.prompt, prefill=prefill)
         return [[Candidate(prefill + c.text, a, ok, len(c.ids)) for c, a, ok in zip(g.completions, g.answers, g.correct)]
                 for g in graded]
 

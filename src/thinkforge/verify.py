@@ -23,7 +23,7 @@ import threading
 from collections import Counter
 from fractions import Fraction
 
-from thinkforge.format import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE
+from thinkforge.format import parse_completion
 
 STATS: Counter = Counter()  # 'math_verify_calls', 'timeouts', 'errors'
 DEFAULT_TIMEOUT = 5.0
@@ -56,23 +56,22 @@ def last_number(text: str) -> str | None:
 
 
 def extract_answer(completion: str) -> str | None:
-    """The answer a completion gives: the last ``<answer>…</answer>``, else the last ``\\boxed{}``, else the
-    last number after the thinking. None when there is nothing to extract.
+    """The value a completion answers with, read from ``format.parse_completion(completion).answer`` (what
+    the server shows): the last ``\\boxed{}`` in it, else the answer-tag text, else (free text) the last
+    number. None when there is nothing to extract, including thinking that never closed.
 
     >>> extract_answer("<think>\\n1+1=2\\n</think>\\n<answer>2</answer>")
     '2'
     >>> extract_answer("it is \\\\boxed{7}") , extract_answer("so 3, then 12.")
     ('7', '12')
     """
-    text = completion.rsplit(THINK_CLOSE, 1)[-1]
-    if ANSWER_OPEN in text:
-        inner = text.rsplit(ANSWER_OPEN, 1)[1].split(ANSWER_CLOSE, 1)[0]
-        boxed = last_boxed(inner)
-        return (boxed if boxed is not None else inner).strip()
-    boxed = last_boxed(text)
+    parsed = parse_completion(completion)
+    if not parsed.answer:
+        return None
+    boxed = last_boxed(parsed.answer)
     if boxed is not None:
-        return boxed.strip()
-    return last_number(text)
+        return boxed.strip() or None
+    return parsed.answer if parsed.tagged else last_number(parsed.answer)
 
 
 def normalize(s: str) -> str:
@@ -83,12 +82,27 @@ def normalize(s: str) -> str:
 
 def as_number(s: str) -> Fraction | None:
     s = s.strip().replace(",", "")
-    if not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)(/\d+)?", s):
+    if not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?(/\d+)?", s):
         return None
     try:
         return Fraction(s)
     except (ValueError, ZeroDivisionError):
         return None
+
+
+_CHOICE = re.compile(r"\(?([A-Ja-j])\)?[.:]?")
+
+
+def as_choice(s: str) -> str | None:
+    r"""A multiple-choice letter written as ``B``, ``(B)``, ``B)``, ``B.``, ``\text{(B)}`` or ``$\textbf{B}$``.
+
+    >>> as_choice(r"\text{(B)}"), as_choice("b."), as_choice("Bob")
+    ('B', 'B', None)
+    """
+    s = s.strip().strip("$").strip()
+    m = re.fullmatch(r"\\(?:text|textbf|mathrm|mathbf)\{(.*)\}", s)
+    m = _CHOICE.fullmatch((m.group(1) if m else s).strip())
+    return m.group(1).upper() if m else None
 
 
 _MATHY = re.compile(r"[\\^{}/=]|\d")
@@ -101,6 +115,9 @@ def is_equivalent(pred: str, gold: str, timeout: float = DEFAULT_TIMEOUT) -> boo
     a, b = as_number(pred), as_number(gold)
     if a is not None and b is not None:
         return a == b
+    x, y = as_choice(pred), as_choice(gold)
+    if x is not None and y is not None:
+        return x == y
     if not (_MATHY.search(pred) and _MATHY.search(gold)):
         return False
     return _MATH_VERIFY.check(_latex(gold), _latex(pred), timeout)

@@ -3,8 +3,8 @@
 - Prompts come from ``format.render_chat`` (thinking dropped from earlier assistant turns, exactly as
   at training time). ``effort`` maps to a thinking budget through ``generation.EFFORT_BUDGETS``;
   ``none`` prefills an empty think block so the model answers at once.
-- The visible answer is the text of the first ``<answer>…</answer>`` block (or after ``</think>`` when
-  there are no tags), with any stray tag removed; the raw thinking is never returned as visible text. Responses get a *summary* of it when
+- The visible answer is ``format.parse_completion(text).answer`` — exactly what the grader scores —
+  and the raw thinking is never returned as visible text. Responses get a *summary* of it when
   asked: a deterministic extractive summary (``concise``/``auto``: the last line of the thinking;
   ``detailed``: its first, middle and last lines) — documented as such, not a model-written summary.
   Chat Completions return the thinking in ``reasoning_content`` (the vLLM / DeepSeek convention).
@@ -23,42 +23,19 @@ from dataclasses import dataclass
 from thinkforge import format as fmt
 from thinkforge.generation import EFFORT_BUDGETS, Engine, SamplingParams
 
-_TAGS = (fmt.THINK_OPEN, fmt.THINK_CLOSE, fmt.ANSWER_OPEN, fmt.ANSWER_CLOSE, fmt.IM_END)
-
-
-def _hold_back(s: str) -> str:
-    """``s`` without a trailing partial tag (``"42</ans"`` -> ``"42"``), so streamed text never retracts."""
-    for tag in _TAGS:
-        for k in range(len(tag) - 1, 0, -1):
-            if s.endswith(tag[:k]):
-                return s[:-k]
-    return s
-
 
 @dataclass
 class Split:
     thinking: str | None  # None: the completion has no think block
     closed: bool  # the thinking ended (always True without a think block)
-    visible: str  # the answer text so far, tags removed
+    visible: str  # the answer text so far: format.parse_completion's answer, what the grader scores
 
 
-def split_text(text: str, prefilled: bool = False) -> Split:
-    """Split a (possibly unfinished) completion. Growing ``text`` only ever grows each part."""
-    text = text.split(fmt.IM_END)[0]
-    if not prefilled and text.lstrip().startswith(fmt.THINK_OPEN):
-        body = text.split(fmt.THINK_OPEN, 1)[1]
-        if fmt.THINK_CLOSE not in body:
-            return Split(_hold_back(body).strip("\n"), False, "")
-        thinking, rest = body.split(fmt.THINK_CLOSE, 1)
-        thinking, closed = thinking.strip("\n"), True
-    else:
-        thinking, closed, rest = None, True, text
-    if fmt.ANSWER_OPEN in rest:
-        rest = rest.split(fmt.ANSWER_OPEN, 1)[1]
-    visible = rest.split(fmt.ANSWER_CLOSE, 1)[0] if fmt.ANSWER_CLOSE in rest else _hold_back(rest)
-    for tag in _TAGS:  # a confused model may repeat tags inside its answer: they are never shown
-        visible = visible.replace(tag, "")
-    return Split(thinking, closed, visible.lstrip())
+def split_text(text: str, prefilled: bool = False, partial: bool = False) -> Split:
+    """The shown parts of a completion (``partial``: still streaming), from the one parser in ``format``;
+    ``prefilled``: an empty think block was forced before it (effort "none"), parsed as part of the text."""
+    p = fmt.parse_completion(fmt.EMPTY_THINK + text if prefilled else text, partial=partial)
+    return Split(None if prefilled else p.thinking, p.thinking_closed, p.answer)
 
 
 def summarize(thinking: str | None, mode: str | None) -> str | None:

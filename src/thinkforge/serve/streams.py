@@ -78,7 +78,7 @@ def responses_events(svc, req):
 
     for kind, _, value in svc.stream_tokens(prompt, params):
         if kind == "token":
-            yield from advance(split_text(svc.tok.decode(value), prefilled))
+            yield from advance(split_text(svc.tok.decode(value), prefilled, partial=True))
             continue
         completion = value[0]
         final = split_text(completion.text, prefilled)
@@ -118,7 +118,7 @@ def chat_chunks(svc, req, include_usage: bool):
 
     for kind, row, value in svc.stream_tokens(prompt, params):
         if kind == "token":
-            delta = deltas(row, split_text(svc.tok.decode(value), prefilled))
+            delta = deltas(row, split_text(svc.tok.decode(value), prefilled, partial=True))
             if delta:
                 yield chunk([{"index": row, "delta": delta, "logprobs": None, "finish_reason": None}])
             continue

@@ -45,6 +45,7 @@ from thinkforge.scorers import (
     RM_KINDS,
     RewardModel,
     aggregate,
+    answer_steps,
     encode,
     pad_rows,
     ranking_accuracy,
@@ -102,9 +103,9 @@ class RMConfig(RunOptions):
 
 def gold_labels(task: Task, problem: Problem, completion: str, outcome: bool) -> list[float]:
     """Step i is right when the task's checker accepts it as gold step i; the answer step is the outcome."""
-    head, steps = split_steps(completion, task.step_delimiter)
-    return [float(outcome) if _is_answer(s) else float(task.check_step(problem, i, step_text(s)))
-            for i, s in enumerate(steps)]
+    head, steps, answers = answer_steps(completion, task.step_delimiter)
+    return [float(outcome) if is_answer else float(task.check_step(problem, i, step_text(s)))
+            for i, (s, is_answer) in enumerate(zip(steps, answers))]
 
 
 def judge_labels(task: Task, problem: Problem, completion: str, outcome: bool) -> list[float]:
@@ -115,22 +116,18 @@ def judge_labels(task: Task, problem: Problem, completion: str, outcome: bool) -
     check"); otherwise it is wrong. So a step that carries an earlier error forward is wrong (propagation)
     and a step that redoes an earlier step correctly is right again (cessation), which positional
     ``gold`` labels get wrong once a reflective trace repeats a step."""
-    head, steps = split_steps(completion, task.step_delimiter)
+    head, steps, answers = answer_steps(completion, task.step_delimiter)
     n_gold = len(problem.steps or [])
     labels = []
-    for s in steps:
+    for s, is_answer in zip(steps, answers):
         text = step_text(s)
-        if _is_answer(s):
+        if is_answer:
             labels.append(float(outcome))
         elif REFLECTION.match(text):
             labels.append(1.0)
         else:
             labels.append(float(any(task.check_step(problem, j, text) for j in range(n_gold))))
     return labels
-
-
-def _is_answer(step: str) -> bool:
-    return step.startswith(fmt.THINK_CLOSE) or fmt.THINK_OPEN not in step and (fmt.ANSWER_OPEN in step or "\\boxed" in step)
 
 
 def mc_labels(engine: Engine, task: Task, items: list[tuple[Problem, str, bool]], rollouts: int, soft: bool,
@@ -144,14 +141,14 @@ def mc_labels(engine: Engine, task: Task, items: list[tuple[Problem, str, bool]]
     labels: list[list[float]] = []
     jobs: list[tuple[int, int, str]] = []  # (item, step, completion up to and including the step)
     for i, (prob, completion, outcome) in enumerate(items):
-        head, steps = split_steps(completion, task.step_delimiter)
+        head, steps, answers = answer_steps(completion, task.step_delimiter)
         labels.append([float(outcome)] * len(steps))
         if outcome and not soft:
             continue
         done = head
-        for k, s in enumerate(steps):
+        for k, (s, is_answer) in enumerate(zip(steps, answers)):
             done += s
-            if not _is_answer(s):
+            if not is_answer:
                 jobs.append((i, k, done))
     per_call = max(1, batch_rows // rollouts)
     for start in range(0, len(jobs), per_call):
