@@ -99,7 +99,7 @@ def loss_equivalence(tok, start: str) -> float:
     identical batch."""
     from thinkforge.generation import Engine, SamplingParams
     from thinkforge.train.grpo import token_logprobs
-    from thinkforge.train.losses import LOSSES, importance_ratio, k3_kl, masked_mean_like
+    from thinkforge.train.losses import LOSSES, k3_kl
 
     trainer = trl_trainer(tok, start, beta=0.04, steps=1)
     model = trainer.model.eval()  # TRL's eval mode: no gradient-accumulation normaliser
@@ -125,16 +125,17 @@ def loss_equivalence(tok, start: str) -> float:
         trainer.args.use_bias_correction_kl = correction
         trainer.loss_type = "grpo" if name == "gspo" else name
         trainer.importance_sampling_level = "sequence" if name == "gspo" else "token"
-        eps_low, eps_high = {"gspo": (3e-4, 4e-4), "dapo": (0.2, 0.28)}.get(name, (0.2, 0.2))
+        eps_low, eps_high = LOSSES[name].bounds()
         trainer.epsilon_low, trainer.epsilon_high = eps_low, eps_high
         inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion,
                   "completion_mask": cmask.long(), "advantages": adv, "old_per_token_logps": old,
                   "ref_per_token_logps": ref, "num_items_in_batch": cmask.sum()}
         with torch.no_grad():
             theirs = float(trainer._compute_loss(model, inputs))
-            ours = LOSSES[name](logp, old, adv, cmask, eps_low=eps_low, eps_high=eps_high, max_len=NEW)
-            ratio = importance_ratio(name, logp, old, cmask) if correction else None
-            ours = float(ours + 0.04 * masked_mean_like(name, k3_kl(logp, ref, ratio), cmask, NEW))
+            v = LOSSES[name]
+            ours = v.loss(logp, old, adv, cmask, max_len=NEW)
+            ratio = v.ratio(logp, old, cmask) if correction else None
+            ours = float(ours + 0.04 * v.reduce(k3_kl(logp, ref, ratio), cmask, NEW))
         print(f"  loss {name:<8} {'corrected KL' if correction else 'plain KL    '} thinkforge {ours:+.7f}  TRL {theirs:+.7f}  |diff| {abs(ours - theirs):.1e}")
         worst = max(worst, abs(ours - theirs))
     return worst

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from thinkforge.config import ConfigError
-from thinkforge.train.losses import LOSSES, group_advantages, importance_ratio, k3_kl, masked_mean_like, shard_weight
+from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, shard_weight
 
 # Two completions, two target positions. Ratios r = [[1.5, 1.0], [0.5, 9.0]], the last token masked out.
 MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
@@ -29,13 +29,13 @@ def test_losses_match_hand_computed_values():
     }
     assert set(expected) == set(LOSSES)
     for name, value in expected.items():
-        got = LOSSES[name](LOGP, OLD, ADV, MASK, max_len=4)
+        got = LOSSES[name].loss(LOGP, OLD, ADV, MASK, max_len=4)
         assert float(got) == pytest.approx(value, abs=1e-6), name
 
 
 def test_gradient_flows_only_through_unclipped_tokens():
     logp = LOGP.clone().requires_grad_(True)
-    LOSSES["bnpo"](logp, OLD, ADV, MASK).backward()
+    LOSSES["bnpo"].loss(logp, OLD, ADV, MASK).backward()
     # (0,0) is clipped (r=1.5 > 1.2 with A>0): no gradient; (0,1): d(-rA)/dlogp = -r A / 3 = -1/3;
     # (1,0) is clipped below (r=0.5 < 0.8 with A<0): no gradient; (1,1) masked.
     assert logp.grad.flatten().tolist() == pytest.approx([0.0, -1 / 3, 0.0, 0.0])
@@ -57,23 +57,23 @@ def test_k3_kl():
     assert float(k3_kl(torch.tensor(math.log(1.5)), torch.tensor(0.0))) == pytest.approx(math.exp(d) - d - 1)
     assert float(k3_kl(torch.tensor(-0.3), torch.tensor(-0.3))) == 0.0
     vals = torch.tensor([[1.0, 3.0], [2.0, 100.0]])
-    assert float(masked_mean_like("grpo", vals, MASK)) == pytest.approx((2.0 + 2.0) / 2)
-    assert float(masked_mean_like("dapo", vals, MASK)) == pytest.approx(6.0 / 3)
+    assert float(LOSSES["grpo"].reduce(vals, MASK)) == pytest.approx((2.0 + 2.0) / 2)
+    assert float(LOSSES["dapo"].reduce(vals, MASK)) == pytest.approx(6.0 / 3)
 
 
 def test_bias_corrected_kl_by_hand():
     # LOGP vs OLD: token ratios [[1.5, 1.0], [0.5, 9.0]]; ref = old = 0, so d = -logp and
     # k3 = 1/r + ln r - 1: r=1.5 -> 0.0721318, r=1 -> 0, r=0.5 -> 0.3068528 (the masked token ignored).
     k3 = lambda r: 1 / r + math.log(r) - 1  # noqa: E731
-    tok = importance_ratio("dapo", LOGP, OLD, MASK)
-    got = masked_mean_like("dapo", k3_kl(LOGP, OLD, tok), MASK)
+    tok = LOSSES["dapo"].ratio(LOGP, OLD, MASK)
+    got = LOSSES["dapo"].reduce(k3_kl(LOGP, OLD, tok), MASK)
     assert float(got) == pytest.approx((1.5 * k3(1.5) + 0.5 * k3(0.5)) / 3, abs=1e-6)
-    seq = importance_ratio("gspo", LOGP, OLD, MASK)  # geometric means: sqrt(1.5), 0.5
+    seq = LOSSES["gspo"].ratio(LOGP, OLD, MASK)  # geometric means: sqrt(1.5), 0.5
     assert seq[:, 0].tolist() == pytest.approx([math.sqrt(1.5), 0.5], abs=1e-6)
-    got = masked_mean_like("gspo", k3_kl(LOGP, OLD, seq), MASK)
+    got = LOSSES["gspo"].reduce(k3_kl(LOGP, OLD, seq), MASK)
     assert float(got) == pytest.approx((math.sqrt(1.5) * k3(1.5) / 2 + 0.5 * k3(0.5)) / 2, abs=1e-6)
     logp = LOGP.clone().requires_grad_(True)  # the ratio carries gradient: d(k3 r)/dlogp at r=1.5, ref=old
-    (k3_kl(logp, OLD, importance_ratio("dapo", logp, OLD, MASK)) * MASK).sum().backward()
+    (k3_kl(logp, OLD, LOSSES["dapo"].ratio(logp, OLD, MASK)) * MASK).sum().backward()
     # k3 * r = 1 + r ln r - r = f(l) with r = e^l: f'(l) = r (ln r + 1) - r = r ln r
     assert float(logp.grad[0, 0]) == pytest.approx(1.5 * math.log(1.5), abs=1e-6)
 
@@ -87,13 +87,13 @@ def test_weighted_shard_losses_sum_to_the_batch_loss(world):
     adv, ref = torch.randn(7, generator=g), torch.randn(7, 5, generator=g) * 0.3
     mask = (torch.rand(7, 5, generator=g) > 0.3).float()
     mask[2] = 0.0  # a completion with no trained token
-    for name, fn in LOSSES.items():
-        whole = fn(logp, old, adv, mask, max_len=5) + 0.1 * masked_mean_like(name, k3_kl(logp, ref), mask, 5)
+    for name, v in LOSSES.items():
+        whole = v.loss(logp, old, adv, mask, max_len=5) + 0.1 * v.reduce(k3_kl(logp, ref), mask, 5)
         parts = 0.0
         for rank in range(world):
             r = slice(rank, None, world)
-            part = fn(logp[r], old[r], adv[r], mask[r], max_len=5) + 0.1 * masked_mean_like(name, k3_kl(logp[r], ref[r]), mask[r], 5)
-            parts += part * shard_weight(name, mask, r)
+            part = v.loss(logp[r], old[r], adv[r], mask[r], max_len=5) + 0.1 * v.reduce(k3_kl(logp[r], ref[r]), mask[r], 5)
+            parts += part * shard_weight(v, mask, r)
         assert float(parts) == pytest.approx(float(whole), abs=1e-6), name
 
 
@@ -216,3 +216,144 @@ def test_no_update_when_every_group_is_dropped(sft_model, tmp_path):
     before, _ = load_model(sft_model, device="cpu")
     after, _ = load_model(str(run / "model"), device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
+# ---- the trainer's loss function reads each variant's record -------------------------------------------
+
+def _batch(model, n_rows=3, length=7, seed=0):
+    """A roll-out batch whose sequence ratios are exactly 0.99 (A<0), 1.01 (A>0) and 1.0: inside PPO's
+    ±0.2, outside GSPO's [1-3e-4, 1+4e-4]."""
+    from thinkforge.train.grpo import token_logprobs
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (n_rows, length), generator=g)
+    mask = torch.ones(n_rows, length - 1)
+    mask[:, :2] = 0  # the prompt
+    mask[2, -1] = 0
+    with torch.no_grad():
+        logp = token_logprobs(model, ids, 1.0)[0]
+    shift = torch.tensor([0.01, -0.01, 0.0])[:, None]
+    old = logp + shift * mask  # log ratio = -shift on every trained token
+    adv = torch.tensor([-1.0, 1.0, 0.5])
+    return {"rollouts": {"ids": ids, "mask": mask, "old_logp": old, "adv": adv, "stats": {}}}, logp
+
+
+@pytest.mark.parametrize("correction", [False, True])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_trainer_loss_is_the_variants_loss_with_its_own_bounds_and_kl(sft_model, tmp_path, name, correction):
+    from thinkforge.models import load_model
+    from thinkforge.train.grpo import make_loss_fn, token_logprobs
+
+    model, _ = load_model(sft_model, device="cpu")
+    ref, _ = load_model(sft_model, device="cpu")
+    with torch.no_grad():
+        next(ref.parameters()).mul_(0.9)  # a reference that differs, so the KL term is not 0
+    cfg = grpo_cfg(sft_model, tmp_path, loss=name, beta=0.1, kl_bias_correction=correction)
+    mb, logp = _batch(model)
+    loss, stats = make_loss_fn(cfg, ref)(model, mb)
+    ro, v = mb["rollouts"], LOSSES[name]
+    with torch.no_grad():
+        ref_logp = token_logprobs(ref, ro["ids"], 1.0)[0]
+    ratio = v.ratio(logp, ro["old_logp"], ro["mask"]) if correction else None
+    kl = v.reduce(k3_kl(logp, ref_logp, ratio), ro["mask"], cfg.max_new_tokens)
+    expected = v.loss(logp, ro["old_logp"], ro["adv"], ro["mask"], max_len=cfg.max_new_tokens) + 0.1 * kl
+    assert float(loss.detach()) == pytest.approx(float(expected), abs=1e-6)
+    assert stats["kl"] == pytest.approx(float(kl), abs=1e-6) and float(kl) > 0
+    # GSPO clips both moved sequences at its own bounds (all their tokens); PPO's ±0.2 clips none.
+    clipped_tokens = float(ro["mask"][:2].sum()) if name == "gspo" else 0.0
+    assert stats["clip_ratio/region_mean"] * float(ro["mask"].sum()) == pytest.approx(clipped_tokens)
+
+
+def test_gspo_defaults_are_gspos_and_a_config_bound_overrides_one():
+    assert LOSSES["gspo"].bounds() == (3e-4, 4e-4) and LOSSES["dapo"].bounds() == (0.2, 0.28)
+    assert LOSSES["gspo"].bounds(eps_high=0.01) == (3e-4, 0.01)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_every_variant_trains_with_kl_correction_and_overlong_masking(sft_model, tmp_path, name):
+    from thinkforge.models import load_model
+    from thinkforge.train.grpo import train_grpo
+
+    run = train_grpo(grpo_cfg(sft_model, tmp_path / name, loss=name, steps=2, mu=2, beta=0.04, kl_bias_correction=True,
+                              mask_truncated=True, max_new_tokens=16))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
+    before, _ = load_model(sft_model, device="cpu")
+    after, _ = load_model(str(run / "model"), device="cpu")
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
+def test_mask_truncated_drops_completions_that_hit_the_cap(sft_model, tmp_path):
+    from thinkforge.models import load_model
+    from thinkforge.tasks import get_task
+    from thinkforge.train.grpo import RolloutSource
+
+    model, tok = load_model(sft_model, device="cpu")
+    task = get_task("add", digits=2)
+    trained_rows = {}
+    for flag in (False, True):
+        cfg = grpo_cfg(sft_model, tmp_path, max_new_tokens=3, mask_truncated=flag)  # 3 tokens: most rows truncated
+        ro = RolloutSource(cfg, model, tok, task, task.problems(20), "cpu").collect({"epoch": 0, "cursor": 0, "batches": 0})
+        finished = round(8 * (1 - ro.stats["completions/clipped_ratio"]))
+        trained_rows[flag] = (int((ro.mask.sum(1) > 0).sum()), finished)
+    assert trained_rows[False][0] == 8  # every completion trains
+    assert trained_rows[True][0] == trained_rows[True][1] < 8  # only those that ended before the cap
+
+
+def test_resampling_refills_dropped_groups(sft_model, tmp_path):
+    from thinkforge.models import load_model
+    from thinkforge.rewards import Rewards
+    from thinkforge.tasks import get_task
+    from thinkforge.train.grpo import RolloutSource
+
+    model, tok = load_model(sft_model, device="cpu")
+    task = get_task("add", digits=2)
+    kept = {}
+    for resample in (False, True):
+        cfg = grpo_cfg(sft_model, tmp_path, dynamic_sampling=True, resample=resample, max_resample=3, group_size=2)
+        src = RolloutSource(cfg, model, tok, task, task.problems(20), "cpu")
+        real, calls = src._sample, []
+
+        def fake(problems, seeds, real=real, calls=calls):  # round 1: all groups flat; later: one of two varies
+            comps, probs, _ = real(problems, seeds)
+            calls.append(len(problems))
+            acc = [0.0] * len(comps) if len(calls) == 1 else [1.0, 0.0] + [0.0] * (len(comps) - 2)
+            return comps, probs, Rewards(acc, {"accuracy": acc}, acc)
+
+        src._sample = fake
+        ro = src.collect({"epoch": 0, "cursor": 0, "batches": 0})
+        kept[resample] = (0 if ro.ids is None else ro.ids.shape[0] // 2, ro.stats["sampling_rounds"], calls)
+    assert kept[False] == (0, 1, [2])  # no refill: the flat round leaves nothing
+    assert kept[True] == (2, 3, [2, 2, 1])  # refilled: 1 group from round 2, 1 from round 3
+
+
+def test_resume_with_mu_2_restores_the_pending_rollouts(sft_model, tmp_path, monkeypatch):
+    """Killed after the first of two passes over a roll-out batch: the checkpoint carries the batch, and
+    the resumed run's second pass trains on the same roll-outs as the uninterrupted run's."""
+    from thinkforge.train import grpo
+
+    kw = dict(mu=2, save_every=1, beta=0.04)
+    full = grpo.train_grpo(grpo_cfg(sft_model, tmp_path / "a", **kw))
+    expected = (full / "metrics.jsonl").read_text().splitlines()
+    real, calls = grpo.make_loss_fn, {"n": 0}
+
+    def crashing(*args):
+        fn = real(*args)
+
+        def wrapped(model, mb):
+            calls["n"] += 1
+            if calls["n"] == 4:  # step 4 = the second pass over the second roll-out batch
+                raise KeyboardInterrupt
+            return fn(model, mb)
+
+        return wrapped
+
+    monkeypatch.setattr(grpo, "make_loss_fn", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        grpo.train_grpo(grpo_cfg(sft_model, tmp_path / "b", **kw))
+    monkeypatch.setattr(grpo, "make_loss_fn", real)
+    grpo.train_grpo(grpo_cfg(sft_model, tmp_path / "b", resume=True, **kw))
+    got = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    drop = ("step_time", "tokens_per_s", "gen_time")
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in drop} for r in rows]
+    assert strip(got) == strip(expected)

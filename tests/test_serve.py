@@ -226,3 +226,37 @@ def test_thinkforge_serve_command(syllogism_model):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_concurrent_requests_share_one_engine_call(syllogism_model):
+    """Requests that arrive while the engine is busy are batched into the next call (a serial server
+    would make one call per request); requests with other sampling parameters wait for their own."""
+    from thinkforge.serve.service import ReasoningService
+
+    model, tok, _ = syllogism_model
+    svc = ReasoningService(model, tok, "syl")
+    real, sizes, release = svc.engine.generate, [], threading.Event()
+
+    def generate(prompts, params, on_step=None):
+        sizes.append((len(prompts), params.temperature))
+        if len(sizes) == 1:
+            assert release.wait(60)  # hold the first call until the others are queued
+        return real(prompts, params, on_step)
+
+    svc.engine.generate = generate
+    same, other = svc.params(4, 0.0, None, None), svc.params(4, 1.0, None, None)
+    results = []
+    first = threading.Thread(target=lambda: results.append(svc.run(render_chat([{"role": "user", "content": "a"}]), same)))
+    first.start()
+    while not sizes:
+        time.sleep(0.01)
+    rest = [threading.Thread(target=lambda p=p: results.append(svc.run(render_chat([{"role": "user", "content": "b"}]), p))) for p in (same, same, other, same)]
+    for t in rest:
+        t.start()
+    while svc.jobs.qsize() < 4:
+        time.sleep(0.01)
+    release.set()
+    for t in [first, *rest]:
+        t.join(60)
+    assert len(results) == 5 and all(len(r) == 1 for r in results), results
+    assert sizes == [(1, 0.0), (3, 0.0), (1, 1.0)]

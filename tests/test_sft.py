@@ -173,3 +173,18 @@ def test_recovery_from_a_kill_between_the_two_renames(tmp_path):
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
     train_sft(small(tmp_path, steps=4, save_every=3, resume=True))  # and the run resumes from it
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_grad_accum_gives_the_same_update_as_one_batch(tmp_path):
+    """4 micro-batches of 2 rows accumulate to the update of one batch of 8 (the loss is divided by the
+    step's token count, not each micro-batch's)."""
+    from thinkforge.models import load_model
+
+    whole = train_sft(small(tmp_path / "one", steps=3, save_every=3))
+    accum = train_sft(small(tmp_path / "four", steps=3, save_every=3, grad_accum=4))
+    a, _ = load_model(str(whole / "model"), device="cpu")
+    b, _ = load_model(str(accum / "model"), device="cpu")
+    diffs = [float((x - y).abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values())]
+    assert max(diffs) < 1e-5
+    losses = lambda run: [json.loads(r)["loss"] for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses(whole) == pytest.approx(losses(accum), abs=1e-5)

@@ -96,9 +96,9 @@ def _generate(cfg: GenerateConfig) -> None:
 def _commands():
     from thinkforge.evaluate import EvalConfig
     from thinkforge.pipeline import DemoConfig
+    from thinkforge.rejection import SampleConfig
     from thinkforge.serve import ServeConfig
     from thinkforge.train.grpo import GRPOConfig
-    from thinkforge.train.rejection import SampleConfig
     from thinkforge.train.reward_model import RMConfig
     from thinkforge.train.sft import SFTConfig
 
@@ -144,7 +144,7 @@ def _train_rm(cfg) -> None:
 
 
 def _sample(cfg) -> None:
-    from thinkforge.train.rejection import run_sample
+    from thinkforge.rejection import run_sample
 
     stats = run_sample(cfg)
     print(f"kept {stats['kept']} traces covering {stats['problems_covered']} of {stats['problems']} problems "

@@ -26,15 +26,15 @@ carries ``thinking_tokens``, the mean thinking length of one sample.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from thinkforge import format as fmt
 from thinkforge.config import check, option
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.metrics import bootstrap_ci, maj_correct, pass_at_k
+from thinkforge.sampling import Graded, sample_and_grade
 from thinkforge.tasks import Problem, Task, get_task
 
 
@@ -82,39 +82,6 @@ class EvalConfig:
         for m in self.method:
             why = missing_reward_model(m, self.prm, self.orm)
             check(why is None, why or "")
-
-
-@dataclass
-class Graded:
-    """Completions of one problem with their extracted answers and verdicts."""
-
-    problem: Problem
-    completions: list = field(default_factory=list)
-    answers: list = field(default_factory=list)
-    correct: list = field(default_factory=list)
-
-
-def sample_and_grade(engine: Engine, task: Task, problems: list[Problem], params: SamplingParams,
-                     batch_rows: int = 256, render=lambda q: fmt.render_prompt(q.question),
-                     prefill: str = "") -> list[Graded]:
-    """``params.n`` completions per problem, each graded by the task's scorer (score 1.0 = correct);
-    ``render(problem)`` is the prompt text (the chat template by default); ``prefill`` is text forced after
-    it, graded as the start of the completion (the server parses a prefilled answer the same way)."""
-    per_call = max(1, batch_rows // params.n)
-    graded = []
-    for start in range(0, len(problems), per_call):
-        chunk = problems[start : start + per_call]
-        p = SamplingParams(**{**params.__dict__, "seed": (params.seed or 0) + start})
-        outs = engine.generate([render(q) + prefill for q in chunk], p)
-        for i, prob in enumerate(chunk):
-            g = Graded(prob)
-            for c in outs[i * params.n : (i + 1) * params.n]:
-                ans = task.extract(prefill + c.text)
-                g.completions.append(c)
-                g.answers.append(ans)
-                g.correct.append(task.score(prob, ans) >= 1.0)
-            graded.append(g)
-    return graded
 
 
 def row(stage: str, method: str, metric: str, values, tokens: float, seed: int = 0, **extra) -> dict:

@@ -225,8 +225,8 @@ RECIPE_KEYS = {"name", "out", "task", "task_options", "eval_problems", "eval_sam
 
 
 def _stage_runners():
+    from thinkforge.rejection import SampleConfig, run_sample
     from thinkforge.train.grpo import GRPOConfig, train_grpo
-    from thinkforge.train.rejection import SampleConfig, run_sample
     from thinkforge.train.reward_model import RMConfig, train_reward_model
     from thinkforge.train.sft import SFTConfig, train_sft
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from thinkforge import format as fmt
 from thinkforge.generation import EFFORT_BUDGETS, Engine, SamplingParams
 from thinkforge.metrics import answer_key, majority_answer
+from thinkforge.sampling import sample_and_grade
 from thinkforge.scorers import aggregate
 from thinkforge.tasks import Problem, Task
 
@@ -109,8 +110,6 @@ class Search:
     def generate(self, problems: list[Problem], params: SamplingParams, prefill: str = "") -> list[list[Candidate]]:
         """``params.n`` graded candidates per problem (``evaluate.sample_and_grade``); ``prefill`` is text forced
         after the prompt (part of the completion, not counted as generated)."""
-        from thinkforge.evaluate import sample_and_grade
-
         graded = sample_and_grade(self.engine, self.task, problems, params, self.batch_rows,
                                   render=self.prompt, prefill=prefill)
         return [[Candidate(prefill + c.text, a, ok, len(c.ids)) for c, a, ok in zip(g.completions, g.answers, g.correct)]

@@ -112,3 +112,13 @@ class FileTask(Task):
         order = list(range(len(self.rows)))
         random.Random(seed).shuffle(order)
         return (self.rows[i] for i in order)
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    """Write ``rows`` as JSONL atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path

@@ -40,7 +40,7 @@ from thinkforge.models import load_model, resolve_device
 from thinkforge.rewards import compute_rewards
 from thinkforge.tasks import get_task
 from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, distributed, run_training, start_run
-from thinkforge.train.losses import LOSSES, group_advantages, importance_ratio, k3_kl, masked_mean_like, shard_weight
+from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, shard_weight
 from thinkforge.verify import STATS
 
 REFLECTION = re.compile(r"\b(wait|check|let me)\b", re.IGNORECASE)
@@ -65,8 +65,9 @@ class GRPOConfig(RunOptions):
     warmup: int = option(5, "linear warm-up steps")
     weight_decay: float = option(0.0, "AdamW weight decay on matrices")
     grad_clip: float = option(1.0, "clip the global gradient norm")
-    epsilon: float = option(0.2, "clip range below 1 (ε_low); GSPO uses ~3e-4")
-    epsilon_high: float | None = option(None, "clip range above 1 (DAPO clip-higher 0.28); default: the loss's own")
+    epsilon: float | None = option(None, "clip range below 1 (ε_low); default: the loss's own (0.2; GSPO 3e-4)")
+    epsilon_high: float | None = option(None, "clip range above 1; default: the loss's own (0.2; DAPO clip-higher "
+                                        "0.28; GSPO 4e-4)")
     beta: float = option(0.0, "weight of the k3 KL to the starting model (0 = no reference forward)")
     kl_bias_correction: bool = option(False, "weight the KL by π_θ/π_old (DeepSeek-V3.2; TRL's use_bias_correction_kl)")
     scale_rewards: str = option("group", "advantage scaling: group (GRPO), batch or none (Dr. GRPO)")
@@ -84,7 +85,9 @@ class GRPOConfig(RunOptions):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.scale_rewards in ("group", "batch", "none"), f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
         check(self.temperature > 0, f"temperature must be > 0 for RL roll-outs, got {self.temperature}")
-        check(self.lr > 0 and self.epsilon > 0 and self.beta >= 0, "need lr > 0, epsilon > 0, beta >= 0")
+        check(self.lr > 0 and self.beta >= 0, "need lr > 0 and beta >= 0")
+        check(all(e is None or 0 < e < 1 for e in (self.epsilon, self.epsilon_high)),
+              "epsilon and epsilon_high must be in (0, 1)")
         check(bool(self.rewards), "rewards must name at least one reward")
 
 
@@ -245,8 +248,8 @@ def make_loss_fn(cfg: GRPOConfig, ref_model=None):
     weights its loss by the rows' share of the loss's normaliser (``losses.shard_weight``): the gradients
     summed over processes are those of the whole batch. The reference's logprobs (``beta > 0``) are
     computed for the process's own rows, once per roll-out batch."""
-    eps_high = {} if cfg.epsilon_high is None else {"eps_high": cfg.epsilon_high}
-    loss_variant = LOSSES[cfg.loss]
+    variant = LOSSES[cfg.loss]
+    eps = dict(eps_low=cfg.epsilon, eps_high=cfg.epsilon_high)  # None: the variant's own bound
     rank, world = distributed()
     ref_cache: dict = {}  # the roll-out batch (its ids tensor) and its reference logprobs, for mu > 1
 
@@ -260,26 +263,22 @@ def make_loss_fn(cfg: GRPOConfig, ref_model=None):
         if ids.shape[0] == 0:  # fewer kept completions than processes: this rank adds 0 to every mean
             return None, {**stats, **dict.fromkeys(ROW_STATS + (("kl",) if cfg.beta > 0 else ()), 0.0)}
         logp, entropy = token_logprobs(model, ids, cfg.temperature, with_entropy=True)
-        kw = dict(eps_low=cfg.epsilon, max_len=cfg.max_new_tokens, **eps_high)
-        loss = loss_variant(logp, old, adv, mask, **kw)
+        loss = variant.loss(logp, old, adv, mask, max_len=cfg.max_new_tokens, **eps)
         if cfg.beta > 0:
             if ref_cache.get("ids") is not ro["ids"]:
                 with torch.no_grad():
                     ref_cache.update(ids=ro["ids"], logp=token_logprobs(ref_model, ids, cfg.temperature)[0])
-            ratio = importance_ratio(cfg.loss, logp, old, mask) if cfg.kl_bias_correction else None
-            kl = masked_mean_like(cfg.loss, k3_kl(logp, ref_cache["logp"], ratio), mask, cfg.max_new_tokens)
+            ratio = variant.ratio(logp, old, mask) if cfg.kl_bias_correction else None
+            kl = variant.reduce(k3_kl(logp, ref_cache["logp"], ratio), mask, cfg.max_new_tokens)
             loss = loss + cfg.beta * kl
             stats["kl"] = float(kl.detach())
         if world > 1:
-            weight = shard_weight(cfg.loss, ro["mask"], rows)
+            weight = shard_weight(variant, ro["mask"], rows)
             loss = loss * weight
             if "kl" in stats:  # the loop averages over ranks: this makes the average the batch's KL
                 stats["kl"] *= weight * world
-        ratio = torch.exp(logp.detach() - old)
         n = ro["mask"].sum().clamp(min=1) / world  # token means over the whole batch once averaged over ranks
-        hi = 1 + kw.get("eps_high", 0.28 if cfg.loss == "dapo" else cfg.epsilon)
-        low_clip = ((ratio < 1 - cfg.epsilon) & (adv[:, None] < 0)).float() * mask
-        high_clip = ((ratio > hi) & (adv[:, None] > 0)).float() * mask
+        low_clip, high_clip = variant.clip_fractions(logp, old, adv, mask, **eps)
         stats.update({  # ROW_STATS
             "entropy": float((entropy * mask).sum() / n),
             "clip_ratio/low_mean": float(low_clip.sum() / n),

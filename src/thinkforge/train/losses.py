@@ -18,9 +18,15 @@ Every loss takes per-token tensors of one batch of roll-outs and returns a scala
 All use PPO's clipped surrogate −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A). The KL penalty to a
 reference policy uses the k3 estimator exp(ref − logp) − (ref − logp) − 1 (Schulman, "Approximating
 KL divergence", 2020; DeepSeekMath eq. 4), normalised like the loss it is added to.
+
+Each variant is one :class:`Variant` record in :data:`LOSSES`: its ratio, its normalisation, its
+default clip bounds (ε_low, ε_high) and its source. Everything that depends on the variant — the loss,
+the KL term's reduction, the clip-ratio statistics, a process's share under torchrun, the bounds a
+config leaves unset — reads that record, so no caller branches on a loss name.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -53,45 +59,68 @@ def _clipped(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: f
     return -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
 
 
-def _token_ratio(logp, old_logp):
-    return torch.exp(logp - old_logp)  # (N, T)
+def token_ratio(logp, old_logp, mask):
+    """π_θ/π_old per token. (N, T)"""
+    return torch.exp(logp - old_logp)
 
 
-def _sequence_ratio(logp, old_logp, mask):
-    """GSPO's ratio: the geometric mean of a sequence's token ratios. (N,)"""
-    return torch.exp(((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1))
+def sequence_ratio(logp, old_logp, mask):
+    """GSPO's ratio: the geometric mean of a sequence's token ratios, broadcast over its tokens. (N, 1)"""
+    return torch.exp(((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None]
 
 
-def grpo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, **_):
-    per_tok = _clipped(_token_ratio(logp, old_logp), adv[:, None], eps_low, eps_high) * mask  # (N, T)
-    return (per_tok.sum(1) / mask.sum(1).clamp(min=1)).mean()
+def sequence_mean(values, mask, max_len=None):
+    """Mean over each sequence's tokens, then over sequences (DeepSeekMath eq. 3)."""
+    return ((values * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
-def bnpo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, **_):
-    per_tok = _clipped(_token_ratio(logp, old_logp), adv[:, None], eps_low, eps_high) * mask
-    return per_tok.sum() / mask.sum().clamp(min=1)
+def token_mean(values, mask, max_len=None):
+    """Sum over all tokens ÷ tokens in the batch (long and short completions weigh per token)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def dr_grpo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, max_len: int | None = None, **_):
-    per_tok = _clipped(_token_ratio(logp, old_logp), adv[:, None], eps_low, eps_high) * mask
-    return per_tok.sum() / (mask.shape[0] * (max_len or mask.shape[1]))
+def constant_norm(values, mask, max_len=None):
+    """Sum over all tokens ÷ (sequences × max completion length), a constant (Dr. GRPO)."""
+    return (values * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
 
 
-def dapo_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28, **_):
-    return bnpo_loss(logp, old_logp, adv, mask, eps_low, eps_high)
+@dataclass(frozen=True)
+class Variant:
+    """One policy-gradient loss: how its ratio is taken, how it is normalised, its default clip bounds."""
+
+    ratio: Callable  # (logp, old_logp, mask) -> (N, T) or (N, 1)
+    reduce: Callable  # (values (N, T), mask, max_len) -> scalar
+    eps_low: float
+    eps_high: float
+    shard_by: str  # "tokens" | "sequences": what ``reduce`` divides by, for a process's share of the batch
+    source: str
+
+    def bounds(self, eps_low: float | None = None, eps_high: float | None = None) -> tuple[float, float]:
+        """The clip bounds: a config's value where it sets one, else this variant's own."""
+        return (self.eps_low if eps_low is None else eps_low, self.eps_high if eps_high is None else eps_high)
+
+    def loss(self, logp, old_logp, adv, mask, eps_low=None, eps_high=None, max_len=None):
+        lo, hi = self.bounds(eps_low, eps_high)
+        per_tok = _clipped(self.ratio(logp, old_logp, mask), adv[:, None], lo, hi) * mask  # (N, T)
+        return self.reduce(per_tok, mask, max_len)
+
+    def clip_fractions(self, logp, old_logp, adv, mask, eps_low=None, eps_high=None):
+        """Per-token indicators (N, T) of the low and high clip being active, with the loss's own ratio
+        and bounds (a sequence-level ratio marks all of its sequence's tokens)."""
+        lo, hi = self.bounds(eps_low, eps_high)
+        ratio = self.ratio(logp.detach(), old_logp, mask).expand_as(mask)
+        low = ((ratio < 1 - lo) & (adv[:, None] < 0)).float() * mask
+        high = ((ratio > 1 + hi) & (adv[:, None] > 0)).float() * mask
+        return low, high
 
 
-def gspo_loss(logp, old_logp, adv, mask, eps_low=3e-4, eps_high=4e-4, **_):
-    """Sequence-level ratio (the geometric mean of token ratios); GSPO's ε are ~1e-3 of PPO's."""
-    return _clipped(_sequence_ratio(logp, old_logp, mask), adv, eps_low, eps_high).mean()
-
-
-LOSSES: dict[str, Callable] = {
-    "grpo": grpo_loss,
-    "bnpo": bnpo_loss,
-    "dr_grpo": dr_grpo_loss,
-    "dapo": dapo_loss,
-    "gspo": gspo_loss,
+LOSSES: dict[str, Variant] = {
+    "grpo": Variant(token_ratio, sequence_mean, 0.2, 0.2, "sequences", "DeepSeekMath (Shao et al. 2024), eq. 3"),
+    "bnpo": Variant(token_ratio, token_mean, 0.2, 0.2, "tokens", 'TRL\'s "bnpo" (batch-normalised)'),
+    "dr_grpo": Variant(token_ratio, constant_norm, 0.2, 0.2, "sequences", "Dr. GRPO (Liu et al. 2025)"),
+    "dapo": Variant(token_ratio, token_mean, 0.2, 0.28, "tokens", "DAPO (Yu et al. 2025), eq. 8, clip-higher"),
+    # GSPO's ε are ~1e-3 of PPO's because its ratio is a per-sequence geometric mean (paper §5.1).
+    "gspo": Variant(sequence_ratio, sequence_mean, 3e-4, 4e-4, "sequences", "GSPO (Zheng et al. 2025), eq. 7"),
 }
 
 
@@ -99,34 +128,18 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, ratio: torch.Tensor | None
     """Per-token k3 estimate of KL(π_θ ‖ π_ref); ≥ 0, unbiased when the tokens come from π_θ.
 
     The roll-outs come from π_old, which differs from π_θ after the first of μ passes (or when the sampler
-    is another engine): multiplying by the importance ratio π_θ/π_old (``ratio``, from
-    ``importance_ratio``) makes the estimate unbiased again (DeepSeek-V3.2 §3.1, "unbiased KL estimate";
-    TRL's ``use_bias_correction_kl``). The ratio keeps its gradient, as in both."""
+    is another engine): multiplying by the importance ratio π_θ/π_old (``ratio``, the variant's own)
+    makes the estimate unbiased again (DeepSeek-V3.2 §3.1, "unbiased KL estimate"; TRL's
+    ``use_bias_correction_kl``). The ratio keeps its gradient, as in both."""
     d = ref_logp - logp
     kl = torch.exp(d) - d - 1
     return kl if ratio is None else kl * ratio
 
 
-def importance_ratio(loss_name: str, logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """π_θ/π_old as the loss uses it: per token (N, T), or per sequence (N, 1) for GSPO."""
-    if loss_name == "gspo":
-        return _sequence_ratio(logp, old_logp, mask)[:, None]
-    return _token_ratio(logp, old_logp)
-
-
-def masked_mean_like(loss_name: str, values: torch.Tensor, mask: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
-    """Reduce a per-token quantity (the KL term) the way ``loss_name`` reduces its surrogate."""
-    if loss_name in ("grpo", "gspo"):
-        return ((values * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    if loss_name == "dr_grpo":
-        return (values * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def shard_weight(loss_name: str, mask: torch.Tensor, rows: slice) -> float:
+def shard_weight(variant: Variant, mask: torch.Tensor, rows: slice) -> float:
     """The weight of the loss of ``rows`` alone (one process's share of a batch) such that the weighted
-    shard losses sum to the loss of the whole batch: the rows' share of what the loss divides by, tokens
-    for the token-normalised losses (bnpo, dapo), sequences for the others. ``mask`` is the whole batch's."""
-    if loss_name in ("bnpo", "dapo"):
+    shard losses sum to the loss of the whole batch: the rows' share of what the loss divides by.
+    ``mask`` is the whole batch's."""
+    if variant.shard_by == "tokens":
         return float(mask[rows].sum() / mask.sum().clamp(min=1))
     return mask[rows].shape[0] / mask.shape[0]

@@ -40,6 +40,7 @@ from thinkforge import format as fmt
 from thinkforge.config import ConfigError, check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.models import load_model, resolve_device
+from thinkforge.sampling import sample_and_grade
 from thinkforge.scorers import (
     AGGREGATES,
     RM_KINDS,
@@ -54,8 +55,8 @@ from thinkforge.scorers import (
     step_text,
 )
 from thinkforge.tasks import Problem, Task, get_task
+from thinkforge.tasks.files import write_jsonl
 from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, run_training, start_run
-from thinkforge.train.rejection import write_jsonl
 
 LABEL_SOURCES = ("gold", "judge", "mc")
 REFLECTION = re.compile(r"^\W*(wait|hmm|let me|check|so far|ok(ay)?)\b[^0-9=]*$", re.IGNORECASE)
@@ -207,8 +208,6 @@ def label_completions(cfg: RMConfig, task: Task, policy, tok, problems: list[Pro
                       seed: int, add_gold: bool = False) -> list[dict]:
     """Sample ``cfg.samples`` completions per problem (plus its gold trace if ``add_gold``) and label their
     steps; one row per completion."""
-    from thinkforge.evaluate import sample_and_grade
-
     engine = Engine(policy, tok)
     params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
     with torch.no_grad():

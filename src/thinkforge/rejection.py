@@ -12,17 +12,17 @@ teacher's traces for distillation.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from thinkforge import format as fmt
 from thinkforge.config import check, option
-from thinkforge.evaluate import sample_and_grade
 from thinkforge.generation import Engine, SamplingParams
+from thinkforge.sampling import sample_and_grade
+from thinkforge.search import METHODS, Search, missing_reward_model, run_method
 from thinkforge.tasks import get_task
+from thinkforge.tasks.files import write_jsonl
 
 
 @dataclass
@@ -47,8 +47,6 @@ class SampleConfig:
     def __post_init__(self):
         check(min(self.problems, self.samples, self.keep_per_problem, self.max_new_tokens) >= 1,
               "problems, samples, keep_per_problem and max_new_tokens must be >= 1")
-        from thinkforge.search import METHODS, missing_reward_model
-
         check(self.method in METHODS, f"method must be one of {sorted(METHODS)}, got {self.method!r}")
         check(self.n >= 1 and self.batch_rows >= 1, "n and batch_rows must be >= 1")
         why = missing_reward_model(self.method, self.prm, None, orm_flag=False)
@@ -82,8 +80,6 @@ def rejection_sample(model, tok, task, problems, samples: int, keep_per_problem:
 def search_traces(model, tok, task, problems, cfg: SampleConfig) -> tuple[list[dict], dict]:
     """One trace per problem from a test-time method; kept when verified correct and well formed."""
     from thinkforge.scorers import RewardModel
-    from thinkforge.search import Search, run_method
-
     search = Search(Engine(model, tok), task, prm=RewardModel.load(cfg.prm, cfg.device) if cfg.prm else None,
                     temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                     batch_rows=cfg.batch_rows)
@@ -101,15 +97,6 @@ def trace_row(problem, completion: str) -> dict:
     """One SFT row (``thinkforge train sft --data``) for a verified completion of ``problem``."""
     return {"prompt": fmt.render_prompt(problem.question), "completion": completion + fmt.IM_END,
             "problem_id": problem.id}
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)  # atomic: a reader never sees half a file
-    return path
 
 
 def run_sample(cfg: SampleConfig) -> dict:
