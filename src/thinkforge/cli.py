@@ -96,8 +96,10 @@ def _generate(cfg: GenerateConfig) -> None:
 def _commands():
     from thinkforge.evaluate import EvalConfig
     from thinkforge.pipeline import DemoConfig
+    from thinkforge.preferences import PreferencesConfig
     from thinkforge.rejection import SampleConfig
     from thinkforge.serve import ServeConfig
+    from thinkforge.train.dpo import DPOConfig
     from thinkforge.train.grpo import GRPOConfig
     from thinkforge.train.reward_model import RMConfig
     from thinkforge.train.sft import SFTConfig
@@ -105,7 +107,11 @@ def _commands():
     return {
         "train sft": (SFTConfig, "supervised fine-tuning on reasoning traces", _train_sft),
         "train grpo": (GRPOConfig, "RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, BNPO, GSPO", _train_grpo),
-        "train rm": (RMConfig, "reward models: PRM (step labels: gold, judge, Monte-Carlo) or ORM", _train_rm),
+        "train rm": (RMConfig, "reward models: PRM (step labels: gold, judge, Monte-Carlo), ORM, or a Bradley-Terry "
+                               "preference RM", _train_rm),
+        "train dpo": (DPOConfig, "direct preference optimisation (DPO / IPO) from pairs or rankings", _train_dpo),
+        "preferences": (PreferencesConfig, "simulated labeller: rank a policy's samples by the task's gold "
+                                           "preference (+ noise) into a preference file", _preferences),
         "sample": (SampleConfig, "rejection sampling: verified, well-formed traces to JSONL (for SFT --data)", _sample),
         "eval": (EvalConfig, "pass@1 ± CI, pass@k, maj@k on held-out problems", _eval),
         "generate": (GenerateConfig, "complete one prompt (thinking budget, budget forcing)", _generate),
@@ -134,13 +140,45 @@ def _train_rm(cfg) -> None:
     from thinkforge.train.reward_model import train_reward_model
 
     run = train_reward_model(cfg)
-    if (run / "eval.json").exists():
+    if cfg.kind == "preference" and (run / "eval.json").exists():
+        ev = json.loads((run / "eval.json").read_text())
+        line = (f"held-out {ev['held_out_pairs']} pairs: accuracy {ev['accuracy']['mean']:.3f} "
+                f"[{ev['accuracy']['ci_low']:.3f}, {ev['accuracy']['ci_high']:.3f}]")
+        if "rm_agreement_with_gold" in ev:
+            line += (f"; agreement with gold {ev['rm_agreement_with_gold']['mean']:.3f} (the labeller's own: "
+                     f"{ev['labeller_agreement_with_gold']['mean']:.3f})")
+        print(line)
+    elif (run / "eval.json").exists():
         ev = json.loads((run / "eval.json").read_text())
         st = ev["step"]
         print(f"held-out {ev['completions']} completions, {st['steps']} steps ({ev['eval_labels']} labels): "
               f"wrong-step precision {st['precision']:.3f} recall {st['recall']:.3f} F1 {st['f1']:.3f}; "
               f"right-over-wrong ranking (min) {ev['ranking']['min']['accuracy']:.3f}")
     print(f"reward model saved in {run / 'model'}")
+
+
+def _train_dpo(cfg) -> None:
+    import json
+
+    from thinkforge.train.dpo import train_dpo
+
+    run = train_dpo(cfg)
+    if (run / "eval.json").exists():
+        ev = json.loads((run / "eval.json").read_text())
+        for k in ("greedy", "sampled", "greedy_accuracy"):
+            d = ev[k]["difference"]
+            print(f"{k}: {ev[k]['start']:.3f} -> {ev[k]['trained']:.3f} (paired 95% CI of the change "
+                  f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}])")
+    print(f"model saved in {run / 'model'}")
+
+
+def _preferences(cfg) -> None:
+    from thinkforge.preferences import run_preferences
+
+    s = run_preferences(cfg)
+    agree = s["label_agreement_with_gold"]
+    print(f"{s['rows']} rows ({s['pairs']} pairs) from {s['prompts']} prompts ({s['all_tied_prompts']} all tied, "
+          f"not written); labels agree with the gold preference on {agree:.3f} of pairs; written to {s['out']}")
 
 
 def _sample(cfg) -> None:

@@ -10,6 +10,12 @@
 | ``language`` | share of the words in the thinking written in the target script | DeepSeek-R1 §2.3.2 language consistency |
 | ``length`` | 0 up to ``max_len - cache``, then linearly down to -1 at ``max_len`` and beyond (tokens) | DAPO "overlong reward shaping" |
 
+A learned reward model is named ``rm:<folder>`` (``thinkforge train rm``: a preference RM gives its
+Bradley–Terry reward, an ORM its probability of a right answer, a PRM its minimum step score). It is
+loaded once and scores the batch in chunks. Its option ``scope`` chooses what it reads: ``all`` (the
+thinking and the answer) or ``answer`` (only ``format.parse_completion``'s answer — helpfulness judged
+on the final answer, as DeepSeek-R1's last stage does).
+
 A user function is named by dotted path (``mypkg.rewards:brevity`` or ``mypkg.rewards.brevity``) and
 has the same signature: ``fn(completions, problems, **context) -> list[float]``; ``context`` holds
 ``task`` and ``lengths`` (completion lengths in tokens, when known).
@@ -23,9 +29,10 @@ import importlib
 import re
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-from thinkforge.format import parse_completion
+from thinkforge.format import IM_END, parse_completion
 from thinkforge.tasks import Problem, Task
 from thinkforge.verify import STATS
 
@@ -93,10 +100,39 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
+RM_PREFIX = "rm:"
+RM_SCOPES = ("all", "answer")
+_LOADED_RMS: dict[str, object] = {}
+
+
+def reward_model_reward(path: str) -> RewardFn:
+    """The reward of the learned reward model in folder ``path`` (loaded once per process)."""
+
+    def score(completions: list[str], problems: list[Problem], *, scope: str = "all", **_) -> list[float]:
+        from thinkforge.scorers import RewardModel, aggregate
+
+        if scope not in RM_SCOPES:
+            raise ValueError(f"reward {RM_PREFIX}{path}: scope must be one of {RM_SCOPES}, got {scope!r}")
+        rm = _LOADED_RMS.get(path)
+        if rm is None:
+            rm = _LOADED_RMS[path] = RewardModel.load(path)
+        texts = [parse_completion(c).answer if scope == "answer" else c.split(IM_END)[0] for c in completions]
+        scores = rm.score(list(problems), texts)
+        return [aggregate(x, "min") if rm.kind == "prm" else (x[0] if x else 0.0) for x in scores]
+
+    return score
+
+
 def get_reward(name: str) -> RewardFn:
-    """A reward by registry name or dotted path to a user function."""
+    """A reward by registry name, ``rm:<folder>`` for a learned reward model, or dotted path to a user function."""
     if name in REWARDS:
         return REWARDS[name]
+    if name.startswith(RM_PREFIX):
+        path = name[len(RM_PREFIX):]
+        if not (Path(path) / "config.json").is_file():
+            raise KeyError(f"reward {name!r}: {path} is not a reward model folder (no config.json); "
+                           "train one with `thinkforge train rm`")
+        return reward_model_reward(path)
     module, _, attr = name.replace(":", ".").rpartition(".")
     if not module:
         raise KeyError(f"unknown reward {name!r}: choose one of {sorted(REWARDS)} or give 'package.module:function'")

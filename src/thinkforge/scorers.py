@@ -25,7 +25,7 @@ import torch
 
 from thinkforge import format as fmt
 
-RM_KINDS = ("prm", "orm")
+RM_KINDS = ("prm", "orm", "preference")  # preference: a Bradley-Terry scalar (a logit, not a probability)
 AGGREGATES = {
     "min": min,
     "prod": math.prod,
@@ -155,7 +155,8 @@ class RewardModel:
 
     @torch.no_grad()
     def score(self, prompts: list, completions: list[str]) -> list[list[float]]:
-        """Per completion: its step scores (PRM) or ``[outcome score]`` (ORM). ``prompts`` are questions
+        """Per completion: its step scores (PRM), ``[outcome probability]`` (ORM) or ``[reward]`` (preference: the
+        Bradley-Terry logit at the last token). ``prompts`` are questions
         (``str`` or ``Problem``, rendered with the chat template) or already rendered prompt texts."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -166,9 +167,12 @@ class RewardModel:
             chunk = encoded[i : i + self.batch_rows]
             ids = pad_rows([e[0] for e in chunk], self.tok.pad_token_id or 0).to(device)
             self.tokens_read += sum(len(e[0]) for e in chunk)
-            probs = torch.sigmoid(self.logits(ids).float()).cpu()
+            logits = self.logits(ids).float().cpu()
+            probs = torch.sigmoid(logits)
             for row, (seq, ends, start) in enumerate(chunk):
-                if self.kind == "orm":
+                if self.kind == "preference":
+                    out.append([float(logits[row, len(seq) - 1])])
+                elif self.kind == "orm":
                     out.append([float(probs[row, len(seq) - 1])] if len(seq) > start else [])
                 else:
                     out.append([float(probs[row, e]) for e in ends])

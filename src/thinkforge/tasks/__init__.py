@@ -86,6 +86,35 @@ class Task:
         """Whether ``step`` is a correct ``index``-th step for ``problem`` (tasks with gold steps only)."""
         raise NotImplementedError(f"task {self.name!r} has no step checker")
 
+    def gold_utility(self, problem: Problem, completion: str) -> float:
+        """The *gold preference*: how much a careful reader likes ``completion``, in [0, 1]; a higher value is
+        preferred. The simulated labeller ranks by it and over-optimisation is measured against it.
+
+        - Right beats wrong: a right answer scores ``1 - 0.05 * min(redundant, 10)`` (in [0.5, 1]), a wrong
+          one at most 0.4.
+        - Among right answers the reader prefers fewer *redundant* thinking steps: lines that state no
+          fact of the gold solution, or restate one already stated (tasks with gold steps; else 0).
+        - Among wrong answers the reader prefers the one whose first error comes later:
+          ``0.4 * (thinking lines before the first wrong one) / (gold steps)``, capped at 0.4 (tasks with
+          gold steps; else 0).
+
+        A learned reward can be wrong about this in ways a policy can exploit (e.g. liking longer traces).
+        """
+        from thinkforge.format import parse_completion
+
+        right = self.score(problem, self.extract(completion)) >= 1.0
+        if not self.has_gold_steps or not problem.steps:
+            return float(right)
+        lines = [x.strip() for x in (parse_completion(completion).thinking or "").split(self.step_delimiter) if x.strip()]
+        gold = range(len(problem.steps))
+        matched = [next((j for j in gold if self.check_step(problem, j, line)), None) for line in lines]
+        if right:
+            redundant = sum(m is None for m in matched) + sum(
+                m is not None and m in matched[:i] for i, m in enumerate(matched))
+            return 1.0 - 0.05 * min(redundant, 10)
+        first_wrong = next((i for i, m in enumerate(matched) if m is None), len(matched))
+        return 0.4 * min(1.0, first_wrong / len(problem.steps))
+
     def sample_text(self, n: int = 200) -> list[str]:
         """Texts that show the task's alphabet (for building a character tokenizer)."""
         texts = []

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from thinkforge import format as fmt
 from thinkforge.config import check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.models import load_model, resolve_device
-from thinkforge.rewards import compute_rewards
+from thinkforge.rewards import RM_PREFIX, RM_SCOPES, compute_rewards
 from thinkforge.tasks import get_task
 from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, distributed, run_training, start_run
 from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, shard_weight
@@ -52,7 +53,9 @@ class GRPOConfig(RunOptions):
     task: str = option("mul", "task name or .jsonl/.parquet file")
     task_options: dict = option({}, "the task's knobs")
     out: str = option("runs/grpo", "run folder")
-    rewards: dict = option({"accuracy": 1.0, "format": 0.1}, "reward weights by name or dotted path (see rewards)")
+    rewards: dict = option({"accuracy": 1.0, "format": 0.1}, "reward weights by name, rm:<folder> (a learned reward "
+                                                               "model) or dotted path (see rewards)")
+    rm_scope: str = option("all", "what an rm:<folder> reward reads: all (thinking + answer) or answer")
     loss: str = option("dapo", f"loss variant: {', '.join(LOSSES)}")
     prompts_per_step: int = option(8, "P: problems per roll-out batch")
     group_size: int = option(8, "G: completions per problem (>= 2: advantages are relative to the group)")
@@ -80,6 +83,7 @@ class GRPOConfig(RunOptions):
     def __post_init__(self):
         super().__post_init__()
         check(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        check(self.rm_scope in RM_SCOPES, f"rm_scope must be one of {RM_SCOPES}, got {self.rm_scope!r}")
         check(self.group_size >= 2, f"group_size must be >= 2 (GRPO's advantage is relative to the group), got {self.group_size}")
         for name in ("prompts_per_step", "max_new_tokens", "steps", "mu", "train_problems"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -153,7 +157,9 @@ class RolloutSource:
                                 thinking_budget=cfg.thinking_budget, seed=seeds)
         comps = self.engine.generate([fmt.render_prompt(p.question) for p in problems], params)
         probs = [p for p in problems for _ in range(cfg.group_size)]
-        r = compute_rewards([c.text for c in comps], probs, self.task, cfg.rewards, lengths=[len(c.ids) for c in comps])
+        options = {name: {"scope": cfg.rm_scope} for name in cfg.rewards if name.startswith(RM_PREFIX)}
+        r = compute_rewards([c.text for c in comps], probs, self.task, cfg.rewards, lengths=[len(c.ids) for c in comps],
+                            options=options)
         return comps, probs, r
 
     def _groups(self, problems: list, round_seed: int) -> tuple[list, dict]:
@@ -193,6 +199,15 @@ class RolloutSource:
                 kept.append(group)
         state["batches"] += 1
         stats = self._stats(all_groups, dropped, audit)
+        if "overopt/proxy" in stats:  # the history lives in the (checkpointed) state, so resume is exact
+            history = state.setdefault("overopt", [])
+            history.append((stats["overopt/proxy"], stats["overopt/gold"]))
+            stats["overopt/warning"] = float(overoptimising(history))
+            if stats["overopt/warning"] and not state.get("overopt_warned") and self.rank == 0:
+                state["overopt_warned"] = True
+                print(f"warning: step {(state['batches'] - 1) * cfg.mu}: the learned reward keeps rising while the "
+                      "gold score falls (over-optimisation / reward hacking): see overopt/* in metrics.jsonl",
+                      file=sys.stderr)
         stats["sampling_rounds"] = rounds
         stats["gen_time"] = time.perf_counter() - t0
         if not kept:  # every group had zero variance: nothing to learn from this batch
@@ -223,6 +238,10 @@ class RolloutSource:
         }
         for name in groups[0][4]:
             s[f"rewards/{name}/mean"] = sum(x for g in groups for x in g[4][name]) / len(comps)
+        proxies = [n for n in groups[0][4] if n.startswith(RM_PREFIX)]
+        if proxies:  # a learned reward: its value beside the gold one on the same completions
+            s["overopt/proxy"] = s[f"rewards/{proxies[0]}/mean"]
+            s["overopt/gold"] = sum(self.task.gold_utility(p, c.text) for g in groups for c, p in zip(g[0], g[1])) / len(comps)
         if "format" in groups[0][4]:
             fmt_ok = [x for g in groups for x in g[4]["format"]]
             s["audit/format_only_share"] = sum(f > 0 and a < 1 for f, a in zip(fmt_ok, acc)) / len(comps)
@@ -238,6 +257,22 @@ class RolloutSource:
         ro = state["rollouts"] if state["pass"] else state.pop("rollouts")  # kept (and checkpointed) while passes remain
         seen = 0 if ro["ids"] is None else int(ro["ids"].numel())
         return [{"rollouts": ro, "n_tokens": 1, "seen_tokens": seen}]
+
+
+def overoptimising(history: list[tuple[float, float]], window: int = 5, drop: float = 0.02) -> bool:
+    """Reward hacking in progress: over the last ``window`` roll-out batches the proxy (learned) reward rose
+    while the gold score fell by more than ``drop``, each compared with the ``window`` batches before
+    (Gao et al. 2022: the proxy keeps rising after the gold score has peaked).
+
+    >>> overoptimising([(0.1, 0.5)] * 5 + [(0.3, 0.4)] * 5), overoptimising([(0.1, 0.5)] * 5 + [(0.3, 0.6)] * 5)
+    (True, False)
+    """
+    if len(history) < 2 * window:
+        return False
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    before, now = history[-2 * window : -window], history[-window:]
+    return mean([p for p, _ in now]) > mean([p for p, _ in before]) and \
+        mean([g for _, g in now]) < mean([g for _, g in before]) - drop
 
 
 ROW_STATS = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")

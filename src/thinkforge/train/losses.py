@@ -143,3 +143,27 @@ def shard_weight(variant: Variant, mask: torch.Tensor, rows: slice) -> float:
     if variant.shard_by == "tokens":
         return float(mask[rows].sum() / mask.sum().clamp(min=1))
     return mask[rows].shape[0] / mask.shape[0]
+
+
+# ---- losses from preferences ----------------------------------------------------------------------------
+
+def bradley_terry_loss(r_better: torch.Tensor, r_worse: torch.Tensor, margin: torch.Tensor | float = 0.0):
+    """−log σ(r_better − r_worse − margin) per pair: the reward model's loss (Bradley & Terry 1952;
+    InstructGPT eq. 1; the margin as in Llama 2's reward model). (P,)"""
+    return -torch.nn.functional.logsigmoid(r_better - r_worse - margin)
+
+
+def dpo_sigmoid_loss(logratio_better: torch.Tensor, logratio_worse: torch.Tensor, beta: float):
+    """DPO (Rafailov et al. 2023, eq. 7): −log σ(β[(log π − log π_ref)(y_w) − (log π − log π_ref)(y_l)]),
+    with sequence log-probabilities summed over completion tokens. (P,)"""
+    return -torch.nn.functional.logsigmoid(beta * (logratio_better - logratio_worse))
+
+
+def ipo_loss(logratio_better: torch.Tensor, logratio_worse: torch.Tensor, beta: float):
+    """IPO (Azar et al. 2023, eq. 17): (h − 1/(2β))², h the difference of log-ratios; log-probabilities are
+    averaged over completion tokens (as TRL does), so β is on a per-token scale. (P,)"""
+    return (logratio_better - logratio_worse - 1 / (2 * beta)) ** 2
+
+
+# name -> (loss, whether sequence log-probabilities are token means rather than sums)
+DPO_LOSSES: dict[str, tuple[Callable, bool]] = {"sigmoid": (dpo_sigmoid_loss, False), "ipo": (ipo_loss, True)}

@@ -64,14 +64,19 @@ REFLECTION = re.compile(r"^\W*(wait|hmm|let me|check|so far|ok(ay)?)\b[^0-9=]*$"
 
 @dataclass
 class RMConfig(RunOptions):
-    kind: str = option("prm", "prm: a score per step; orm: one score per completion")
+    kind: str = option("prm", "prm: a score per step; orm: one score per completion; preference: a Bradley-Terry "
+                               "reward learned from --data pairs / rankings (thinkforge preferences)")
     policy: str = option("runs/demo/grpo/model", "model whose sampled completions are labelled (and the default backbone)")
     model: str | None = option(None, "backbone to start from (default: the policy)")
     extra_layers: int = option(0, "fresh transformer layers on top of the backbone's (they start as the identity)")
     task: str = option("mul", "task name or .jsonl/.parquet file")
     task_options: dict = option({}, "the task's knobs")
     labels: str = option("gold", "step labels: gold, judge (Error Propagation/Cessation) or mc (Monte-Carlo roll-outs)")
-    data: str | None = option(None, "labels.jsonl of an earlier run to train on, instead of sampling and labelling")
+    data: str | None = option(None, "labels.jsonl of an earlier run to train on, instead of sampling and labelling; "
+                                    "for kind=preference the preference file (.jsonl / .parquet)")
+    center_rewards: float = option(0.0, "preference: weight of (mean reward of a prompt's completions)^2 in the loss "
+                                        "(reward centring, Eisenstein et al. 2023; TRL's center_rewards_coefficient)")
+    eval_share: float = option(0.1, "preference: share of the prompts held out for eval.json (by prompt hash)")
     problems: int = option(1000, "training-split problems to sample completions for")
     samples: int = option(4, "completions per problem")
     gold_traces: bool = option(True, "also train on each problem's gold trace (all steps right), when the task has one: "
@@ -98,6 +103,8 @@ class RMConfig(RunOptions):
         for name in ("problems", "samples", "max_new_tokens", "mc_rollouts", "steps", "batch_size", "batch_rows"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.eval_problems >= 0 and self.temperature > 0 and self.lr > 0, "need eval_problems >= 0, temperature > 0, lr > 0")
+        check(self.kind != "preference" or self.data is not None, "kind=preference needs --data (a preference file)")
+        check(0 <= self.eval_share < 1 and self.center_rewards >= 0, "need 0 <= eval_share < 1 and center_rewards >= 0")
 
 
 # ---- step labels -------------------------------------------------------------------------------------
@@ -328,6 +335,10 @@ def train_reward_model(cfg: RMConfig) -> Path:
     """Label (or read) the data, train the ORM/PRM, write ``model/``, ``labels.jsonl`` and ``eval.json``."""
     from transformers import AutoModelForTokenClassification
 
+    if cfg.kind == "preference":
+        from thinkforge.train.preference_rm import train_preference_rm
+
+        return train_preference_rm(cfg)
     run = start_run(cfg.out, cfg)
     device = resolve_device(cfg.device)
     task = get_task(cfg.task, **cfg.task_options)

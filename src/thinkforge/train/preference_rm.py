@@ -1,0 +1,144 @@
+"""A Bradley–Terry reward model learned from preferences (InstructGPT's reward model).
+
+    thinkforge preferences --model runs/demo/sft-cot/model --out runs/prefs.jsonl
+    thinkforge train rm --kind preference --data runs/prefs.jsonl --policy runs/demo/sft-cot/model --out runs/bt
+
+The model is the policy's weights under a one-logit head (``AutoModelForTokenClassification``, an
+ordinary HF checkpoint); the reward of ``prompt + completion`` is the logit at its last token. The loss
+per comparison is −log σ(r_better − r_worse − margin) (``losses.bradley_terry_loss``); a K-wise ranking
+contributes the *mean* over its K(K−1)/2 comparisons as one element of the batch (InstructGPT §3.5:
+so the model does not overfit to the many correlated pairs of one prompt), and the step's loss is the
+sum over rankings divided by their number. ``center_rewards`` adds λ·(mean reward of the prompt's
+completions)², which pins the otherwise free offset near 0 (Eisenstein et al. 2023; TRL's
+``center_rewards_coefficient`` uses (r_chosen + r_rejected)² for pairs, the same up to a factor 4).
+
+A share ``eval_share`` of the prompts (chosen by a hash of the prompt) is held out; ``eval.json``
+reports the reward model's pairwise accuracy on their labels with a 95% bootstrap interval over
+prompts, its agreement with the gold preference (when the rows carry ``gold_ranking``), and the
+labeller's own agreement with gold on the same rows — the ceiling a reward model of noisy labels is
+measured against.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from thinkforge.config import ConfigError, save_config
+from thinkforge.metrics import bootstrap_ci
+from thinkforge.models import resolve_device
+from thinkforge.preferences import Ranking, agreement, prompt_text, read_preferences
+from thinkforge.scorers import RewardModel, encode, pad_rows
+from thinkforge.train.loop import EpochStream, LoopSettings, distributed, run_training, start_run
+from thinkforge.train.losses import bradley_terry_loss
+from thinkforge.train.reward_model import RMConfig, _backbone
+
+
+def held_out(prompt: str, share: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < share
+
+
+def encode_ranking(tok, r: Ranking) -> dict:
+    """Token ids of every completion after the prompt (the same encoding ``RewardModel.score`` uses)."""
+    prompt = prompt_text(r.prompt)
+    return {"ids": [encode(tok, prompt, c)[0] for c in r.completions], "pairs": r.pairs(), "margin": r.margin}
+
+
+class PreferenceBatcher:
+    """Seeded, resumable batches of ``batch_size`` rankings (each with all its completions and pairs)."""
+
+    def __init__(self, encoded: list[dict], batch_size: int, seed: int):
+        self.stream, self.batch_size = EpochStream(encoded, seed), batch_size
+
+    def __call__(self, state: dict) -> list[dict]:
+        rankings = [self.stream.next(state) for _ in range(self.batch_size)]
+        return [{"rankings": rankings, "n_tokens": len(rankings),
+                 "seen_tokens": sum(len(x) for r in rankings for x in r["ids"])}]
+
+
+def make_loss_fn(center: float, pad_id: int, device):
+    """Sum over this process's rankings of the mean BT loss of each ranking's pairs (+ centring)."""
+    rank, world = distributed()
+
+    def loss_fn(model, mb: dict):
+        mine = mb["rankings"][rank::world]  # each process its share; the loop divides by the global count
+        if not mine:
+            return None, {"accuracy": 0.0, "margin": 0.0}
+        seqs = [ids for r in mine for ids in r["ids"]]
+        ids = pad_rows(seqs, pad_id).to(device)
+        logits = model(input_ids=ids).logits[..., 0].float()  # (S, T)
+        rewards = logits[torch.arange(len(seqs)), torch.tensor([len(s) - 1 for s in seqs])]  # (S,)
+        loss, right, n_pairs, margin, start = 0.0, 0.0, 0, 0.0, 0
+        for r in mine:
+            rw = rewards[start : start + len(r["ids"])]
+            start += len(r["ids"])
+            better, worse = (torch.tensor(x) for x in zip(*r["pairs"]))
+            loss = loss + bradley_terry_loss(rw[better], rw[worse], r["margin"]).mean()
+            if center:
+                loss = loss + center * rw.mean() ** 2
+            diff = (rw[better] - rw[worse]).detach()
+            right += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+            margin += float(diff.sum())
+            n_pairs += len(r["pairs"])
+        return loss, {"accuracy": right / n_pairs, "margin": margin / n_pairs}
+
+    return loss_fn
+
+
+def train_preference_rm(cfg: RMConfig) -> Path:
+    """Read the preferences, hold out ``eval_share`` of the prompts, train, write ``model/`` and ``eval.json``."""
+    from transformers import AutoModelForTokenClassification
+
+    run = start_run(cfg.out, cfg)
+    device = resolve_device(cfg.device)
+    rankings = read_preferences(cfg.data)
+    train = [r for r in rankings if not held_out(r.prompt, cfg.eval_share)]
+    test = [r for r in rankings if held_out(r.prompt, cfg.eval_share)]
+    if not train:
+        raise ConfigError(f"{cfg.data}: every prompt fell in the held-out share ({cfg.eval_share}): lower --eval-share")
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        save_config(cfg, run / "config.toml")
+    if cfg.resume:
+        model = AutoModelForTokenClassification.from_pretrained(str(run / "checkpoint")).to(device)
+        _, tok = _backbone(cfg.model or cfg.policy, "cpu")
+    else:
+        torch.manual_seed(cfg.seed)  # the new head's initial weights
+        model, tok = _backbone(cfg.model or cfg.policy, device, cfg.extra_layers)
+    model.config.thinkforge_rm = {"kind": "preference", "step_delimiter": "\n"}
+    settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
+                            cfg.save_every, cfg.seed)
+    batcher = PreferenceBatcher([encode_ranking(tok, r) for r in train], cfg.batch_size, cfg.seed)
+    run_training(model, tok, run, settings, batcher, make_loss_fn(cfg.center_rewards, tok.pad_token_id, device),
+                 resume=cfg.resume, describe=lambda m: f"loss {m['loss']:.3f} acc {m['accuracy']:.2f}")
+    if rank0 and test:
+        report = evaluate_preference_rm(RewardModel(model.eval(), tok, "preference"), test, cfg.seed)
+        report.update(train_rankings=len(train), data=cfg.data)
+        (run / "eval.json").write_text(json.dumps(report, indent=2))
+    return run
+
+
+def evaluate_preference_rm(rm: RewardModel, rankings: list[Ranking], seed: int = 0) -> dict:
+    """Held-out pairwise accuracy on the labels, agreement with gold, and the labeller's own agreement with
+    gold; 95% intervals bootstrap over prompts (a prompt's pairs move together)."""
+    scores = [[s[0] for s in rm.score([prompt_text(r.prompt)] * len(r.completions), r.completions)] for r in rankings]
+    per_prompt_acc = []
+    for r, sc in zip(rankings, scores):
+        hits = [1.0 if sc[i] > sc[j] else 0.5 if sc[i] == sc[j] else 0.0 for i, j in r.pairs()]
+        per_prompt_acc.append(sum(hits) / len(hits))
+    report = {"held_out_rankings": len(rankings), "held_out_pairs": sum(len(r.pairs()) for r in rankings)}
+    report["accuracy"] = dict(zip(("mean", "ci_low", "ci_high"), bootstrap_ci(per_prompt_acc, seed=seed)))
+    gold = [r for r in rankings if r.gold_ranks is not None]
+    if gold:
+        rm_gold = [agreement([r], [sc])[0] for r, sc in zip(rankings, scores) if r.gold_ranks is not None]
+        lab_gold = [agreement([r])[0] for r in gold]
+        keep = [i for i, a in enumerate(rm_gold) if a]  # prompts with at least one gold-ordered pair
+        report["rm_agreement_with_gold"] = dict(zip(("mean", "ci_low", "ci_high"), bootstrap_ci(
+            [sum(rm_gold[i]) / len(rm_gold[i]) for i in keep], seed=seed)))
+        report["labeller_agreement_with_gold"] = dict(zip(("mean", "ci_low", "ci_high"), bootstrap_ci(
+            [sum(lab_gold[i]) / len(lab_gold[i]) for i in keep], seed=seed)))
+    return report

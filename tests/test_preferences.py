@@ -1,0 +1,298 @@
+"""Preference data, the simulated labeller, the Bradley-Terry reward model, DPO / IPO, and a learned reward
+inside GRPO: losses against hand-computed values, bad rows, exact resume, and the trainers end to end."""
+import json
+import math
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from thinkforge import format as fmt
+from thinkforge.config import ConfigError
+from thinkforge.preferences import Ranking, agreement, noisy_ranks, read_preferences
+from thinkforge.train.losses import DPO_LOSSES, bradley_terry_loss, dpo_sigmoid_loss, ipo_loss
+
+
+def test_losses_by_hand():
+    # BT: -log sigmoid(2 - 1) = log(1 + e^-1); with a margin of 0.5: log(1 + e^-0.5)
+    assert float(bradley_terry_loss(torch.tensor(2.0), torch.tensor(1.0))) == pytest.approx(math.log(1 + math.exp(-1)))
+    assert float(bradley_terry_loss(torch.tensor(2.0), torch.tensor(1.0), 0.5)) == pytest.approx(math.log(1 + math.exp(-0.5)))
+    # DPO: log-ratios 0.5 and -0.5, beta 0.1: -log sigmoid(0.1 * 1.0) = log(1 + e^-0.1)
+    assert float(dpo_sigmoid_loss(torch.tensor(0.5), torch.tensor(-0.5), 0.1)) == pytest.approx(math.log(1 + math.exp(-0.1)))
+    # IPO: (h - 1/(2 beta))^2 with h = 1: 0 at beta 0.5, 1 at beta 0.25
+    assert float(ipo_loss(torch.tensor(0.5), torch.tensor(-0.5), 0.5)) == pytest.approx(0.0)
+    assert float(ipo_loss(torch.tensor(0.5), torch.tensor(-0.5), 0.25)) == pytest.approx(1.0)
+    assert DPO_LOSSES["ipo"][1] and not DPO_LOSSES["sigmoid"][1]  # IPO averages log-probs over tokens
+
+
+def test_ranking_pairs_and_ties():
+    r = Ranking("q", ["a", "b", "c", "d"], [0, 1, 2, 3])
+    assert len(r.pairs()) == 6 and (0, 3) in r.pairs() and (3, 0) not in r.pairs()
+    tied = Ranking("q", ["a", "b", "c"], [0, 1, 1])
+    assert tied.pairs() == [(0, 1), (0, 2)]  # a declared tie gives no pair
+
+
+def test_noisy_ranks_by_hand_and_agreement_matches_the_noise():
+    assert noisy_ranks([0.9, 0.5, 0.1], 0.0, random.Random(0)) == ([0, 1, 2], [0, 1, 2])
+    # noise 1 swaps every adjacent pair of the gold order in one pass: [0,1,2] -> [1,0,2] -> [2,0,1]
+    assert noisy_ranks([0.9, 0.5, 0.1], 1.0, random.Random(0)) == ([2, 0, 1], [0, 1, 2])
+    assert noisy_ranks([0.5, 0.5, 0.1], 1.0, random.Random(0))[1] == [0, 0, 1]  # equal utilities tie
+    rng, rows = random.Random(1), []
+    for _ in range(4000):
+        ranks, gold = noisy_ranks([1.0, 0.2], 0.27, rng)
+        rows.append(Ranking("q", ["a", "b"], ranks, gold_ranks=gold))
+    agree, missing = agreement(rows)
+    assert missing == 0 and sum(agree) / len(agree) == pytest.approx(0.73, abs=0.02)
+
+
+def test_gold_utility_prefers_right_then_fewer_redundant_steps_then_a_later_error():
+    from thinkforge.tasks import get_task
+
+    task = get_task("mul")
+    p = task.problems(1)[0]
+    gold = fmt.render_completion(p.answer, "\n".join(p.steps))
+    padded = fmt.render_completion(p.answer, "\n".join(p.steps + [p.steps[0], "hmm"]))  # 2 redundant lines
+    late = fmt.render_completion("1", "\n".join(p.steps[:1] + ["1*1=2"] + p.steps[1:]))  # first error at line 2 of 3
+    early = fmt.render_completion("1", "\n".join(["1*1=2"] + p.steps[1:]))
+    values = [task.gold_utility(p, c) for c in (gold, padded, late, early)]
+    assert values == pytest.approx([1.0, 0.9, 0.4 / 3, 0.0])
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_reading_pairs_rankings_and_parquet(tmp_path):
+    rows = [{"prompt": "1+1", "chosen": "2", "rejected": "3", "margin": 0.5},
+            {"prompt": "2+2", "completions": ["4", "5", "6"], "ranking": [0, 1, 1], "gold_ranking": [0, 1, 2]}]
+    got = read_preferences(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert [(r.completions, r.ranks, r.margin) for r in got] == [(["2", "3"], [0, 1], 0.5), (["4", "5", "6"], [0, 1, 1], 0.0)]
+    pq.write_table(pa.Table.from_pylist([rows[0]]), tmp_path / "p.parquet")
+    assert read_preferences(tmp_path / "p.parquet")[0].completions == ["2", "3"]
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"chosen": "a", "rejected": "b"}, "p.jsonl:2: field 'prompt'"),
+    ({"prompt": "q", "chosen": "a"}, "p.jsonl:2: field 'rejected'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": -1}, "field 'margin' must be a number >= 0"),
+    ({"prompt": "q", "completions": ["a"], "ranking": [0]}, "field 'completions' must be a list of 2 to 16"),
+    ({"prompt": "q", "completions": ["a", "b"], "ranking": [0]}, "field 'ranking' must be one integer rank"),
+    ({"prompt": "q", "completions": ["a", "b"], "ranking": [1, 1]}, "ranks every completion the same"),
+    ({"prompt": "q", "completions": ["a", "b"], "ranking": [0, "1"]}, "field 'ranking'"),
+    ([1, 2], "p.jsonl:2: expected an object"),
+])
+def test_bad_preference_rows_name_file_line_and_field(tmp_path, row, needle):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok", "chosen": "a", "rejected": "b"}, row])
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        read_preferences(path)
+
+
+def test_unreadable_preference_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="no rows"):
+        read_preferences(tmp_path / "empty.jsonl")
+    (tmp_path / "p.csv").write_text("x")
+    with pytest.raises(ConfigError, match=r"must be \.jsonl or \.parquet"):
+        read_preferences(tmp_path / "p.csv")
+    with pytest.raises(ConfigError, match="no such file"):
+        read_preferences(tmp_path / "none.jsonl")
+
+
+# ---- trainers on a tiny model --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    from thinkforge.train.sft import SFTConfig, train_sft
+
+    out = tmp_path_factory.mktemp("pol") / "sft"
+    return str(train_sft(SFTConfig(task="add", task_options={"digits": 2}, size="micro", steps=15, batch_size=16,
+                                   max_len=64, out=str(out), train_problems=200, save_every=15)) / "model")
+
+
+def toy_preferences(path, n=60, k=2):
+    """A learnable preference: an answer ending in 7 beats one ending in 3 (ties among equals)."""
+    rows = []
+    for i in range(n):
+        good, bad = f"<think>\n{i}\n</think>\n<answer>{i}7</answer>", f"<think>\n{i}\n</think>\n<answer>{i}3</answer>"
+        if k == 2:
+            rows.append({"prompt": f"{i}+{i}", "chosen": good, "rejected": bad, "gold_ranking": [0, 1]})
+        else:
+            rows.append({"prompt": f"{i}+{i}", "completions": [bad, good, bad + " "], "ranking": [1, 0, 2],
+                         "gold_ranking": [1, 0, 1]})
+    return write_jsonl(path, rows)
+
+
+def rm_cfg(policy, tmp_path, data, **kw):
+    from thinkforge.train.reward_model import RMConfig
+
+    base = dict(kind="preference", data=data, policy=policy, out=str(tmp_path / "rm"), steps=30, batch_size=8,
+                lr=3e-3, warmup=2, save_every=10, eval_share=0.25)
+    return RMConfig(**{**base, **kw})
+
+
+def test_bt_reward_model_learns_a_preference_and_scores_it(policy, tmp_path):
+    from thinkforge.scorers import RewardModel
+    from thinkforge.train.reward_model import train_reward_model
+
+    run = train_reward_model(rm_cfg(policy, tmp_path, toy_preferences(tmp_path / "p.jsonl", k=3)))
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["held_out_rankings"] > 5 and ev["accuracy"]["mean"] > 0.9
+    assert ev["accuracy"]["ci_low"] <= ev["accuracy"]["mean"] <= ev["accuracy"]["ci_high"]
+    assert ev["labeller_agreement_with_gold"]["mean"] == 1.0  # the toy labels are the gold ones
+    rm = RewardModel.load(str(run / "model"))
+    assert rm.kind == "preference"
+    s = rm.score(["5+5", "5+5"], ["<think>\n5\n</think>\n<answer>57</answer>", "<think>\n5\n</think>\n<answer>53</answer>"])
+    assert s[0][0] > s[1][0]
+
+
+def test_a_ranking_is_one_batch_element_whose_loss_is_the_mean_of_its_pairs(policy):
+    from thinkforge.train.preference_rm import encode_ranking, make_loss_fn
+    from thinkforge.train.reward_model import _backbone
+
+    torch.manual_seed(0)
+    model, tok = _backbone(policy, "cpu")
+    r = Ranking("1+1", ["<answer>2</answer>", "<answer>3</answer>", "<answer>4</answer>"], [0, 1, 2])
+    enc = encode_ranking(tok, r)
+    loss, stats = make_loss_fn(0.0, tok.pad_token_id, "cpu")(model, {"rankings": [enc]})
+    with torch.no_grad():
+        rewards = [float(model(input_ids=torch.tensor([ids])).logits[0, -1, 0]) for ids in enc["ids"]]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expected = sum(math.log(1 + math.exp(-(rewards[i] - rewards[j]))) for i, j in pairs) / 3
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    centred, _ = make_loss_fn(0.5, tok.pad_token_id, "cpu")(model, {"rankings": [enc]})
+    assert float(centred) == pytest.approx(expected + 0.5 * (sum(rewards) / 3) ** 2, rel=1e-5)
+
+
+def _crash_then_resume(monkeypatch, module, make, cfg_of, tmp_path):
+    """Run once uninterrupted and once killed at the 4th loss call then resumed: the metrics must match."""
+    full = make(cfg_of(tmp_path / "a"))
+    expected = (full / "metrics.jsonl").read_text().splitlines()
+    real, calls = module.make_loss_fn, {"n": 0}
+
+    def crashing(*args):
+        fn = real(*args)
+
+        def wrapped(model, mb):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+            return fn(model, mb)
+
+        return wrapped
+
+    monkeypatch.setattr(module, "make_loss_fn", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        make(cfg_of(tmp_path / "b"))
+    monkeypatch.setattr(module, "make_loss_fn", real)
+    make(cfg_of(tmp_path / "b", resume=True))
+    got = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("step_time", "tokens_per_s")} for r in rows]
+    assert strip(got) == strip(expected)
+
+
+def test_bt_reward_model_resumes_exactly(policy, tmp_path, monkeypatch):
+    from thinkforge.train import preference_rm
+    from thinkforge.train.reward_model import train_reward_model
+
+    data = toy_preferences(tmp_path / "p.jsonl")
+    _crash_then_resume(monkeypatch, preference_rm, train_reward_model,
+                       lambda out, **kw: rm_cfg(policy, out, data, steps=6, save_every=2, out=str(out), **kw), tmp_path)
+
+
+def dpo_cfg(policy, out, data, **kw):
+    from thinkforge.train.dpo import DPOConfig
+
+    base = dict(model=policy, data=data, out=str(out), steps=12, batch_size=8, lr=1e-3, warmup=1, save_every=4,
+                task="add", task_options={"digits": 2}, eval_problems=8, eval_samples=2, max_new_tokens=24)
+    return DPOConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_dpo_raises_the_chosen_over_the_rejected_and_reports_gold(policy, tmp_path, loss):
+    from thinkforge.train.dpo import train_dpo
+
+    run = train_dpo(dpo_cfg(policy, tmp_path / "dpo", toy_preferences(tmp_path / "p.jsonl"), loss=loss,
+                            beta=0.5 if loss == "ipo" else 0.1))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    assert rows[-1]["rewards/margins"] > 0 and rows[-1]["rewards/accuracies"] > 0.5
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["problems"] == 8 and set(ev) >= {"greedy", "sampled", "greedy_accuracy"}
+    assert ev["greedy"]["difference"]["ci_low"] <= ev["greedy"]["difference"]["diff"] <= ev["greedy"]["difference"]["ci_high"]
+
+
+def test_dpo_loss_fn_is_the_formula(policy, tmp_path):
+    from thinkforge.models import load_model
+    from thinkforge.train.dpo import add_reference, encode_pairs, make_loss_fn, sequence_logps
+
+    model, tok = load_model(policy, device="cpu")
+    ref, _ = load_model(policy, device="cpu")
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.1)  # the policy has moved away from the reference
+    pairs = encode_pairs(read_preferences(toy_preferences(tmp_path / "p.jsonl", n=3)), tok, 128)
+    add_reference(pairs, ref, tok.pad_token_id, "cpu", mean=False)
+    cfg = dpo_cfg(policy, tmp_path, "unused.jsonl", beta=0.2)
+    loss, stats = make_loss_fn(cfg, tok.pad_token_id, "cpu")(model, {"pairs": pairs})
+    expected = 0.0
+    for p in pairs:
+        with torch.no_grad():
+            lb, lw = sequence_logps(model, [p["better"], p["worse"]], [p["start"]] * 2, tok.pad_token_id, "cpu", False)
+            rb, rw = sequence_logps(ref, [p["better"], p["worse"]], [p["start"]] * 2, tok.pad_token_id, "cpu", False)
+        h = float((lb - rb) - (lw - rw))
+        expected += math.log(1 + math.exp(-0.2 * h))
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+
+
+def test_dpo_resumes_exactly(policy, tmp_path, monkeypatch):
+    from thinkforge.train import dpo
+
+    data = toy_preferences(tmp_path / "p.jsonl")
+    _crash_then_resume(monkeypatch, dpo, dpo.train_dpo,
+                       lambda out, **kw: dpo_cfg(policy, out, data, steps=6, save_every=2, eval_problems=0, **kw), tmp_path)
+
+
+def test_simulated_labeller_writes_readable_ranked_rows(policy, tmp_path):
+    from thinkforge.models import load_model
+    from thinkforge.preferences import PreferencesConfig, label_preferences
+    from thinkforge.tasks import get_task
+
+    model, tok = load_model(policy, device="cpu")
+    task = get_task("add", digits=2)
+    cfg = PreferencesConfig(model=policy, task="add", task_options={"digits": 2}, prompts=12, k=4, noise=0.0,
+                            max_new_tokens=24, out=str(tmp_path / "p.jsonl"))
+    rows, stats = label_preferences(model, tok, task, task.problems(12), cfg)
+    assert stats["rows"] + stats["all_tied_prompts"] == 12 and stats["rows"] == len(rows)
+    for row in rows:
+        utils = row["gold_utility"]
+        assert [sorted(set(utils), reverse=True).index(u) for u in utils] == row["ranking"] == row["gold_ranking"]
+    if rows:
+        assert stats["label_agreement_with_gold"] == 1.0  # no noise: the labels are the gold order
+        write_jsonl(tmp_path / "p.jsonl", rows)
+        assert len(read_preferences(tmp_path / "p.jsonl")) == len(rows)
+
+
+def test_grpo_against_a_learned_reward_logs_proxy_and_gold(policy, tmp_path):
+    from thinkforge.rewards import reward_model_reward
+    from thinkforge.tasks import get_task
+    from thinkforge.train.grpo import GRPOConfig, train_grpo
+    from thinkforge.train.reward_model import train_reward_model
+
+    rm = train_reward_model(rm_cfg(policy, tmp_path, toy_preferences(tmp_path / "p.jsonl"), steps=10)) / "model"
+    task = get_task("add", digits=2)
+    prob = task.problems(1)[0]
+    same_answer = ["<think>\n1\n</think>\n<answer>17</answer>", "<think>\n222\n</think>\n<answer>17</answer>"]
+    score = reward_model_reward(str(rm))
+    by_answer = score(same_answer, [prob, prob], scope="answer")
+    by_all = score(same_answer, [prob, prob], scope="all")
+    assert by_answer[0] == pytest.approx(by_answer[1]) and by_all[0] != pytest.approx(by_all[1])
+    cfg = GRPOConfig(model=policy, task="add", task_options={"digits": 2}, out=str(tmp_path / "g"), steps=2,
+                     prompts_per_step=2, group_size=4, max_new_tokens=24, rewards={f"rm:{rm}": 1.0},
+                     dynamic_sampling=False, train_problems=20, save_every=2, rm_scope="answer")
+    rows = [json.loads(x) for x in (train_grpo(cfg) / "metrics.jsonl").read_text().splitlines()]
+    assert all({"overopt/proxy", "overopt/gold", "overopt/warning"} <= set(r) for r in rows)
+    assert all(0.0 <= r["overopt/gold"] <= 1.0 for r in rows)
+    with pytest.raises(ConfigError, match="rm_scope"):
+        GRPOConfig(model=policy, rm_scope="thinking")
