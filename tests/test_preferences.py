@@ -296,3 +296,12 @@ def test_grpo_against_a_learned_reward_logs_proxy_and_gold(policy, tmp_path):
     assert all(0.0 <= r["overopt/gold"] <= 1.0 for r in rows)
     with pytest.raises(ConfigError, match="rm_scope"):
         GRPOConfig(model=policy, rm_scope="thinking")
+
+
+def test_held_out_share_is_independent_of_the_task_split():
+    """The task's train split is itself a hash of the question: the held-out share must use another one."""
+    from thinkforge.tasks import get_task
+    from thinkforge.train.preference_rm import held_out
+
+    questions = [p.question for p in get_task("mul").problems(1000, "train")]
+    assert 60 <= sum(held_out(q, 0.1) for q in questions) <= 140

@@ -114,6 +114,12 @@ def encode(tok, prompt: str, completion: str, delimiter: str = "\n") -> tuple[li
     return ids, ends, start
 
 
+def preference_ids(tok, prompt: str, completion: str) -> list[int]:
+    """What a preference reward model reads: prompt and completion (as :func:`encode` cuts them) followed by
+    the end-of-turn token, whose logit is the reward (TRL's RewardTrainer appends EOS the same way)."""
+    return encode(tok, prompt, completion)[0] + tok.encode(fmt.IM_END, add_special_tokens=False)
+
+
 def pad_rows(rows: list[list[int]], pad_id: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
@@ -160,7 +166,11 @@ class RewardModel:
         (``str`` or ``Problem``, rendered with the chat template) or already rendered prompt texts."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        encoded = [encode(self.tok, _prompt_text(p), c, self.delimiter) for p, c in zip(prompts, completions)]
+        if self.kind == "preference":
+            encoded = [(ids, [], 0) for ids in (preference_ids(self.tok, _prompt_text(p), c)
+                                                for p, c in zip(prompts, completions))]
+        else:
+            encoded = [encode(self.tok, _prompt_text(p), c, self.delimiter) for p, c in zip(prompts, completions)]
         device = next(self.model.parameters()).device
         out: list[list[float]] = []
         for i in range(0, len(encoded), self.batch_rows):

@@ -4,7 +4,8 @@
     thinkforge train rm --kind preference --data runs/prefs.jsonl --policy runs/demo/sft-cot/model --out runs/bt
 
 The model is the policy's weights under a one-logit head (``AutoModelForTokenClassification``, an
-ordinary HF checkpoint); the reward of ``prompt + completion`` is the logit at its last token. The loss
+ordinary HF checkpoint); the reward of ``prompt + completion`` is the logit at the end-of-turn token
+appended to it (``scorers.preference_ids``; TRL's RewardTrainer appends EOS the same way). The loss
 per comparison is −log σ(r_better − r_worse − margin) (``losses.bradley_terry_loss``); a K-wise ranking
 contributes the *mean* over its K(K−1)/2 comparisons as one element of the batch (InstructGPT §3.5:
 so the model does not overfit to the many correlated pairs of one prompt), and the step's loss is the
@@ -31,21 +32,23 @@ from thinkforge.config import ConfigError, save_config
 from thinkforge.metrics import bootstrap_ci
 from thinkforge.models import resolve_device
 from thinkforge.preferences import Ranking, agreement, prompt_text, read_preferences
-from thinkforge.scorers import RewardModel, encode, pad_rows
+from thinkforge.scorers import RewardModel, pad_rows, preference_ids
 from thinkforge.train.loop import EpochStream, LoopSettings, distributed, run_training, start_run
 from thinkforge.train.losses import bradley_terry_loss
 from thinkforge.train.reward_model import RMConfig, _backbone
 
 
 def held_out(prompt: str, share: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "big")
+    """Whether ``prompt`` is in the held-out share. Its own salt: the task splits hash the unsalted
+    question, so every training-split prompt would otherwise land on one side."""
+    h = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8, person=b"tf-prefs").digest(), "big")
     return h / 2**64 < share
 
 
 def encode_ranking(tok, r: Ranking) -> dict:
     """Token ids of every completion after the prompt (the same encoding ``RewardModel.score`` uses)."""
     prompt = prompt_text(r.prompt)
-    return {"ids": [encode(tok, prompt, c)[0] for c in r.completions], "pairs": r.pairs(), "margin": r.margin}
+    return {"ids": [preference_ids(tok, prompt, c) for c in r.completions], "pairs": r.pairs(), "margin": r.margin}
 
 
 class PreferenceBatcher:
