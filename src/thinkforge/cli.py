@@ -101,6 +101,7 @@ def _commands():
     from thinkforge.serve import ServeConfig
     from thinkforge.train.dpo import DPOConfig
     from thinkforge.train.grpo import GRPOConfig
+    from thinkforge.train.ppo import PPOConfig
     from thinkforge.train.reward_model import RMConfig
     from thinkforge.train.sft import SFTConfig
 
@@ -109,6 +110,7 @@ def _commands():
         "train grpo": (GRPOConfig, "RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, BNPO, GSPO", _train_grpo),
         "train rm": (RMConfig, "reward models: PRM (step labels: gold, judge, Monte-Carlo), ORM, or a Bradley-Terry "
                                "preference RM", _train_rm),
+        "train ppo": (PPOConfig, "PPO with a value model, GAE and a KL penalty in the reward (classic RLHF)", _train_ppo),
         "train dpo": (DPOConfig, "direct preference optimisation (DPO / IPO) from pairs or rankings", _train_dpo),
         "preferences": (PreferencesConfig, "simulated labeller: rank a policy's samples by the task's gold "
                                            "preference (+ noise) into a preference file", _preferences),
@@ -155,6 +157,13 @@ def _train_rm(cfg) -> None:
               f"wrong-step precision {st['precision']:.3f} recall {st['recall']:.3f} F1 {st['f1']:.3f}; "
               f"right-over-wrong ranking (min) {ev['ranking']['min']['accuracy']:.3f}")
     print(f"reward model saved in {run / 'model'}")
+
+
+def _train_ppo(cfg) -> None:
+    from thinkforge.train.ppo import train_ppo
+
+    run = train_ppo(cfg)
+    print(f"policy saved in {run / 'model'} (value model in {run / 'model' / 'value'})")
 
 
 def _train_dpo(cfg) -> None:

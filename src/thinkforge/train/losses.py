@@ -167,3 +167,59 @@ def ipo_loss(logratio_better: torch.Tensor, logratio_worse: torch.Tensor, beta: 
 
 # name -> (loss, whether sequence log-probabilities are token means rather than sums)
 DPO_LOSSES: dict[str, tuple[Callable, bool]] = {"sigmoid": (dpo_sigmoid_loss, False), "ipo": (ipo_loss, True)}
+
+
+# ---- PPO with a value model (InstructGPT; Stiennon et al. 2020; Ziegler et al. 2019) ----------------------
+
+def kl_penalised_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, span: torch.Tensor,
+                         beta: float) -> torch.Tensor:
+    """Per-token rewards: −β (log π_old − log π_ref) on every completion token (the k1 KL estimate, summed
+    over a sequence it is the sequence's log-ratio) plus the sequence's score on its last token. (N, T)
+
+    >>> r = kl_penalised_rewards(torch.tensor([1.0]), torch.tensor([[-1.0, -2.0, 0.0]]), torch.tensor([[-1.5, -1.0, 0.0]]),
+    ...                          torch.tensor([[1.0, 1.0, 0.0]]), 0.1)
+    >>> [round(x, 4) for x in r[0].tolist()]
+    [-0.05, 1.1, 0.0]
+    """
+    rewards = -beta * (logp - ref_logp) * span  # (N, T)
+    last = (span.cumsum(1) == span.sum(1, keepdim=True)) & (span > 0)  # the last completion token of each row
+    return rewards + last.float() * scores[:, None]
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, span: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016) over each row's completion tokens: δ_t = r_t +
+    γ V_{t+1} − V_t (V = 0 after the last token), A_t = δ_t + γλ A_{t+1}; returns (advantages, returns = A + V),
+    zero outside the span. (N, T) each."""
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    T = rewards.shape[1]
+    for t in reversed(range(T)):
+        nxt = values[:, t + 1] * span[:, t + 1] if t + 1 < T else torch.zeros_like(running)
+        cont = span[:, t + 1] if t + 1 < T else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * nxt - values[:, t]
+        running = (delta + gamma * lam * running * cont) * span[:, t]
+        adv[:, t] = running
+    return adv, (adv + values) * span
+
+
+def ppo_policy_loss(logp, old_logp, adv, mask, eps: float = 0.2):
+    """PPO's clipped surrogate with a per-token advantage, averaged over the batch's tokens (Schulman et al.
+    2017, eq. 7). (N, T) inputs."""
+    return token_mean(_clipped(token_ratio(logp, old_logp, mask), adv, eps, eps), mask)
+
+
+def clipped_value_loss(values, old_values, returns, mask, eps: float = 0.2):
+    """½ max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²), averaged over tokens: the value clipping of
+    OpenAI's PPO baselines, used by InstructGPT / summarize-from-feedback. (N, T) inputs."""
+    clipped = old_values + (values - old_values).clamp(-eps, eps)
+    return token_mean(0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def adaptive_kl_coef(coef: float, observed_kl: float, target: float, horizon: int, batch: int) -> float:
+    """Ziegler et al. 2019's proportional controller: β ← β (1 + clip(KL / target − 1, ±0.2) · batch / horizon).
+
+    >>> round(adaptive_kl_coef(0.1, 12.0, 6.0, 10000, 1000), 4), round(adaptive_kl_coef(0.1, 3.0, 6.0, 10000, 1000), 4)
+    (0.102, 0.098)
+    """
+    error = max(-0.2, min(0.2, observed_kl / target - 1))
+    return coef * (1 + error * batch / horizon)
