@@ -33,7 +33,7 @@ def files(tmp_path_factory):
         "pairs": w("pairs.jsonl", '{"prompt": "p"}\n'),
         "plain": w("plain.jsonl", "".join(json.dumps({"question": f"{i}+{i}?", "answer": str(2 * i)}) + "\n"
                                           for i in range(50))),
-        "recipe": w("recipe.toml", 'task = "add"\n[[stage]]\nname = "x"\nrun = "dpo"\n'),
+        "recipe": w("recipe.toml", 'task = "add"\n[[stage]]\nname = "x"\nrun = "kto"\n'),
         "labels": w("labels.jsonl", json.dumps({"question": "1*1", "completion": "<think>\na\n</think>\n<answer>1</answer>",
                                                 "labels": [1.0]}) + "\n"),
     }

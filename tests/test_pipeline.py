@@ -79,12 +79,14 @@ def test_recipe_runs_every_stage_and_records_lineage(tmp_path):
 @pytest.mark.parametrize(
     "more,message",
     [
-        ('\n[[stage]]\nname = "x"\nrun = "dpo"\n', "'run' must be one of"),
+        ('\n[[stage]]\nname = "x"\nrun = "kto"\n', "'run' must be one of"),
         ('\n[[stage]]\nname = "x"\nrun = "grpo"\nfrom = "nope"\n', "'from' = 'nope' is not an earlier stage"),
-        ('\n[[stage]]\nname = "x"\nrun = "sft"\ndata = "cold"\n', "'data' = 'cold' is not an earlier sample stage"),
+        ('\n[[stage]]\nname = "x"\nrun = "sft"\ndata = "cold"\n', "'data' = 'cold' is not an earlier sample or preferences stage"),
         ('\n[[stage]]\nname = "x"\nrun = "grpo"\ngroup_size = 1\n', "group_size must be >= 2"),
         ('\n[[stage]]\nname = "x"\nrun = "sft"\nsteps = "many"\n', "stage 'x': field 'steps': expected int"),
         ('\n[[stage]]\nname = "x"\nrun = "sft"\nlearning_rate = 1\n', "stage 'x': unknown field 'learning_rate'"),
+        ('\n[[stage]]\nname = "x"\nrun = "grpo"\nrewards = {"rm:none" = 1.0}\n', "reward 'rm:none' does not name an earlier rm"),
+        ('\n[[stage]]\nname = "x"\nrun = "dpo"\ndata = "cold"\n', "'data' = 'cold' is not an earlier sample or preferences"),
     ],
 )
 def test_bad_recipes_are_named_before_anything_long_runs(tmp_path, more, message):
@@ -163,3 +165,72 @@ def test_recipe_with_a_reward_model_and_search_stage(tmp_path):
     f.write_text(RECIPE.format(more=LOOP.replace('prm = "prm"', 'prm = "cold"')))
     with pytest.raises(ConfigError, match="'prm' = 'cold' is not an earlier rm stage"):
         run_recipe(str(f), str(tmp_path / "out2"))
+
+
+RLHF = """
+gold = true
+
+[[stage]]
+name = "prefs"
+run = "preferences"
+from = "cold"
+prompts = 30
+k = 4
+noise = 0.25
+max_new_tokens = 24
+
+[[stage]]
+name = "bt"
+run = "rm"
+kind = "preference"
+from = "cold"
+data = "prefs"
+steps = 4
+batch_size = 4
+eval_share = 0.3
+
+[[stage]]
+name = "dpo"
+run = "dpo"
+from = "cold"
+data = "prefs"
+steps = 3
+batch_size = 4
+
+[[stage]]
+name = "grpo-rm"
+run = "grpo"
+from = "cold"
+rewards = {"rm:bt" = 1.0}
+steps = 2
+prompts_per_step = 2
+group_size = 2
+max_new_tokens = 24
+dynamic_sampling = false
+train_problems = 40
+
+[[stage]]
+name = "ppo-rm"
+run = "ppo"
+from = "cold"
+rewards = {"rm:bt" = 1.0}
+steps = 2
+prompts_per_step = 2
+samples = 2
+max_new_tokens = 24
+train_problems = 40
+"""
+
+
+def test_rlhf_recipe_runs_preferences_rm_dpo_grpo_and_ppo_with_gold_rows(tmp_path):
+    f = tmp_path / "r.toml"
+    f.write_text(RECIPE.format(more=RLHF).replace("threads = 2\n", "threads = 2\ngold = true\n", 1).replace(
+        "\ngold = true\n\n[[stage]]\nname = \"prefs\"", "\n[[stage]]\nname = \"prefs\""))
+    res = run_recipe(str(f), str(tmp_path / "out"))
+    assert set(res["models"]) == {"cold", "dpo", "grpo-rm", "ppo-rm"} and set(res["data"]) == {"prefs"}
+    gold = [r for r in res["rows"] if r["metric"].startswith("gold")]
+    assert {r["stage"] for r in gold} == {"cold", "dpo", "grpo-rm", "ppo-rm"}
+    assert all("vs_from" in r for r in gold if r["stage"] != "cold")  # paired against the cold start
+    grpo = [json.loads(x) for x in (tmp_path / "out" / "grpo-rm" / "metrics.jsonl").read_text().splitlines()]
+    assert "overopt/proxy" in grpo[0]  # the learned reward really was the reward
+    assert str(tmp_path / "out" / "bt" / "model") in (tmp_path / "out" / "grpo-rm" / "config.toml").read_text()

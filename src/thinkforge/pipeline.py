@@ -221,17 +221,27 @@ def _summary(results: dict) -> str:
 # ---- recipes: stages from a TOML file ---------------------------------------------------------------
 
 RECIPE_KEYS = {"name", "out", "task", "task_options", "eval_problems", "eval_samples", "max_new_tokens", "seed",
-               "threads", "stage"}
+               "threads", "gold", "stage"}
+DATA_STAGES = ("sample", "preferences")  # stages that write a data file rather than a model
 
 
 def _stage_runners():
+    from thinkforge.preferences import PreferencesConfig, run_preferences
     from thinkforge.rejection import SampleConfig, run_sample
+    from thinkforge.train.dpo import DPOConfig, train_dpo
     from thinkforge.train.grpo import GRPOConfig, train_grpo
+    from thinkforge.train.ppo import PPOConfig, train_ppo
     from thinkforge.train.reward_model import RMConfig, train_reward_model
     from thinkforge.train.sft import SFTConfig, train_sft
 
     return {"sft": (SFTConfig, train_sft), "grpo": (GRPOConfig, train_grpo), "sample": (SampleConfig, run_sample),
-            "rm": (RMConfig, train_reward_model)}
+            "rm": (RMConfig, train_reward_model), "preferences": (PreferencesConfig, run_preferences),
+            "dpo": (DPOConfig, train_dpo), "ppo": (PPOConfig, train_ppo)}
+
+
+def _rm_rewards(rewards: dict, rms: dict) -> dict:
+    """``rm:<stage>`` reward names pointing at an earlier rm stage become ``rm:<its model folder>``."""
+    return {f"rm:{rms[n[3:]]}" if n.startswith("rm:") and n[3:] in rms else n: w for n, w in rewards.items()}
 
 
 def _plan(recipe: dict, path: str, out_dir: Path, task_name: str, task_options: dict) -> list[tuple]:
@@ -247,30 +257,62 @@ def _plan(recipe: dict, path: str, out_dir: Path, task_name: str, task_options: 
             raise ConfigError(f"{where}: 'run' must be one of {sorted(runners)}, got {kind!r}")
         if src is not None and src not in made_model:
             raise ConfigError(f"{where}: 'from' = {src!r} is not an earlier stage that made a model")
-        if kind == "sft" and "data" in st and st["data"] not in made_data:
-            raise ConfigError(f"{where}: 'data' = {st['data']!r} is not an earlier sample stage")
+        if kind in ("sft", "dpo", "rm") and "data" in st and st["data"] not in made_data:
+            raise ConfigError(f"{where}: 'data' = {st['data']!r} is not an earlier sample or preferences stage")
+        for reward in st.get("rewards", {}):
+            if reward.startswith("rm:") and reward[3:] not in made_rm:
+                raise ConfigError(f"{where}: reward {reward!r} does not name an earlier rm stage")
         if kind == "sample" and "prm" in st and st["prm"] not in made_rm:
             raise ConfigError(f"{where}: 'prm' = {st['prm']!r} is not an earlier rm stage")
         fields = {"task": task_name, "task_options": task_options, "seed": recipe.get("seed", 0), **st}
         if src is not None:  # filled in when that stage has run
             fields["policy" if kind == "rm" else "model"] = f"<model of stage {src}>"
-        if kind == "sample":
-            fields["out"] = str(out_dir / name / "traces.jsonl")
+        if kind in DATA_STAGES:
+            fields["out"] = str(out_dir / name / ("traces.jsonl" if kind == "sample" else "preferences.jsonl"))
         else:
             fields.update(out=str(out_dir / name), overwrite=True)
+        if kind in ("dpo", "ppo"):
+            fields.setdefault("task", task_name)
+        if kind == "dpo":
+            fields.setdefault("eval_problems", 0)  # the recipe evaluates every model stage itself
         plan.append((name, kind, src, build_config(runners[kind][0], fields, where)))
-        {"sample": made_data, "rm": made_rm}.get(kind, made_model).add(name)
+        (made_data if kind in DATA_STAGES else made_rm if kind == "rm" else made_model).add(name)
     return plan
+
+
+def gold_stage(model_path: str, name: str, task, test, recipe: dict, src: str | None, gold: dict):
+    """Rows of the task's gold preference (``Task.gold_utility``) of a stage's greedy and sampled completions,
+    and, for a stage started from another, the paired difference to it over the same problems."""
+    from thinkforge.evaluate import row
+    from thinkforge.preferences import gold_scores
+
+    model, tok = load_model(model_path, device="cpu")
+    g = gold_scores(model.eval(), tok, task, test, recipe.get("eval_samples", 4), recipe.get("max_new_tokens", 128),
+                    recipe.get("seed", 0))
+    extra = {"from": src} if src else {}
+    rows = [row(name, "greedy", "gold", g["greedy"], 0.0, **extra),
+            row(name, "sample (T=1)", f"gold (mean of {recipe.get('eval_samples', 4)})", g["sampled"], 0.0, **extra)]
+    if src in gold:
+        for r, key in zip(rows, ("greedy", "sampled")):
+            r["vs_from"] = paired_bootstrap(gold[src][key], g[key], seed=recipe.get("seed", 0))
+    for r in rows:
+        print(f"{name:<14} {r['method']:<13} {r['metric']:<18} {r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+              + (f"  vs {src}: {r['vs_from']['diff']:+.3f} [{r['vs_from']['ci_low']:+.3f}, {r['vs_from']['ci_high']:+.3f}]"
+                 if "vs_from" in r else ""), flush=True)
+    return rows, g
 
 
 def run_recipe(path: str, out: str | None = None) -> dict:
     """Run every ``[[stage]]`` of a recipe in order; each writes its own folder and, if it makes a model,
     evaluation rows with ``"from"`` = the stage it started from. Writes ``<out>/results.json``.
 
-    A stage has ``name``, ``run`` (``sft`` | ``grpo`` | ``sample`` | ``rm``), optional ``from`` (an earlier
-    stage whose model it starts from; for ``rm``, the policy whose samples it labels) and any field of
-    that command's config; in an ``sft`` stage, ``data`` may name an earlier ``sample`` stage; in a
-    ``sample`` stage, ``prm`` may name an earlier ``rm`` stage. Top-level ``task``, ``task_options`` and ``seed`` are
+    A stage has ``name``, ``run`` (``sft`` | ``grpo`` | ``ppo`` | ``dpo`` | ``sample`` | ``preferences`` |
+    ``rm``), optional ``from`` (an earlier stage whose model it starts from; for ``rm``, the policy whose
+    samples it labels, or whose weights a preference RM starts from) and any field of that command's
+    config; in an ``sft``, ``dpo`` or ``rm`` stage, ``data`` may name an earlier ``sample`` or
+    ``preferences`` stage; in a ``sample`` stage, ``prm`` may name an earlier ``rm`` stage; a ``grpo`` or
+    ``ppo`` reward ``rm:<stage>`` names an earlier ``rm`` stage. With ``gold = true`` every model stage also
+    gets rows of the task's gold preference, with the paired difference to the stage it started from. Top-level ``task``, ``task_options`` and ``seed`` are
     inherited by every stage.
     """
     import tomllib
@@ -296,19 +338,21 @@ def run_recipe(path: str, out: str | None = None) -> dict:
     test = task.problems(recipe.get("eval_problems", 200), "test", seed=recipe.get("seed", 0))
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(recipe.get("threads", 2))
-    runners, models, data, rms, rows, log = _stage_runners(), {}, {}, {}, [], []
+    runners, models, data, rms, rows, log, gold = _stage_runners(), {}, {}, {}, [], [], {}
     start = time.perf_counter()
     for name, kind, src, cfg in plan:
         if src is not None:
             setattr(cfg, "policy" if kind == "rm" else "model", models[src])
-        if kind == "sft" and cfg.data in data:
+        if kind in ("sft", "dpo", "rm") and getattr(cfg, "data", None) in data:
             cfg.data = data[cfg.data]
+        if kind in ("grpo", "ppo"):
+            cfg.rewards = _rm_rewards(cfg.rewards, rms)
         if kind == "sample" and cfg.prm in rms:
             cfg.prm = rms[cfg.prm]
         t0 = time.perf_counter()
         result = runners[kind][1](cfg)
         entry = {"stage": name, "run": kind, "from": src, "seconds": time.perf_counter() - t0}
-        if kind == "sample":
+        if kind in DATA_STAGES:
             data[name] = cfg.out
             entry["stats"] = result
         elif kind == "rm":
@@ -320,6 +364,12 @@ def run_recipe(path: str, out: str | None = None) -> dict:
             stage_rows, _ = evaluate_stage(models[name], name, task, test, recipe.get("eval_samples", 4),
                                            recipe.get("max_new_tokens", 128), recipe.get("seed", 0), **{"from": src})
             rows += stage_rows
+            if recipe.get("gold"):
+                gold_rows, gold[name] = gold_stage(models[name], name, task, test, recipe, src, gold)
+                rows += gold_rows
+            if (Path(result) / "metrics.jsonl").exists():
+                entry["train_seconds"] = sum(json.loads(x)["step_time"] for x in
+                                             (Path(result) / "metrics.jsonl").read_text().splitlines() if x.strip())
         log.append(entry)
     results = {"recipe": str(path), "out": str(out_dir), "task": f"{task_name} {task_options}", "rows": rows, "models": models,
                "data": data, "reward_models": rms, "stages": log, "seconds": time.perf_counter() - start}
