@@ -368,3 +368,44 @@ def test_ppo_resumes_exactly(policy, tmp_path, monkeypatch):
     from thinkforge.train import ppo
 
     _crash_then_resume(monkeypatch, ppo, ppo.train_ppo, lambda out, **kw: ppo_cfg(policy, out, **kw), tmp_path)
+
+
+# ---- generative verifier ---------------------------------------------------------------------------------
+
+def test_verification_examples_and_target():
+    from thinkforge.sampling import Graded
+    from thinkforge.tasks import Problem
+    from thinkforge.train.verifier import verification_rows
+
+    p = Problem("p", "12*3", "36", ["21*3=63"], {})
+    g = Graded(p, [None] * 4, ["36", "35", "35", "34"], [True, False, False, False])
+    rows = verification_rows([g])  # one 'yes' (36): one of the two distinct 'no' answers is kept
+    assert [r["label"] for r in rows] == ["yes", "no"] and rows[0]["prompt"].split("\n")[1] == "12*3=36?<|im_end|>"
+    wrong = rows[1]["prompt"].split("\n")[1].split("=")[1][:2]
+    assert wrong in ("35", "34")
+    assert rows[1]["completion"] == f"<think>\n21*3=63\n36\n{wrong}\n</think>\n<answer>no</answer><|im_end|>"
+
+
+def test_generative_verifier_trains_scores_and_reports(policy, tmp_path):
+    from thinkforge.models import load_model
+    from thinkforge.tasks import get_task
+    from thinkforge.train.verifier import VerifierConfig, train_verifier
+    from thinkforge.verifier import GenerativeVerifier
+
+    cfg = VerifierConfig(policy=policy, task="add", task_options={"digits": 2}, out=str(tmp_path / "gv"), problems=20,
+                         samples=2, max_new_tokens=24, steps=3, batch_size=8, max_len=96, eval_problems=4, n=2, save_every=3)
+    run = train_verifier(cfg)
+    ev = json.loads((run / "eval.json").read_text())
+    for mode in ("verdict", "answer"):
+        assert set(ev[mode]["methods"]) == {"bon-gv@2", "maj@2", "maj@4", "sample"}
+        assert 0 <= ev[mode]["ranking"]["accuracy"] <= 1
+        assert ev[mode]["methods"]["bon-gv@2"]["tokens"] >= ev[mode]["methods"]["maj@2"]["tokens"]  # checks counted
+    model, tok = load_model(str(run / "sft" / "model"), device="cpu")
+    v = GenerativeVerifier(model, tok, max_new_tokens=24)
+    prob = get_task("add", digits=2).problems(1)[0]
+    scores = v.score([prob, prob, prob], [prob.answer, "1", None])
+    spent = v.tokens_generated
+    assert all(0.0 <= s <= 1.0 for s in scores) and scores[2] == 0.0 and spent > 0
+    assert v.score([prob], [prob.answer]) == scores[:1] and v.tokens_generated == spent  # cached: no new check
+    by_answer = GenerativeVerifier(model, tok, max_new_tokens=24, mode="answer").score([prob], [prob.answer])
+    assert 0.0 <= by_answer[0] <= 1.0

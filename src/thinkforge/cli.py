@@ -104,6 +104,7 @@ def _commands():
     from thinkforge.train.ppo import PPOConfig
     from thinkforge.train.reward_model import RMConfig
     from thinkforge.train.sft import SFTConfig
+    from thinkforge.train.verifier import VerifierConfig
 
     return {
         "train sft": (SFTConfig, "supervised fine-tuning on reasoning traces", _train_sft),
@@ -111,6 +112,8 @@ def _commands():
         "train rm": (RMConfig, "reward models: PRM (step labels: gold, judge, Monte-Carlo), ORM, or a Bradley-Terry "
                                "preference RM", _train_rm),
         "train ppo": (PPOConfig, "PPO with a value model, GAE and a KL penalty in the reward (classic RLHF)", _train_ppo),
+        "train verifier": (VerifierConfig, "a generative verifier: writes its own check, then yes/no (best-of-N)",
+                           _train_verifier),
         "train dpo": (DPOConfig, "direct preference optimisation (DPO / IPO) from pairs or rankings", _train_dpo),
         "preferences": (PreferencesConfig, "simulated labeller: rank a policy's samples by the task's gold "
                                            "preference (+ noise) into a preference file", _preferences),
@@ -164,6 +167,22 @@ def _train_ppo(cfg) -> None:
 
     run = train_ppo(cfg)
     print(f"policy saved in {run / 'model'} (value model in {run / 'model' / 'value'})")
+
+
+def _train_verifier(cfg) -> None:
+    import json
+
+    from thinkforge.train.verifier import train_verifier
+
+    run = train_verifier(cfg)
+    if (run / "eval.json").exists():
+        ev = json.loads((run / "eval.json").read_text())
+        for mode in ("verdict", "answer"):
+            r = ev[mode]
+            print(f"score = {mode}: right-over-wrong ranking {r['ranking']['accuracy']:.3f} over {r['ranking']['pairs']} pairs")
+            for name, m in r["methods"].items():
+                print(f"  {name:<12} {m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]  {m['tokens']:.0f} tokens/problem")
+    print(f"verifier saved in {run / 'sft' / 'model'}")
 
 
 def _train_dpo(cfg) -> None:
