@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from resume_check import crash_then_resume
 
 from thinkforge.config import ConfigError
 from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, shard_weight
@@ -143,31 +144,7 @@ def test_grpo_smoke_changes_parameters_and_logs_metrics(sft_model, tmp_path):
 def test_grpo_resume_gives_the_same_rollouts_and_losses(sft_model, tmp_path, monkeypatch):
     from thinkforge.train import grpo
 
-    full = grpo.train_grpo(grpo_cfg(sft_model, tmp_path / "a"))
-    expected = (full / "metrics.jsonl").read_text().splitlines()
-    real = grpo.make_loss_fn
-    calls = {"n": 0}
-
-    def crashing(*args):
-        fn = real(*args)
-
-        def wrapped(model, mb):
-            calls["n"] += 1
-            if calls["n"] == 4:
-                raise KeyboardInterrupt
-            return fn(model, mb)
-
-        return wrapped
-
-    monkeypatch.setattr(grpo, "make_loss_fn", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        grpo.train_grpo(grpo_cfg(sft_model, tmp_path / "b"))
-    monkeypatch.setattr(grpo, "make_loss_fn", real)
-    grpo.train_grpo(grpo_cfg(sft_model, tmp_path / "b", resume=True))
-    got = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    drop = ("step_time", "tokens_per_s", "gen_time")
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in drop} for r in rows]
-    assert strip(got) == strip(expected)
+    crash_then_resume(monkeypatch, grpo, grpo.train_grpo, lambda out, **kw: grpo_cfg(sft_model, out, **kw), tmp_path)
 
 
 def test_dynamic_sampling_keys_on_accuracy_not_shaped_reward(sft_model, tmp_path):
@@ -328,32 +305,10 @@ def test_resampling_refills_dropped_groups(sft_model, tmp_path):
 
 
 def test_resume_with_mu_2_restores_the_pending_rollouts(sft_model, tmp_path, monkeypatch):
-    """Killed after the first of two passes over a roll-out batch: the checkpoint carries the batch, and
-    the resumed run's second pass trains on the same roll-outs as the uninterrupted run's."""
+    """Killed at the 4th loss computation = the second pass over the second roll-out batch, after a
+    checkpoint taken between the passes: the checkpoint carries the batch, and the resumed run's second
+    pass trains on the same roll-outs as the uninterrupted run's."""
     from thinkforge.train import grpo
 
-    kw = dict(mu=2, save_every=1, beta=0.04)
-    full = grpo.train_grpo(grpo_cfg(sft_model, tmp_path / "a", **kw))
-    expected = (full / "metrics.jsonl").read_text().splitlines()
-    real, calls = grpo.make_loss_fn, {"n": 0}
-
-    def crashing(*args):
-        fn = real(*args)
-
-        def wrapped(model, mb):
-            calls["n"] += 1
-            if calls["n"] == 4:  # step 4 = the second pass over the second roll-out batch
-                raise KeyboardInterrupt
-            return fn(model, mb)
-
-        return wrapped
-
-    monkeypatch.setattr(grpo, "make_loss_fn", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        grpo.train_grpo(grpo_cfg(sft_model, tmp_path / "b", **kw))
-    monkeypatch.setattr(grpo, "make_loss_fn", real)
-    grpo.train_grpo(grpo_cfg(sft_model, tmp_path / "b", resume=True, **kw))
-    got = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    drop = ("step_time", "tokens_per_s", "gen_time")
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in drop} for r in rows]
-    assert strip(got) == strip(expected)
+    crash_then_resume(monkeypatch, grpo, grpo.train_grpo,
+                      lambda out, **kw: grpo_cfg(sft_model, out, mu=2, save_every=1, beta=0.04, **kw), tmp_path)

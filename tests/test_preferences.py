@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from resume_check import crash_then_resume
 
 from thinkforge import format as fmt
 from thinkforge.config import ConfigError
@@ -166,39 +167,12 @@ def test_a_ranking_is_one_batch_element_whose_loss_is_the_mean_of_its_pairs(poli
     assert float(centred) == pytest.approx(expected + 0.5 * (sum(rewards) / 3) ** 2, rel=1e-5)
 
 
-def _crash_then_resume(monkeypatch, module, make, cfg_of, tmp_path):
-    """Run once uninterrupted and once killed at the 4th loss call then resumed: the metrics must match."""
-    full = make(cfg_of(tmp_path / "a"))
-    expected = (full / "metrics.jsonl").read_text().splitlines()
-    real, calls = module.make_loss_fn, {"n": 0}
-
-    def crashing(*args):
-        fn = real(*args)
-
-        def wrapped(model, mb):
-            calls["n"] += 1
-            if calls["n"] == 4:
-                raise KeyboardInterrupt
-            return fn(model, mb)
-
-        return wrapped
-
-    monkeypatch.setattr(module, "make_loss_fn", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        make(cfg_of(tmp_path / "b"))
-    monkeypatch.setattr(module, "make_loss_fn", real)
-    make(cfg_of(tmp_path / "b", resume=True))
-    got = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("step_time", "tokens_per_s", "gen_time")} for r in rows]
-    assert strip(got) == strip(expected)
-
-
 def test_bt_reward_model_resumes_exactly(policy, tmp_path, monkeypatch):
     from thinkforge.train import preference_rm
     from thinkforge.train.reward_model import train_reward_model
 
     data = toy_preferences(tmp_path / "p.jsonl")
-    _crash_then_resume(monkeypatch, preference_rm, train_reward_model,
+    crash_then_resume(monkeypatch, preference_rm, train_reward_model,
                        lambda out, **kw: rm_cfg(policy, out, data, steps=6, save_every=2, out=str(out), **kw), tmp_path)
 
 
@@ -250,7 +224,7 @@ def test_dpo_resumes_exactly(policy, tmp_path, monkeypatch):
     from thinkforge.train import dpo
 
     data = toy_preferences(tmp_path / "p.jsonl")
-    _crash_then_resume(monkeypatch, dpo, dpo.train_dpo,
+    crash_then_resume(monkeypatch, dpo, dpo.train_dpo,
                        lambda out, **kw: dpo_cfg(policy, out, data, steps=6, save_every=2, eval_problems=0, **kw), tmp_path)
 
 
@@ -367,7 +341,7 @@ def test_ppo_trains_policy_and_value_and_logs_its_figures(policy, tmp_path):
 def test_ppo_resumes_exactly(policy, tmp_path, monkeypatch):
     from thinkforge.train import ppo
 
-    _crash_then_resume(monkeypatch, ppo, ppo.train_ppo, lambda out, **kw: ppo_cfg(policy, out, **kw), tmp_path)
+    crash_then_resume(monkeypatch, ppo, ppo.train_ppo, lambda out, **kw: ppo_cfg(policy, out, **kw), tmp_path)
 
 
 # ---- generative verifier ---------------------------------------------------------------------------------
