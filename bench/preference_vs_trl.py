@@ -98,7 +98,7 @@ def rm_start(start: str) -> str:
     from thinkforge.train.reward_model import _backbone
 
     torch.manual_seed(0)
-    model, tok = _backbone(start, "cpu")
+    model, tok = _backbone(start, "cpu", dropout=0.0)
     out = Path(tempfile.mkdtemp()) / "rm-start"
     model.save_pretrained(out)
     tok.save_pretrained(out)

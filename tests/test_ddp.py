@@ -79,3 +79,34 @@ def test_grpo_two_processes_match_one(tmp_path):
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"GRPO: max parameter difference, 2 processes vs 1: {worst:.1e}")
     assert worst < 1e-5, worst
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("trainer", ["dpo", "rm"])
+def test_preference_trainers_two_processes_match_one(tmp_path, trainer):
+    """DPO and the Bradley-Terry RM under torchrun: each process takes every other pair / ranking of the
+    global batch; the parameters equal a 1-process run's."""
+    import json
+
+    from thinkforge.models import char_tokenizer, save_model, tiny_model
+
+    tok = char_tokenizer()
+    start = save_model(tiny_model(tok, "micro"), tok, tmp_path / "start")
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}", "completions": [f"<answer>{i}7</answer>", f"<answer>{i}3</answer>",
+                                                                              f"<answer>{i}</answer>"], "ranking": [0, 1, 1]}) + "\n"
+                            for i in range(40)))
+    common = ["--data", str(data), "--steps", "3", "--batch-size", "8", "--threads", "1", "--warmup", "1"]
+    args = (["train", "dpo", "--model", str(start), "--eval-problems", "0", "--lr", "3e-4", *common] if trainer == "dpo" else
+            ["train", "rm", "--kind", "preference", "--policy", str(start), "--eval-share", "0.2", "--lr", "3e-4", *common])
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "thinkforge", *args, "--out", str(one)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _torchrun([*args, "--out", str(two)])
+    assert r.returncode == 0, _ranks_said(r.stderr)
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"{trainer}: max parameter difference, 2 processes vs 1: {worst:.1e}")
+    assert worst < 1e-5 and worst == worst, worst
+    losses = [[json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

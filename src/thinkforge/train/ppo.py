@@ -113,7 +113,7 @@ def load_value(path: str, device, seed: int):
     from thinkforge.train.reward_model import _backbone
 
     torch.manual_seed(seed)  # the fresh value head's weights
-    return _backbone(path, device)[0]
+    return _backbone(path, device, dropout=0.0)[0]
 
 
 class PPOSource:

@@ -92,6 +92,16 @@ def make_loss_fn(center: float, pad_id: int, device):
     return loss_fn
 
 
+def _freeze_offset(model) -> None:
+    """The Bradley-Terry loss cannot see a constant added to every reward, so the head's bias gets only
+    rounding noise as gradient (which Adam would scale up into a random walk): keep it at 0, untrained."""
+    head = getattr(model, "score", None)
+    if head is not None and getattr(head, "bias", None) is not None:
+        with torch.no_grad():
+            head.bias.zero_()
+        head.bias.requires_grad_(False)
+
+
 def train_preference_rm(cfg: RMConfig) -> Path:
     """Read the preferences, hold out ``eval_share`` of the prompts, train, write ``model/`` and ``eval.json``."""
     from transformers import AutoModelForTokenClassification
@@ -111,7 +121,8 @@ def train_preference_rm(cfg: RMConfig) -> Path:
         _, tok = _backbone(cfg.model or cfg.policy, "cpu")
     else:
         torch.manual_seed(cfg.seed)  # the new head's initial weights
-        model, tok = _backbone(cfg.model or cfg.policy, device, cfg.extra_layers)
+        model, tok = _backbone(cfg.model or cfg.policy, device, cfg.extra_layers, dropout=0.0)
+    _freeze_offset(model)
     model.config.thinkforge_rm = {"kind": "preference", "step_delimiter": "\n"}
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)

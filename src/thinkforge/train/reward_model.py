@@ -305,15 +305,19 @@ def rm_loss(model, mb: dict):
     return loss, {"label_accuracy": float(((z > 0) == (y >= 0.5)).float().mean()) if sel.any() else 0.0}
 
 
-def _backbone(path: str, device, extra_layers: int = 0):
+def _backbone(path: str, device, extra_layers: int = 0, dropout: float | None = None):
     """The policy's weights under a fresh one-logit token-classification head, optionally with
     ``extra_layers`` new layers on top whose output projections start at zero (so they start as the
-    identity on the residual stream)."""
+    identity on the residual stream). ``dropout`` sets the head's dropout (transformers' default is 0.1;
+    the preference RM and PPO's value model use 0, as TRL does, so a run does not depend on how its rows
+    are split over processes; the PRM/ORM keep the default their measured figures were made with)."""
     from transformers import AutoConfig, AutoModelForTokenClassification
     from transformers.utils import logging as hf_logging
 
     _, tok = load_model(path, device="cpu")  # the same checks and messages as any model load
     config = AutoConfig.from_pretrained(path, num_labels=1)
+    if dropout is not None:
+        config.classifier_dropout = dropout
     base = config.num_hidden_layers
     config.num_hidden_layers = base + extra_layers
     if getattr(config, "layer_types", None):
