@@ -262,6 +262,11 @@ def test_grpo_against_a_learned_reward_logs_proxy_and_gold(policy, tmp_path):
     by_answer = score(same_answer, [prob, prob], scope="answer")
     by_all = score(same_answer, [prob, prob], scope="all")
     assert by_answer[0] == pytest.approx(by_answer[1]) and by_all[0] != pytest.approx(by_all[1])
+    from thinkforge.rewards import compute_rewards  # the trainers' path: rm_scope reaches every rm: reward
+
+    for scope, same in (("answer", True), ("all", False)):
+        total = compute_rewards(same_answer, [prob, prob], task, {f"rm:{rm}": 1.0}, rm_scope=scope).total
+        assert (total[0] == pytest.approx(total[1])) == same, scope
     cfg = GRPOConfig(model=policy, task="add", task_options={"digits": 2}, out=str(tmp_path / "g"), steps=2,
                      prompts_per_step=2, group_size=4, max_new_tokens=24, rewards={f"rm:{rm}": 1.0},
                      dynamic_sampling=False, train_problems=20, save_every=2, rm_scope="answer")

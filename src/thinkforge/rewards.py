@@ -159,14 +159,17 @@ def compute_rewards(
     weights: dict[str, float],
     lengths: list[int] | None = None,
     options: dict[str, dict] | None = None,
+    rm_scope: str = "all",
 ) -> Rewards:
-    """The weighted sum of the named rewards, with every component kept for logging."""
+    """The weighted sum of the named rewards, with every component kept for logging; ``rm_scope`` is the
+    ``scope`` of every ``rm:<folder>`` reward (what the learned reward model reads)."""
     if len(completions) != len(problems):
         raise ValueError(f"{len(completions)} completions for {len(problems)} problems")
     context = {"task": task, "lengths": lengths if lengths is not None else [len(c) for c in completions]}
     components = {}
     for name in dict(weights, accuracy=weights.get("accuracy", 0.0)):
-        values = [float(v) for v in get_reward(name)(completions, problems, **context, **(options or {}).get(name, {}))]
+        extra = {"scope": rm_scope, **(options or {}).get(name, {})} if name.startswith(RM_PREFIX) else (options or {}).get(name, {})
+        values = [float(v) for v in get_reward(name)(completions, problems, **context, **extra)]
         if len(values) != len(completions):
             raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
         components[name] = values

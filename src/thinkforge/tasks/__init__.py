@@ -35,10 +35,14 @@ class Problem:
     meta: dict = field(default_factory=dict)
 
 
+def hash_fraction(text: str, salt: bytes = b"") -> float:
+    """A stable number in [0, 1) from the text (BLAKE2b); another ``salt`` gives an independent split."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8, person=salt).digest(), "big") / 2**64
+
+
 def split_of(question: str) -> str:
     """'test' or 'train', a pure function of the question text."""
-    h = int.from_bytes(hashlib.blake2b(question.encode(), digest_size=8).digest(), "big")
-    return "test" if h / 2**64 < TEST_SHARE else "train"
+    return "test" if hash_fraction(question) < TEST_SHARE else "train"
 
 
 class Task:

@@ -31,7 +31,7 @@ from thinkforge.models import load_model, resolve_device
 from thinkforge.preferences import gold_scores, prompt_text, read_preferences
 from thinkforge.scorers import pad_rows
 from thinkforge.tasks import get_task
-from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, distributed, run_training, start_run
+from thinkforge.train.loop import ItemBatcher, LoopSettings, RunOptions, distributed, run_training, start_run
 from thinkforge.train.losses import DPO_LOSSES
 
 
@@ -104,15 +104,6 @@ def add_reference(pairs: list[dict], ref, pad_id: int, device, mean: bool, chunk
             p["ref_better"], p["ref_worse"] = float(lp[k]), float(lp[len(part) + k])
 
 
-class PairBatcher:
-    def __init__(self, pairs: list[dict], batch_size: int, seed: int):
-        self.stream, self.batch_size = EpochStream(pairs, seed), batch_size
-
-    def __call__(self, state: dict) -> list[dict]:
-        pairs = [self.stream.next(state) for _ in range(self.batch_size)]
-        return [{"pairs": pairs, "n_tokens": len(pairs), "seen_tokens": sum(len(p["better"]) + len(p["worse"]) for p in pairs)}]
-
-
 def make_loss_fn(cfg: DPOConfig, pad_id: int, device):
     loss_of, mean = DPO_LOSSES[cfg.loss]
     rank, world = distributed()
@@ -150,7 +141,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
     del ref
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)
-    run_training(model, tok, run, settings, PairBatcher(pairs, cfg.batch_size, cfg.seed),
+    batcher = ItemBatcher(pairs, cfg.batch_size, cfg.seed, "pairs", lambda p: len(p["better"]) + len(p["worse"]))
+    run_training(model, tok, run, settings, batcher,
                  make_loss_fn(cfg, tok.pad_token_id, device), resume=cfg.resume,
                  describe=lambda m: f"loss {m['loss']:.3f} acc {m.get('rewards/accuracies', 0):.2f}")
     if cfg.task and cfg.eval_problems and os.environ.get("RANK", "0") == "0":

@@ -157,9 +157,8 @@ class RolloutSource:
                                 thinking_budget=cfg.thinking_budget, seed=seeds)
         comps = self.engine.generate([fmt.render_prompt(p.question) for p in problems], params)
         probs = [p for p in problems for _ in range(cfg.group_size)]
-        options = {name: {"scope": cfg.rm_scope} for name in cfg.rewards if name.startswith(RM_PREFIX)}
         r = compute_rewards([c.text for c in comps], probs, self.task, cfg.rewards, lengths=[len(c.ids) for c in comps],
-                            options=options)
+                            rm_scope=cfg.rm_scope)
         return comps, probs, r
 
     def _groups(self, problems: list, round_seed: int) -> tuple[list, dict]:
@@ -199,15 +198,11 @@ class RolloutSource:
                 kept.append(group)
         state["batches"] += 1
         stats = self._stats(all_groups, dropped, audit)
-        if "overopt/proxy" in stats:  # the history lives in the (checkpointed) state, so resume is exact
-            history = state.setdefault("overopt", [])
-            history.append((stats["overopt/proxy"], stats["overopt/gold"]))
-            stats["overopt/warning"] = float(overoptimising(history))
-            if stats["overopt/warning"] and not state.get("overopt_warned") and self.rank == 0:
-                state["overopt_warned"] = True
-                print(f"warning: step {(state['batches'] - 1) * cfg.mu}: the learned reward keeps rising while the "
-                      "gold score falls (over-optimisation / reward hacking): see overopt/* in metrics.jsonl",
-                      file=sys.stderr)
+        proxies = [n for n in cfg.rewards if n.startswith(RM_PREFIX)]
+        if proxies:  # a learned reward: its value beside the gold one on the same completions
+            comps = [c for g in all_groups for c in g[0]]
+            gold = sum(self.task.gold_utility(p, c.text) for g in all_groups for c, p in zip(g[0], g[1])) / len(comps)
+            stats.update(record_overopt(state, stats[f"rewards/{proxies[0]}/mean"], gold, cfg.mu, self.rank))
         stats["sampling_rounds"] = rounds
         stats["gen_time"] = time.perf_counter() - t0
         if not kept:  # every group had zero variance: nothing to learn from this batch
@@ -238,10 +233,6 @@ class RolloutSource:
         }
         for name in groups[0][4]:
             s[f"rewards/{name}/mean"] = sum(x for g in groups for x in g[4][name]) / len(comps)
-        proxies = [n for n in groups[0][4] if n.startswith(RM_PREFIX)]
-        if proxies:  # a learned reward: its value beside the gold one on the same completions
-            s["overopt/proxy"] = s[f"rewards/{proxies[0]}/mean"]
-            s["overopt/gold"] = sum(self.task.gold_utility(p, c.text) for g in groups for c, p in zip(g[0], g[1])) / len(comps)
         if "format" in groups[0][4]:
             fmt_ok = [x for g in groups for x in g[4]["format"]]
             s["audit/format_only_share"] = sum(f > 0 and a < 1 for f, a in zip(fmt_ok, acc)) / len(comps)
@@ -249,14 +240,33 @@ class RolloutSource:
 
     def __call__(self, state: dict) -> list[dict]:
         """The loop's ``next_batch``: a new roll-out batch every ``mu`` optimizer steps."""
-        state.setdefault("batches", 0)
-        state.setdefault("pass", 0)
-        if state["pass"] == 0 or "rollouts" not in state:
-            state["rollouts"] = self.collect(state).__dict__
-        state["pass"] = (state["pass"] + 1) % self.cfg.mu
-        ro = state["rollouts"] if state["pass"] else state.pop("rollouts")  # kept (and checkpointed) while passes remain
+        ro = next_rollouts(state, self.cfg.mu, lambda: self.collect(state).__dict__)
         seen = 0 if ro["ids"] is None else int(ro["ids"].numel())
         return [{"rollouts": ro, "n_tokens": 1, "seen_tokens": seen}]
+
+
+def next_rollouts(state: dict, mu: int, collect) -> dict:
+    """The roll-out batch of this optimizer step: ``collect()`` makes a new one every ``mu`` steps; between
+    passes it stays in the loop's (checkpointed) state, so a resumed run trains on the same roll-outs."""
+    state.setdefault("batches", 0)
+    state.setdefault("pass", 0)
+    if state["pass"] == 0 or "rollouts" not in state:
+        state["rollouts"] = collect()
+    state["pass"] = (state["pass"] + 1) % mu
+    return state["rollouts"] if state["pass"] else state.pop("rollouts")
+
+
+def record_overopt(state: dict, proxy: float, gold: float, mu: int, rank: int) -> dict:
+    """The ``overopt/*`` statistics of one roll-out batch against a learned reward; the history lives in
+    the (checkpointed) state, so resume is exact; warns once, with the step, when :func:`overoptimising`."""
+    history = state.setdefault("overopt", [])
+    history.append((proxy, gold))
+    warning = overoptimising(history)
+    if warning and not state.get("overopt_warned") and rank == 0:
+        state["overopt_warned"] = True
+        print(f"warning: step {(state['batches'] - 1) * mu}: the learned reward keeps rising while the gold score "
+              "falls (over-optimisation / reward hacking): see overopt/* in metrics.jsonl", file=sys.stderr)
+    return {"overopt/proxy": proxy, "overopt/gold": gold, "overopt/warning": float(warning)}
 
 
 def overoptimising(history: list[tuple[float, float]], window: int = 5, drop: float = 0.02) -> bool:

@@ -124,6 +124,19 @@ class EpochStream:
         return item
 
 
+class ItemBatcher:
+    """Seeded, resumable batches of ``batch_size`` items handed to the loss function whole, under ``key``
+    (rankings, preference pairs): the loss is a sum over items, so the step divides by their number;
+    ``tokens(item)`` counts what an item makes the model read."""
+
+    def __init__(self, items: list, batch_size: int, seed: int, key: str, tokens: Callable[[object], int]):
+        self.stream, self.batch_size, self.key, self.tokens = EpochStream(items, seed), batch_size, key, tokens
+
+    def __call__(self, state: dict) -> list[dict]:
+        items = [self.stream.next(state) for _ in range(self.batch_size)]
+        return [{self.key: items, "n_tokens": len(items), "seen_tokens": sum(self.tokens(x) for x in items)}]
+
+
 def distributed() -> tuple[int, int]:
     """(rank, world size), initialising torch.distributed under torchrun (gloo on CPU, NCCL on GPUs)."""
     import torch.distributed as dist

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from thinkforge.generation import Engine, SamplingParams
 from thinkforge.models import load_model, resolve_device
 from thinkforge.rewards import RM_PREFIX, RM_SCOPES, compute_rewards
 from thinkforge.tasks import get_task
-from thinkforge.train.grpo import _tensors, overoptimising, token_logprobs
+from thinkforge.train.grpo import _tensors, next_rollouts, record_overopt, token_logprobs
 from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, distributed, run_training, start_run
 from thinkforge.train.losses import adaptive_kl_coef, clipped_value_loss, gae, kl_penalised_rewards, ppo_policy_loss
 
@@ -132,9 +131,8 @@ class PPOSource:
         params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seeds)
         comps = self.engine.generate([fmt.render_prompt(p.question) for p in problems], params)
         probs = [p for p in problems for _ in range(cfg.samples)]
-        options = {n: {"scope": cfg.rm_scope} for n in cfg.rewards if n.startswith(RM_PREFIX)}
         r = compute_rewards([c.text for c in comps], probs, self.task, cfg.rewards,
-                            lengths=[len(c.ids) for c in comps], options=options)
+                            lengths=[len(c.ids) for c in comps], rm_scope=cfg.rm_scope)
         ids, mask, old = _tensors(comps, self.tok.pad_token_id, False, self.device)
         span = torch.zeros_like(mask)  # every completion position, forced tokens included (the GAE chain)
         for i, c in enumerate(comps):
@@ -157,27 +155,15 @@ class PPOSource:
                  "completions/mean_length": sum(len(c.ids) for c in comps) / len(comps), "gen_time": time.perf_counter() - t0}
         proxies = [n for n in cfg.rewards if n.startswith(RM_PREFIX)]
         if proxies:
-            stats["overopt/proxy"] = sum(r.components[proxies[0]]) / len(comps)
-            stats["overopt/gold"] = stats["gold"]
-            history = state.setdefault("overopt", [])
-            history.append((stats["overopt/proxy"], stats["overopt/gold"]))
-            stats["overopt/warning"] = float(overoptimising(history))
-            if stats["overopt/warning"] and not state.get("overopt_warned"):
-                state["overopt_warned"] = True
-                print(f"warning: step {(state['batches'] - 1) * cfg.mu}: the learned reward keeps rising while the gold "
-                      "score falls (over-optimisation / reward hacking): see overopt/* in metrics.jsonl", file=sys.stderr)
+            stats.update(record_overopt(state, sum(r.components[proxies[0]]) / len(comps), stats["gold"], cfg.mu,
+                                        distributed()[0]))
         return {"ids": ids, "mask": mask, "old_logp": old, "old_values": values, "adv": adv, "returns": returns,
                 "stats": stats}
 
     def __call__(self, state: dict) -> list[dict]:
         """The loop's ``next_batch``: a new roll-out batch every ``mu`` optimizer steps (kept in the state,
         so a checkpoint taken between passes resumes on the same roll-outs)."""
-        state.setdefault("batches", 0)
-        state.setdefault("pass", 0)
-        if state["pass"] == 0 or "rollouts" not in state:
-            state["rollouts"] = self.collect(state)
-        state["pass"] = (state["pass"] + 1) % self.cfg.mu
-        ro = state["rollouts"] if state["pass"] else state.pop("rollouts")
+        ro = next_rollouts(state, self.cfg.mu, lambda: self.collect(state))
         return [{"rollouts": ro, "n_tokens": 1, "seen_tokens": int(ro["ids"].numel())}]
 
 

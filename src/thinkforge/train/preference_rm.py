@@ -21,7 +21,6 @@ measured against.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -33,7 +32,8 @@ from thinkforge.metrics import bootstrap_ci
 from thinkforge.models import resolve_device
 from thinkforge.preferences import Ranking, agreement, prompt_text, read_preferences
 from thinkforge.scorers import RewardModel, pad_rows, preference_ids
-from thinkforge.train.loop import EpochStream, LoopSettings, distributed, run_training, start_run
+from thinkforge.tasks import hash_fraction
+from thinkforge.train.loop import ItemBatcher, LoopSettings, distributed, run_training, start_run
 from thinkforge.train.losses import bradley_terry_loss
 from thinkforge.train.reward_model import RMConfig, _backbone
 
@@ -41,26 +41,13 @@ from thinkforge.train.reward_model import RMConfig, _backbone
 def held_out(prompt: str, share: float) -> bool:
     """Whether ``prompt`` is in the held-out share. Its own salt: the task splits hash the unsalted
     question, so every training-split prompt would otherwise land on one side."""
-    h = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8, person=b"tf-prefs").digest(), "big")
-    return h / 2**64 < share
+    return hash_fraction(prompt, salt=b"tf-prefs") < share
 
 
 def encode_ranking(tok, r: Ranking) -> dict:
     """Token ids of every completion after the prompt (the same encoding ``RewardModel.score`` uses)."""
     prompt = prompt_text(r.prompt)
     return {"ids": [preference_ids(tok, prompt, c) for c in r.completions], "pairs": r.pairs(), "margin": r.margin}
-
-
-class PreferenceBatcher:
-    """Seeded, resumable batches of ``batch_size`` rankings (each with all its completions and pairs)."""
-
-    def __init__(self, encoded: list[dict], batch_size: int, seed: int):
-        self.stream, self.batch_size = EpochStream(encoded, seed), batch_size
-
-    def __call__(self, state: dict) -> list[dict]:
-        rankings = [self.stream.next(state) for _ in range(self.batch_size)]
-        return [{"rankings": rankings, "n_tokens": len(rankings),
-                 "seen_tokens": sum(len(x) for r in rankings for x in r["ids"])}]
 
 
 def make_loss_fn(center: float, pad_id: int, device):
@@ -104,7 +91,7 @@ def _freeze_offset(model) -> None:
 
 def train_preference_rm(cfg: RMConfig) -> Path:
     """Read the preferences, hold out ``eval_share`` of the prompts, train, write ``model/`` and ``eval.json``."""
-    from transformers import AutoModelForTokenClassification
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     run = start_run(cfg.out, cfg)
     device = resolve_device(cfg.device)
@@ -118,7 +105,7 @@ def train_preference_rm(cfg: RMConfig) -> Path:
         save_config(cfg, run / "config.toml")
     if cfg.resume:
         model = AutoModelForTokenClassification.from_pretrained(str(run / "checkpoint")).to(device)
-        _, tok = _backbone(cfg.model or cfg.policy, "cpu")
+        tok = AutoTokenizer.from_pretrained(str(run / "checkpoint"))  # saved with every checkpoint
     else:
         torch.manual_seed(cfg.seed)  # the new head's initial weights
         model, tok = _backbone(cfg.model or cfg.policy, device, cfg.extra_layers, dropout=0.0)
@@ -126,7 +113,8 @@ def train_preference_rm(cfg: RMConfig) -> Path:
     model.config.thinkforge_rm = {"kind": "preference", "step_delimiter": "\n"}
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)
-    batcher = PreferenceBatcher([encode_ranking(tok, r) for r in train], cfg.batch_size, cfg.seed)
+    batcher = ItemBatcher([encode_ranking(tok, r) for r in train], cfg.batch_size, cfg.seed, "rankings",
+                          lambda r: sum(len(x) for x in r["ids"]))
     run_training(model, tok, run, settings, batcher, make_loss_fn(cfg.center_rewards, tok.pad_token_id, device),
                  resume=cfg.resume, describe=lambda m: f"loss {m['loss']:.3f} acc {m['accuracy']:.2f}")
     if rank0 and test:
