@@ -1,20 +1,26 @@
-"""Load test of `thinkforge serve`: N concurrent chat requests through the official openai client.
+"""Load test of `thinkforge serve`, the server of an earlier commit and today's, side by side in one run.
 
-    .venv/bin/python bench/serve_load.py [--model runs/demo/grpo/model] [--requests 200] [--concurrency 200]
+    .venv/bin/python bench/serve_load.py [--model runs/demo/grpo/model] [--baseline 070116e]
 
-Starts the server on 127.0.0.1 (a free port) in a subprocess, fires the requests from a thread pool,
-and reports throughput, p50/p95 latency and the error count; then stops the server. Without
-``--model`` it trains a tiny syllogism model first (about 10 s). Traffic goes to this machine only.
-Ends with: RESULT serve_load requests=… errors=… rps=… p50_ms=… p95_ms=…
+Both servers run as subprocesses on 127.0.0.1 (the baseline from ``git archive <rev> src``, today's from
+this tree) and take turns: for each number of concurrent clients (1, 16, 64, 200) the baseline runs, then
+today's, so a busy neighbour hurts both alike. Each client sends chat requests through the official
+openai client with a mix of sampling parameters (temperature 0, 0.7 or 1.0, max_tokens 64), as real
+traffic has. Then "short under long": the latency of a short greedy request (max_tokens 8) alone, and
+while 8 clients keep sending long ones (n=8, max_tokens 256, temperature 1). Without ``--model`` a tiny
+syllogism model is trained first (about 10 s). Ends with
+``RESULT serve_load c64_ratio=… c200_ratio=… short_under_long_p99_x=… …``.
 """
 from __future__ import annotations
 
 import argparse
+import random
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +28,7 @@ from pathlib import Path
 import openai
 
 PROMPT = "Q: If all bloops are razzies and all razzies are lazzies, are all bloops definitely lazzies?"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_model() -> str:
@@ -32,53 +39,111 @@ def tiny_model() -> str:
                                    out=str(out), train_problems=1000, save_every=120, lr=3e-3, min_lr_ratio=1.0)) / "model")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--concurrency", type=int, default=200)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    args = ap.parse_args()
-    model = args.model or tiny_model()
+def start(model: str, src: Path, extra: list[str]):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "thinkforge", "serve", "--model", model, "--name", "m",
-                               "--port", str(port)], stdout=subprocess.DEVNULL)
+    env = {"PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen([sys.executable, "-m", "thinkforge", "serve", "--model", model, "--name", "m",
+                             "--port", str(port), *extra], stdout=subprocess.DEVNULL, env=env)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
+    for _ in range(600):
+        try:
+            client.models.list()
+            return proc, client
+        except openai.APIConnectionError:
+            time.sleep(0.1)
+    raise SystemExit(f"the server from {src} did not start")
+
+
+def ask(client, rng: random.Random, **kw) -> tuple[float, Exception | None]:
+    t = time.perf_counter()
+    params = kw or dict(temperature=rng.choice([0.0, 0.7, 1.0]), max_tokens=64)
     try:
-        for _ in range(600):  # wait for the server (model load) for up to 60 s
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                time.sleep(0.1)
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}], **params)
+        return time.perf_counter() - t, None
+    except Exception as e:  # counted, and the first is printed
+        return time.perf_counter() - t, e
 
-        def one(_):
-            t = time.perf_counter()
-            try:
-                client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}],
-                                               max_tokens=args.max_tokens)
-                return time.perf_counter() - t, None
-            except Exception as e:  # counted, and the first is printed
-                return time.perf_counter() - t, e
 
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            results = list(pool.map(one, range(args.requests)))
-        wall = time.perf_counter() - start
-    finally:
-        server.terminate()
-        server.wait(10)
+def load(client, clients: int, requests: int, seed: int) -> dict:
+    rngs = [random.Random(seed * 1000 + i) for i in range(requests)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda r: ask(client, r), rngs))
+    wall = time.perf_counter() - t0
     errors = [e for _, e in results if e is not None]
     if errors:
-        print(f"first error: {errors[0]!r}")
+        print(f"  first error: {errors[0]!r}")
     lat = sorted(t for t, e in results if e is None) or [float("nan")]
-    p50, p95 = statistics.median(lat) * 1000, lat[int(0.95 * (len(lat) - 1))] * 1000
-    print(f"{args.requests} requests, {args.concurrency} concurrent, max_tokens {args.max_tokens}: "
-          f"{len(errors)} errors, {args.requests / wall:.1f} req/s, p50 {p50:.0f} ms, p95 {p95:.0f} ms")
-    print(f"RESULT serve_load requests={args.requests} errors={len(errors)} rps={args.requests / wall:.2f} "
-          f"p50_ms={p50:.0f} p95_ms={p95:.0f}")
+    return {"rps": requests / wall, "p50": statistics.median(lat) * 1000, "p99": lat[int(0.99 * (len(lat) - 1))] * 1000,
+            "errors": len(errors)}
+
+
+def short_under_long(client, shorts: int = 20) -> tuple[float, float]:
+    short = dict(temperature=0.0, max_tokens=8)
+    alone = sorted(ask(client, None, **short)[0] for _ in range(shorts))
+    stop = threading.Event()
+
+    def long_loop():
+        while not stop.is_set():
+            ask(client, None, temperature=1.0, max_tokens=256, n=8)
+
+    threads = [threading.Thread(target=long_loop, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    loaded = []
+    for _ in range(shorts):
+        loaded.append(ask(client, None, **short)[0])
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join(120)
+    loaded.sort()
+    p99 = lambda xs: xs[int(0.99 * (len(xs) - 1))] * 1000  # noqa: E731
+    return p99(alone), p99(loaded)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--baseline", default="070116e", help="git revision of the server to compare against")
+    ap.add_argument("--levels", default="1,16,64,200")
+    args = ap.parse_args()
+    model = args.model or tiny_model()
+    base_dir = Path(tempfile.mkdtemp())
+    subprocess.run(f"git -C {ROOT} archive {args.baseline} src | tar -x -C {base_dir}", shell=True, check=True)
+    sides = {"baseline": (base_dir / "src", []), "today": (ROOT / "src", ["--max-queued", "1000"])}
+    servers = {k: start(model, src, extra) for k, (src, extra) in sides.items()}
+    table: dict[tuple[str, int], dict] = {}
+    try:
+        for c in [int(x) for x in args.levels.split(",")]:
+            n = max(2 * c, 32)
+            for side in sides:  # alternate: the baseline, then today's, at each level
+                table[side, c] = r = load(servers[side][1], c, n, seed=c)
+                print(f"{side:8s} {c:3d} clients, {n} requests: {r['rps']:6.1f} req/s  p50 {r['p50']:6.0f} ms  "
+                      f"p99 {r['p99']:6.0f} ms  errors {r['errors']}", flush=True)
+        sul = {}
+        for side in sides:
+            sul[side] = short_under_long(servers[side][1])
+            print(f"{side:8s} short request p99: alone {sul[side][0]:.0f} ms, under long requests {sul[side][1]:.0f} ms "
+                  f"({sul[side][1] / sul[side][0]:.1f}x)", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
+    levels = sorted({c for _, c in table})
+    print("\n| clients | baseline req/s | today req/s | ratio | baseline p50 / p99 ms | today p50 / p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for c in levels:
+        b, t = table["baseline", c], table["today", c]
+        print(f"| {c} | {b['rps']:.1f} | {t['rps']:.1f} | {t['rps'] / b['rps']:.2f}x | {b['p50']:.0f} / {b['p99']:.0f} | "
+              f"{t['p50']:.0f} / {t['p99']:.0f} |")
+    ratios = " ".join(f"c{c}_ratio={table['today', c]['rps'] / table['baseline', c]['rps']:.2f}" for c in levels)
+    errors = sum(r["errors"] for r in table.values())
+    print(f"RESULT serve_load {ratios} short_under_long_p99_x={sul['today'][1] / sul['today'][0]:.2f} "
+          f"baseline_short_under_long_p99_x={sul['baseline'][1] / sul['baseline'][0]:.2f} errors={errors}")
 
 
 if __name__ == "__main__":

@@ -12,3 +12,16 @@ def char_tok():
     from thinkforge.models import char_tokenizer
 
     return char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def syllogism_model(tmp_path_factory):
+    """A micro model SFT-trained on the syllogism task (about 10 s): what the serving tests talk to."""
+    from thinkforge.models import load_model
+    from thinkforge.train.sft import SFTConfig, train_sft
+
+    out = tmp_path_factory.mktemp("syl") / "syllogism"
+    run = train_sft(SFTConfig(task="syllogism", size="micro", steps=120, batch_size=32, max_len=256, out=str(out),
+                              train_problems=1000, save_every=120, lr=3e-3, min_lr_ratio=1.0))
+    model, tok = load_model(str(run / "model"), device="cpu")
+    return model, tok, str(run / "model")

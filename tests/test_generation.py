@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 
@@ -188,3 +190,99 @@ def test_backends_agree_when_rows_finish_early(model, char_tok):
     assert len({len(o.ids) for o in fast}) > 1  # rows did finish at different times
     assert [o.ids for o in fast] == [o.ids for o in hf]
     assert [o.finish_reason for o in fast] == [o.finish_reason for o in hf]
+
+
+# ---- continuous batching (generation.scheduler) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["fast", "hf"])
+def test_scheduler_joins_mid_batch_and_matches_the_engine(model, char_tok, backend):
+    """Requests that join a running batch at different steps, with different parameters, get exactly the
+    tokens (and logprobs) the engine gives each of them alone with the same seed."""
+    import time
+
+    from thinkforge.generation.scheduler import Scheduler
+
+    eng = Engine(model, char_tok, backend=backend)
+    sched = Scheduler(eng, max_rows=8)
+    try:
+        cases = [(PROMPTS[0], SamplingParams(n=2, temperature=1.0, max_new_tokens=40, seed=7, ignore_eos=True)),
+                 (PROMPTS[1], SamplingParams(n=1, temperature=0.0, max_new_tokens=25, seed=1)),
+                 (PROMPTS[2], SamplingParams(n=3, temperature=0.7, top_p=0.9, max_new_tokens=30, seed=5)),
+                 (PROMPTS[3], SamplingParams(n=1, temperature=1.0, top_k=5, max_new_tokens=12, seed=2))]
+        reqs = []
+        for prompt, params in cases:
+            reqs.append(sched.submit(char_tok.encode(prompt, add_special_tokens=False), params))
+            time.sleep(0.02)  # later requests join while earlier ones decode
+        for (prompt, params), req in zip(cases, reqs):
+            alone = eng.generate([prompt], SamplingParams(**{**params.__dict__, "seed": [params.seed]}))
+            got = req.wait(60)
+            assert [c.ids for c in got] == [c.ids for c in alone]
+            assert max(abs(a - b) for x, y in zip(got, alone) for a, b in zip(x.logprobs, y.logprobs)) < 1e-4
+        assert sched.steps < sum(p.max_new_tokens for _, p in cases)  # they shared decode steps
+    finally:
+        sched.close()
+
+
+class _ScriptedBackend:
+    """A backend that counts rows and decodes token 5 forever (tests of the scheduler's bookkeeping)."""
+
+    def __init__(self, vocab, fail_on=None):
+        self.rows_, self.vocab, self.fail_on, self.seen = 0, vocab, fail_on, []
+
+    def _logits(self, n):
+        out = torch.full((n, self.vocab), -1e9)
+        out[:, 5] = 0
+        return out
+
+    def join(self, prompt_ids, n):
+        if prompt_ids[0] == self.fail_on:
+            raise RuntimeError("poisoned prefill")
+        self.rows_ += len(prompt_ids) * n
+        return self._logits(len(prompt_ids) * n)
+
+    def decode(self, tokens):
+        self.seen.append(len(tokens))
+        return self._logits(len(tokens))
+
+    def select(self, rows):
+        self.rows_ = len(rows)
+
+    def trim(self):
+        pass
+
+
+def test_scheduler_short_request_leaves_before_a_long_one_and_faults_stay_isolated(model, char_tok):
+    from thinkforge.generation.scheduler import Cancelled, DeadlineExceeded, QueueFull, Scheduler
+
+    backend = _ScriptedBackend(len(char_tok), fail_on=[9, 9])
+    sched = Scheduler(Engine(model, char_tok, backend=lambda m: backend), max_rows=4, max_waiting=3)
+    try:
+        long = sched.submit([1, 2], SamplingParams(max_new_tokens=400, ignore_eos=True))
+        short = sched.submit([3], SamplingParams(max_new_tokens=3, ignore_eos=True))
+        bad = sched.submit([9, 9], SamplingParams(max_new_tokens=3))
+        assert len(short.wait(30)[0].ids) == 3 and not long.done.is_set()  # no waiting for the slowest
+        with pytest.raises(RuntimeError, match="poisoned"):
+            bad.wait(30)
+        assert len(long.wait(30)[0].ids) == 400  # the poisoned prefill did not touch the running request
+        gone = sched.submit([4], SamplingParams(max_new_tokens=10_000, ignore_eos=True))
+        while not gone.seqs[0].ids:
+            time.sleep(0.001)
+        gone.cancel()
+        with pytest.raises(Cancelled):
+            gone.wait(30)
+        late = sched.submit([4], SamplingParams(max_new_tokens=10), deadline=time.monotonic() - 1)
+        with pytest.raises(DeadlineExceeded):
+            late.wait(30)
+        assert backend.rows_ == 0
+        # the waiting queue is bounded: hold the loop with a full batch, then overfill the queue
+        hold = [sched.submit([5], SamplingParams(n=4, max_new_tokens=2000, ignore_eos=True))]
+        while backend.rows_ < 4:
+            time.sleep(0.001)
+        hold += [sched.submit([6], SamplingParams(max_new_tokens=1)) for _ in range(3)]
+        with pytest.raises(QueueFull):
+            sched.submit([7], SamplingParams(max_new_tokens=1))
+        for r in hold:
+            r.cancel()
+    finally:
+        sched.close()

@@ -1,6 +1,5 @@
 """The server, driven through the official openai client against uvicorn on 127.0.0.1."""
 import json
-import socket
 import threading
 import time
 
@@ -10,44 +9,16 @@ import pytest
 
 from thinkforge.format import render_chat
 from thinkforge.generation import EFFORT_BUDGETS
-from thinkforge.serve import ServeConfig, create_app
 from thinkforge.serve.service import split_text, summarize
+from serve_helpers import SEED_PROMPT, free_port, running_server
 
-SEED_PROMPT = ("Q: If all bloops are razzies and all razzies are lazzies, are all bloops definitely lazzies? "
-               "Explain step-by-step.")
-
-
-@pytest.fixture(scope="module")
-def syllogism_model(tmp_path_factory):
-    from thinkforge.models import load_model
-    from thinkforge.train.sft import SFTConfig, train_sft
-
-    out = tmp_path_factory.mktemp("syl") / "syllogism"
-    run = train_sft(SFTConfig(task="syllogism", size="micro", steps=120, batch_size=32, max_len=256, out=str(out),
-                              train_problems=1000, save_every=120, lr=3e-3, min_lr_ratio=1.0))
-    model, tok = load_model(str(run / "model"), device="cpu")
-    return model, tok, str(run / "model")
 
 
 @pytest.fixture(scope="module")
 def server(syllogism_model):
-    import uvicorn
-
     model, tok, _ = syllogism_model
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = ServeConfig(model="unused", name="syl", port=port, api_key="sekret", max_tokens=96, max_body_bytes=20_000)
-    srv = uvicorn.Server(uvicorn.Config(create_app(cfg, model, tok), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    srv.should_exit = True
-    thread.join(10)
+    with running_server(model, tok, name="syl", api_key="sekret", max_tokens=96, max_body_bytes=20_000) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -198,12 +169,6 @@ def test_split_text_grows_monotonically():
     assert split_text("<think>\nx\n</think>\n<answer>a <answer>b</answer>").visible == "b"  # what the grader scores
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_thinkforge_serve_command(syllogism_model):
     """`thinkforge serve` as a user runs it: a real process, the model folder, the name from the folder."""
     import subprocess
@@ -226,37 +191,3 @@ def test_thinkforge_serve_command(syllogism_model):
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def test_concurrent_requests_share_one_engine_call(syllogism_model):
-    """Requests that arrive while the engine is busy are batched into the next call (a serial server
-    would make one call per request); requests with other sampling parameters wait for their own."""
-    from thinkforge.serve.service import ReasoningService
-
-    model, tok, _ = syllogism_model
-    svc = ReasoningService(model, tok, "syl")
-    real, sizes, release = svc.engine.generate, [], threading.Event()
-
-    def generate(prompts, params, on_step=None):
-        sizes.append((len(prompts), params.temperature))
-        if len(sizes) == 1:
-            assert release.wait(60)  # hold the first call until the others are queued
-        return real(prompts, params, on_step)
-
-    svc.engine.generate = generate
-    same, other = svc.params(4, 0.0, None, None), svc.params(4, 1.0, None, None)
-    results = []
-    first = threading.Thread(target=lambda: results.append(svc.run(render_chat([{"role": "user", "content": "a"}]), same)))
-    first.start()
-    while not sizes:
-        time.sleep(0.01)
-    rest = [threading.Thread(target=lambda p=p: results.append(svc.run(render_chat([{"role": "user", "content": "b"}]), p))) for p in (same, same, other, same)]
-    for t in rest:
-        t.start()
-    while svc.jobs.qsize() < 4:
-        time.sleep(0.01)
-    release.set()
-    for t in [first, *rest]:
-        t.join(60)
-    assert len(results) == 5 and all(len(r) == 1 for r in results), results
-    assert sizes == [(1, 0.0), (3, 0.0), (1, 1.0)]

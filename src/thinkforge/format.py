@@ -45,8 +45,9 @@ def strip_thinking(content: str) -> str:
     return content.split(THINK_CLOSE)[-1].lstrip() if THINK_CLOSE in content else content
 
 
-def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render messages exactly as CHAT_TEMPLATE does (no Jinja needed on the hot path).
+def render_chat(messages: list[dict], add_generation_prompt: bool = True, keep_thinking: bool = False) -> str:
+    """Render messages exactly as CHAT_TEMPLATE does (no Jinja needed on the hot path). ``keep_thinking``:
+    earlier assistant turns keep their think block (a client asked for all turns' reasoning).
 
     >>> render_chat([{"role": "user", "content": "2+2?"}])
     '<|im_start|>user\\n2+2?<|im_end|>\\n<|im_start|>assistant\\n'
@@ -54,7 +55,7 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str
     parts = []
     for i, m in enumerate(messages):
         content = m["content"]
-        if m["role"] == "assistant" and i < len(messages) - 1:
+        if m["role"] == "assistant" and i < len(messages) - 1 and not keep_thinking:
             content = strip_thinking(content)
         parts.append(f"{IM_START}{m['role']}\n{content}{IM_END}\n")
     if add_generation_prompt:

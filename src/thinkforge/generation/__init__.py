@@ -40,13 +40,15 @@ from thinkforge.generation.backends import make_backend
 # reasoning_effort) and test-time search share. "none" answers without thinking: the prompt is prefilled
 # with an empty think block. "xhigh" has no cap but max_new_tokens. Budgets are sized for the tiny
 # models trained here (their traces are 20-60 tokens); a served hub model may want them scaled.
-EFFORT_BUDGETS: dict[str, int | None] = {"none": 0, "minimal": 8, "low": 32, "medium": 128, "high": 512, "xhigh": None}
+EFFORT_BUDGETS: dict[str, int | None] = {"none": 0, "minimal": 8, "low": 32, "medium": 128, "high": 512, "xhigh": None,
+                                          "max": None}
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (as vLLM): dividing by it overflows to NaN
 
 
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     n: int = 1  # samples per prompt
@@ -214,7 +216,7 @@ def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, 
     uniforms in [0, 1), row i takes the token where the cumulative probability first exceeds u[i]
     (inverse-CDF sampling: the same distribution as ``torch.multinomial``)."""
     logits = logits.float()
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         tokens = logits.argmax(-1)  # (B,)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
     logp = torch.log_softmax(logits / params.temperature, -1)  # (B, V)

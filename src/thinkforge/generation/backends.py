@@ -4,6 +4,11 @@
     decode(tokens (B,))             -> logits (B, V)   # one new token per active row
     select(rows)                                        # keep only these rows (finished ones leave)
 
+and, for continuous batching (``generation.scheduler``), ``join(prompt_ids, n) -> logits of the new rows``:
+new prompts are prefilled on their own and their cache rows appended to the running batch, both sides
+left-padded to a common length. The cache grows by chunks as rows decode (nothing is preallocated for a
+request's ``max_tokens``) and leading slots no row uses any more are trimmed when rows leave.
+
 ``FastBackend`` runs the weights of Llama-family models (llama, qwen2, qwen3, mistral) directly: q/k/v
 and gate/up projections fused into one matmul each, a preallocated cache, one SDPA call per layer. On
 a tiny model a decode step is dominated by per-call overhead, which is why HF ``generate`` spends
@@ -42,6 +47,17 @@ def _left_pad(prompt_ids: list[list[int]], pad: int, device) -> tuple[torch.Tens
     return ids.to(device), mask.to(device)  # (P, T), (P, T)
 
 
+def _left(c: torch.Tensor, have: int, t: int) -> torch.Tensor:
+    """Slots [0, have) of a cache (dim 2 for k/v, dim 1 for a (B, S) mask), left-padded to t slots."""
+    dim = 2 if c.dim() == 4 else 1
+    c = c.narrow(dim, 0, have)
+    if have == t:
+        return c
+    shape = list(c.shape)
+    shape[dim] = t - have
+    return torch.cat([c.new_zeros(shape), c], dim=dim)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -64,6 +80,7 @@ class FastBackend:
 
     def __init__(self, model):
         self.model, cfg = model, model.config
+        self.k = None  # no running batch yet
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm
@@ -127,6 +144,8 @@ class FastBackend:
 
     def _attend(self, q, k, v, mask, scale):
         """q: (B, nh, T, hd); k, v: (B, nkv, S, hd); mask: (B, 1, T|1, S) bool, None, or _CAUSAL."""
+        if mask is _CAUSAL and q.shape[2] == 1:  # a one-token prompt: nothing to mask
+            mask = None
         if q.shape[2] > 1:  # prefill: SDPA's fused kernel
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if mask is _CAUSAL else mask, is_causal=mask is _CAUSAL,
@@ -167,7 +186,53 @@ class FastBackend:
         self.next_pos = pos[:, -1].index_select(0, rep) + 1  # (B,)
         return F.linear(h.index_select(0, rep), self.head)  # (B, V)
 
+    def join(self, prompt_ids: list[list[int]], n: int) -> torch.Tensor:
+        old = (self.k, self.v, self.valid, self.next_pos, self.t) if self.rows() else None
+        keep = {k: getattr(self, k) for k in ("k", "v", "valid", "next_pos", "t", "capacity", "padded") if hasattr(self, k)}
+        try:
+            logits = self.prefill(prompt_ids, n, 0)
+        except BaseException:  # the running rows are untouched by a prefill that failed
+            self.__dict__.update(keep)
+            raise
+        if old is None:
+            return logits
+        k, v, valid, pos, t_old = old
+        t = max(t_old, self.t)
+        self.k = [torch.cat([_left(a, t_old, t), _left(b, self.t, t)]) for a, b in zip(k, self.k)]
+        self.v = [torch.cat([_left(a, t_old, t), _left(b, self.t, t)]) for a, b in zip(v, self.v)]
+        self.valid = torch.cat([_left(valid, t_old, t), _left(self.valid, self.t, t)])
+        self.next_pos = torch.cat([pos, self.next_pos])
+        self.t = self.capacity = t
+        self.padded = True
+        return logits
+
+    def rows(self) -> int:
+        return 0 if self.k is None else self.k[0].shape[0]
+
+    def _grow(self) -> None:
+        extra = max(16, self.capacity // 2)
+        more = lambda c: torch.cat([c, c.new_zeros(c.shape[:2] + (extra,) + c.shape[3:])], dim=2)  # noqa: E731
+        self.k, self.v = [more(c) for c in self.k], [more(c) for c in self.v]
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], extra)], dim=1)
+        self.capacity += extra
+
+    def trim(self) -> None:
+        """Drop leading cache slots that no remaining row attends to (after long rows left)."""
+        if not self.rows():
+            self.k = None
+            return
+        used = self.valid[:, : self.t].any(0)
+        first = int(used.float().argmax()) if bool(used.any()) else self.t
+        if first >= 16:
+            self.k = [c[:, :, first:].contiguous() for c in self.k]
+            self.v = [c[:, :, first:].contiguous() for c in self.v]
+            self.valid = self.valid[:, first:].contiguous()
+            self.t -= first
+            self.capacity -= first
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.t >= self.capacity:
+            self._grow()
         self.valid[:, self.t] = True
         mask = self.valid[:, None, None, : self.t + 1] if self.padded else None  # (B, 1, 1, t+1)
         h = self._forward(tokens[:, None], self.next_pos[:, None], mask)
@@ -175,6 +240,9 @@ class FastBackend:
         return F.linear(h, self.head)  # (B, V)
 
     def select(self, rows: list[int]) -> None:
+        if not rows:
+            self.k = None
+            return
         idx = torch.tensor(rows, device=self.embed.device)
         self.k = [c.index_select(0, idx) for c in self.k]
         self.v = [c.index_select(0, idx) for c in self.v]
@@ -210,7 +278,37 @@ class HFBackend:
         self.pos = self.pos + 1
         return out.logits[:, -1].float()
 
+    def rows(self) -> int:
+        return 0 if getattr(self, "mask", None) is None else self.mask.shape[0]
+
+    def join(self, prompt_ids: list[list[int]], n: int) -> torch.Tensor:
+        old = (self.cache, self.mask, self.pos) if self.rows() else None
+        try:
+            logits = self.prefill(prompt_ids, n, 0)
+        except BaseException:  # the running rows are untouched by a prefill that failed
+            if old is not None:
+                self.cache, self.mask, self.pos = old
+            raise
+        if old is None:
+            return logits
+        cache, mask, pos = old
+        s_old, s_new = mask.shape[1], self.mask.shape[1]
+        t = max(s_old, s_new)
+        for a, b in zip(cache.layers, self.cache.layers):  # DynamicLayer: keys/values (B, h, S, d)
+            a.keys = torch.cat([_left(a.keys, s_old, t), _left(b.keys, s_new, t)])
+            a.values = torch.cat([_left(a.values, s_old, t), _left(b.values, s_new, t)])
+        self.mask = torch.cat([_left(mask, s_old, t), _left(self.mask, s_new, t)])
+        self.pos, self.cache = torch.cat([pos, self.pos]), cache
+        return logits
+
+    def trim(self) -> None:
+        if self.rows() == 0:
+            self.mask = None
+
     def select(self, rows: list[int]) -> None:
+        if not rows:
+            self.mask = None
+            return
         idx = torch.tensor(rows, device=self.mask.device)
         self.cache.reorder_cache(idx)  # index_select along the batch: drops the finished rows
         self.mask, self.pos = self.mask.index_select(0, idx), self.pos.index_select(0, idx)

@@ -1,31 +1,35 @@
 """Request bodies of the OpenAI-compatible API (pydantic), in the order of the OpenAI reference.
 
-Only what thinkforge uses is declared; other fields the SDK may send (``store``, ``metadata``, ``user``,
-``tools`` …) are accepted and ignored, as the OpenAI API ignores what does not apply. Wrong types and
-out-of-range values are rejected (400 with the field named). Responses are built as plain dicts in
-``service.py``: the SDK does not validate them, so their shape is pinned by tests with the real client.
+Wrong types and out-of-range values are rejected (400 with the field named). A parameter this server
+cannot honour is refused with a 400 that names it (``unsupported``), never silently ignored; fields that
+change nothing here (``metadata``, ``user``, ``service_tier``, ``parallel_tool_calls`` …) are accepted.
+Responses are built as plain dicts in ``service.py``: the SDK does not validate them, so their shape is
+pinned by tests with the real clients.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
-Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
-class _Request(BaseModel):
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extras are checked by unsupported(), not dropped unseen
+
+
+class _Part(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class InputText(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class InputText(_Part):
     type: Literal["input_text", "output_text", "text"] = "input_text"
     text: str
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Message(_Part):
+    type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[InputText]
 
@@ -33,23 +37,58 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class Reasoning(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class SummaryText(_Part):
+    type: Literal["summary_text"] = "summary_text"
+    text: str
+
+
+class ReasoningText(_Part):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningItem(_Part):
+    """A reasoning item of an earlier response, passed back as input (what the SDK and LangChain do)."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[SummaryText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+
+
+def _item_type(v: Any) -> str:
+    return v.get("type", "message") if isinstance(v, dict) else getattr(v, "type", "message")
+
+
+InputItem = Annotated[Union[Annotated[Message, Tag("message")], Annotated[ReasoningItem, Tag("reasoning")]],
+                      Discriminator(_item_type)]
+
+
+class Reasoning(_Part):
     effort: Effort | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None  # deprecated alias of summary
+    context: Literal["auto", "current_turn", "all_turns"] | None = None
+    mode: Literal["standard"] | None = None  # "pro" (deeper reasoning) is not offered here: refused by name
 
 
-class ResponsesRequest(_Request):
+class ResponsesRequest(_Body):
     """POST /v1/responses"""
 
     model: str
-    input: str | list[Message]
+    input: str | list[InputItem]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, gt=0)
+    previous_response_id: str | None = None
     reasoning: Reasoning | None = None
+    store: bool = True
     stream: bool = False
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    include: list[str] | None = None
+    text: dict | None = None
+    tools: list | None = None
 
     @field_validator("input")
     @classmethod
@@ -58,8 +97,17 @@ class ResponsesRequest(_Request):
             raise ValueError("input must not be empty")
         return v
 
+    def unsupported(self) -> str | None:
+        if self.include:
+            return "include"  # reasoning.encrypted_content / logprobs: use store + previous_response_id
+        if self.tools:
+            return "tools"
+        if self.text and (self.text.get("format") or {}).get("type", "text") != "text":
+            return "text.format"
+        return _unsupported_extras(self)
 
-class ChatRequest(_Request):
+
+class ChatRequest(_Body):
     """POST /v1/chat/completions"""
 
     model: str
@@ -68,10 +116,51 @@ class ChatRequest(_Request):
     max_tokens: int | None = Field(default=None, gt=0)  # deprecated by OpenAI, still sent by many clients
     n: int = Field(default=1, ge=1, le=16)
     reasoning_effort: Effort | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     stream: bool = False
     stream_options: dict | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    response_format: dict | None = None
+    tools: list | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    def unsupported(self) -> str | None:
+        if self.top_logprobs:
+            return "top_logprobs"  # the engine keeps the sampled token's logprob only
+        if self.logprobs and self.stream:
+            return "logprobs"  # with stream: logprobs are returned by non-streamed requests
+        if self.tools:
+            return "tools"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        return _unsupported_extras(self)
+
+
+# Known OpenAI parameters that would change the output and that this server does not implement.
+_CHANGES_OUTPUT = {"logit_bias", "presence_penalty", "frequency_penalty", "functions", "function_call", "audio",
+                   "modalities", "prediction", "web_search_options", "top_logprobs", "background", "conversation",
+                   "prompt", "max_tool_calls", "truncation"}
+_NEUTRAL_DEFAULTS = {"presence_penalty": 0, "frequency_penalty": 0, "truncation": "disabled", "background": False,
+                     "top_logprobs": 0, "modalities": ["text"]}
+
+
+def _unsupported_extras(body: BaseModel) -> str | None:
+    for key, value in (body.model_extra or {}).items():
+        if key in _CHANGES_OUTPUT and value is not None and value != _NEUTRAL_DEFAULTS.get(key, object()) \
+                and value not in ({}, []):
+            return key
+    return None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

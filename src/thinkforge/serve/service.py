@@ -1,34 +1,64 @@
-"""The serving logic behind the routes: prompts, sampling, splitting thinking from the answer, usage.
+"""The serving logic behind the routes: validation and limits per request, prompts, results, the response store.
 
-- Prompts come from ``format.render_chat`` (thinking dropped from earlier assistant turns, exactly as
-  at training time). ``effort`` maps to a thinking budget through ``generation.EFFORT_BUDGETS``;
-  ``none`` prefills an empty think block so the model answers at once.
-- The visible answer is ``format.parse_completion(text).answer`` — exactly what the grader scores —
-  and the raw thinking is never returned as visible text. Responses get a *summary* of it when
-  asked: a deterministic extractive summary (``concise``/``auto``: the last line of the thinking;
-  ``detailed``: its first, middle and last lines) — documented as such, not a model-written summary.
-  Chat Completions return the thinking in ``reasoning_content`` (the vLLM / DeepSeek convention).
-- Concurrent requests are batched: a worker runs one engine call at a time over every waiting request
-  with the same sampling parameters (up to 64), so load raises throughput instead of queueing time.
-- Streaming is real: the engine reports every token, and events are emitted as the text grows.
+- Every request is validated and tokenized on its own, before it joins the running batch: a request
+  that cannot be served gets its own OpenAI-shaped error (:class:`APIError`), the others never see it.
+- Prompts come from ``format.render_chat`` (thinking dropped from earlier assistant turns, exactly as at
+  training time, unless ``reasoning.context = "all_turns"``). Message text is tokenized with the
+  tokenizer's special tokens *split*: ``<|im_end|>`` typed by a user is text, never a control token.
+- Limits: prompt + max_tokens within the model's context (400 ``context_length_exceeded``), max_tokens
+  and n × max_tokens capped, queued requests capped (429), a deadline per request (504).
+- ``effort`` maps to a thinking budget through ``generation.EFFORT_BUDGETS``; ``none`` prefills an empty
+  think block so the model answers at once.
+- The visible answer is ``format.parse_completion(text).answer`` — exactly what the grader scores — and
+  the raw thinking is never returned as visible text. Responses get a *summary* of it when asked: a
+  deterministic extractive summary (``concise``/``auto``: the last line of the thinking; ``detailed``:
+  its first, middle and last lines) — documented as such, not a model-written summary. Chat Completions
+  return the thinking in ``reasoning_content`` (the vLLM / DeepSeek convention).
+- Responses are kept in a bounded store (``store: false`` opts out) so ``previous_response_id`` and
+  reasoning items passed back by id work; an unknown id is a 404, as OpenAI answers.
+- Generation runs on ``generation.scheduler.Scheduler``: continuous batching, any mix of parameters.
 """
 from __future__ import annotations
 
-import queue
+import collections
+import re
+import sys
 import threading
 import time
+import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from thinkforge import format as fmt
 from thinkforge.generation import EFFORT_BUDGETS, Engine, SamplingParams
+from thinkforge.generation.scheduler import Cancelled, DeadlineExceeded, QueueFull, Request, Scheduler
+
+
+class APIError(Exception):
+    """An error for one request, shaped as OpenAI's (``{"error": {message, type, param, code}}``)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
+        self.type = type_ or {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
+            status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+@dataclass
+class Limits:
+    context: int  # the model's context in tokens (prompt + completion)
+    default_max_tokens: int = 256  # when a request sets none (further capped by what the context leaves)
+    max_tokens: int = 4096  # the largest max_tokens a request may ask for
+    max_total_tokens: int = 16384  # n × max_tokens
+    timeout: float = 300.0  # seconds from arrival to the last token
 
 
 @dataclass
 class Split:
     thinking: str | None  # None: the completion has no think block
     closed: bool  # the thinking ended (always True without a think block)
-    visible: str  # the answer text so far: format.parse_completion's answer, what the grader scores
+    visible: str  # the answer text: format.parse_completion's answer, what the grader scores
 
 
 def split_text(text: str, prefilled: bool = False, partial: bool = False) -> Split:
@@ -49,128 +79,189 @@ def summarize(thinking: str | None, mode: str | None) -> str | None:
     return lines[-1]
 
 
-@dataclass
-class _Job:
-    prompt: str
-    params: SamplingParams
-    on_step: object = None
-    result: list | None = None
-    error: Exception | None = None
-
-    def __post_init__(self):
-        self.done = threading.Event()
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
+@dataclass(eq=False)
+class Job:
+    """One accepted request: what the routes need to wait on it and to shape its result."""
+
+    kind: str  # "chat" | "responses"
+    body: object  # the validated ChatRequest / ResponsesRequest
+    id: str
+    created: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    prefilled: bool
+    request: Request | None = None
+    conversation: list[dict] = field(default_factory=list)  # Responses: the turns before this answer
+    context_mode: str = "current_turn"
+
+
+def _check_text(where: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        raise APIError(400, f"Invalid value for '{where}': it contains U+{ord(bad):04X}, a lone surrogate, which is "
+                            "not valid Unicode text.", param=where) from None
+
+
 class ReasoningService:
-    def __init__(self, model, tokenizer, model_name: str, default_max_tokens: int = 256, max_batch: int = 64):
-        self.tok, self.model_name, self.default_max_tokens = tokenizer, model_name, default_max_tokens
+    def __init__(self, model, tokenizer, model_name: str, limits: Limits | None = None, max_rows: int = 64,
+                 max_waiting: int = 256, store_size: int = 1000):
+        self.tok, self.model_name = tokenizer, model_name
+        context = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.limits = limits or Limits(context=context)
         self.engine = Engine(model, tokenizer)
-        self.max_batch = max_batch
-        self.jobs: queue.Queue = queue.Queue()
-        threading.Thread(target=self._batch_worker, daemon=True).start()
+        self.scheduler = Scheduler(self.engine, max_rows=max_rows, max_waiting=max_waiting)
+        self.store: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self.store_size = store_size
+        self.lock = threading.Lock()
 
-    # ---- shared ------------------------------------------------------------------------------------
+    # ---- prompts --------------------------------------------------------------------------------------
 
-    def prompt(self, messages: list[dict], effort: str | None) -> str:
-        text = fmt.render_chat(messages)
-        return text + fmt.EMPTY_THINK if effort == "none" else text
+    def encode(self, messages: list[dict], effort: str | None, keep_thinking: bool = False) -> list[int]:
+        """Token ids of the chat prompt. The template's own text is tokenized with special tokens; message
+        text with them split, so text can never close a turn or open a think block."""
+        nonce = uuid.uuid4().hex
+        marked = []
+        for i, m in enumerate(messages):
+            content = m["content"]
+            if m["role"] == "assistant" and i < len(messages) - 1 and not keep_thinking:
+                content = fmt.strip_thinking(content)
+            marked.append((content, {"role": m["role"], "content": f"\ue000{nonce}{i}\ue001"}))
+        text = fmt.render_chat([m for _, m in marked], keep_thinking=True)
+        ids: list[int] = []
+        for k, piece in enumerate(re.split(f"\ue000{nonce}(\\d+)\ue001", text)):
+            if k % 2:
+                ids += self.tok.encode(marked[int(piece)][0], add_special_tokens=False, split_special_tokens=True)
+            elif piece:
+                ids += self.tok.encode(piece, add_special_tokens=False)
+        if effort == "none":
+            ids += self.tok.encode(fmt.EMPTY_THINK, add_special_tokens=False)
+        return ids
 
-    def params(self, max_tokens: int | None, temperature, top_p, effort: str | None, n: int = 1) -> SamplingParams:
+    def params(self, prompt_len: int, max_tokens: int | None, temperature, top_p, effort: str | None, n: int = 1,
+               seed: int | None = None, param: str = "max_tokens") -> SamplingParams:
+        """Sampling parameters within the limits; raises :class:`APIError` naming what is over."""
+        lim = self.limits
+        if prompt_len >= lim.context:
+            raise APIError(400, f"This model's maximum context length is {lim.context} tokens. However, your "
+                                f"messages resulted in {prompt_len} tokens. Please reduce the length of the messages.",
+                           param="messages", code="context_length_exceeded")
+        if max_tokens is not None:
+            if max_tokens > lim.max_tokens:
+                raise APIError(400, f"Invalid value for '{param}': {max_tokens} is more than this server's limit of "
+                                    f"{lim.max_tokens} tokens.", param=param)
+            if prompt_len + max_tokens > lim.context:
+                raise APIError(400, f"This model's maximum context length is {lim.context} tokens. However, you "
+                                    f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
+                                    f"{max_tokens} in the completion). Please reduce the length of the messages or "
+                                    "completion.", param=param, code="context_length_exceeded")
+        new = max_tokens or min(lim.default_max_tokens, lim.max_tokens, lim.context - prompt_len)
+        if n * new > lim.max_total_tokens:
+            raise APIError(400, f"Invalid value for 'n': n × {param} = {n} × {new} = {n * new} tokens is more than "
+                                f"this server's limit of {lim.max_total_tokens}.", param="n")
         budget = EFFORT_BUDGETS[effort] if effort not in (None, "none") else None
-        return SamplingParams(max_new_tokens=max_tokens or self.default_max_tokens,
-                              temperature=1.0 if temperature is None else temperature,
-                              top_p=1.0 if top_p is None else top_p, n=n, seed=None, thinking_budget=budget)
+        return SamplingParams(max_new_tokens=new, temperature=1.0 if temperature is None else temperature,
+                              top_p=1.0 if top_p is None else top_p, n=n, seed=seed, thinking_budget=budget)
 
-    def run(self, prompt: str, params: SamplingParams, on_step=None):
-        """Completions of one prompt. Concurrent calls with equal sampling parameters share one batch."""
-        job = _Job(prompt, params, on_step)
-        self.jobs.put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
+    def submit(self, job: Job, on_token=None, on_done=None, stop_text=None) -> Job:
+        deadline = time.monotonic() + self.limits.timeout
+        try:
+            job.request = self.scheduler.submit(job.prompt_ids, job.params, on_token, deadline, stop_text, on_done)
+        except QueueFull as e:
+            raise APIError(429, f"The server is busy ({e}); retry shortly.", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"}) from None
+        return job
 
-    def _batch_worker(self) -> None:
-        """One engine call at a time: the first waiting job plus every other waiting job with equal
-        parameters (up to ``max_batch`` prompts); the rest wait for the next call."""
-        while True:
-            batch, others = [self.jobs.get()], []
-            while len(batch) < self.max_batch:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                (batch if job.params == batch[0].params else others).append(job)
-            for job in others:
-                self.jobs.put(job)
-            n = batch[0].params.n
+    def outcome(self, job: Job):
+        """The completions of a finished job, or the :class:`APIError` its failure maps to."""
+        err = job.request.error
+        if err is None:
+            return job.request.result
+        if isinstance(err, DeadlineExceeded):
+            raise APIError(504, f"The request ran past this server's limit of {self.limits.timeout:g} s.", code="timeout")
+        if isinstance(err, Cancelled):
+            raise APIError(499, "The request was cancelled.", code="cancelled")
+        print(f"request {job.id} failed:\n{''.join(traceback.format_exception(err))}", file=sys.stderr)
+        raise APIError(500, f"The server had an error while processing your request (request id {job.id}).",
+                       code="server_error")
 
-            def on_step(rows, batch=batch):
-                for row, token in rows:
-                    job = batch[row // n]
-                    if job.on_step is not None:
-                        job.on_step([(row % n, token)])
+    def usage_counts(self, c, split: Split) -> dict:
+        """Token counts; reasoning tokens are those of the thinking the parser found (0 when it found none)."""
+        return {"input": len(c.prompt_ids), "output": len(c.ids), "reasoning": 0 if split.thinking is None else c.thinking_tokens}
 
-            try:
-                outs = self.engine.generate([j.prompt for j in batch], batch[0].params, on_step)
-                for i, job in enumerate(batch):
-                    job.result = outs[i * n : (i + 1) * n]
-            except Exception as e:  # every waiting request gets the error, none hangs
-                for job in batch:
-                    job.error = e
-            for job in batch:
-                job.done.set()
+    # ---- Responses ------------------------------------------------------------------------------------
 
-    def stream_tokens(self, prompt: str, params: SamplingParams):
-        """Yield ``("token", row, ids_so_far)`` as tokens arrive, then ``("done", completions)``."""
-        q: queue.Queue = queue.Queue()
-
-        def work():
-            try:
-                q.put(("done", self.run(prompt, params, lambda rows: q.put(("step", rows)))))
-            except Exception as e:  # surfaced to the client as a failed stream, never a hung one
-                q.put(("error", e))
-
-        threading.Thread(target=work, daemon=True).start()
-        ids: dict[int, list[int]] = {}
-        while True:
-            kind, value = q.get()
-            if kind == "step":
-                for row, token in value:
-                    ids.setdefault(row, []).append(token)
-                    yield "token", row, ids[row]
-            elif kind == "done":
-                yield "done", None, value
-                return
-            else:
-                raise value
-
-    def usage_counts(self, c, prefilled: bool = False) -> dict:
-        """Token counts; after the empty think block of effort "none" every generated token is answer."""
-        return {"input": len(c.prompt_ids), "output": len(c.ids), "reasoning": 0 if prefilled else c.thinking_tokens}
-
-    # ---- Responses ---------------------------------------------------------------------------------
-
-    def responses_messages(self, req) -> list[dict]:
-        msgs = [{"role": "system", "content": req.instructions}] if req.instructions else []
-        if isinstance(req.input, str):
-            return msgs + [{"role": "user", "content": req.input}]
-        return msgs + [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.input]
-
-    def response_object(self, req, rid: str, created: int, completion=None, split: Split | None = None,
-                        status: str = "in_progress") -> dict:
-        """The Response resource; with a completion, its output items and usage."""
+    def start_responses(self, req, on_token=None, on_done=None) -> Job:
         effort = req.reasoning.effort if req.reasoning else None
-        summary_mode = req.reasoning.summary if req.reasoning else None
+        mode = (req.reasoning.context if req.reasoning else None) or "auto"
+        keep = mode == "all_turns"
+        conversation = self.responses_conversation(req, keep)
+        system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+        if req.instructions:
+            _check_text("instructions", req.instructions)
+        ids = self.encode(system + conversation, effort, keep)
+        params = self.params(len(ids), req.max_output_tokens, req.temperature, req.top_p, effort, param="max_output_tokens")
+        job = Job("responses", req, new_id("resp"), int(time.time()), ids, params, effort == "none",
+                  conversation=conversation, context_mode="all_turns" if keep else "current_turn")
+        return self.submit(job, on_token, on_done)
+
+    def responses_conversation(self, req, keep_thinking: bool) -> list[dict]:
+        """The turns of a Responses request: the stored conversation of ``previous_response_id``, then
+        ``input``, where a reasoning item's text goes into the think block of the assistant turn after it."""
+        turns: list[dict] = []
+        if req.previous_response_id is not None:
+            with self.lock:
+                prev = self.store.get(req.previous_response_id)
+            if prev is None:
+                raise APIError(404, f"Previous response with id '{req.previous_response_id}' not found.",
+                               param="previous_response_id", code="previous_response_not_found")
+            turns = [dict(t) for t in prev["conversation"]]
+        if isinstance(req.input, str):
+            _check_text("input", req.input)
+            return turns + [{"role": "user", "content": req.input}]
+        thinking = None
+        for i, item in enumerate(req.input):
+            if item.type == "reasoning":
+                thinking = self.reasoning_text(item)
+                _check_text(f"input[{i}]", thinking)
+                continue
+            text = item.text()
+            _check_text(f"input[{i}].content", text)
+            role = "system" if item.role == "developer" else item.role
+            if role == "assistant" and thinking is not None and keep_thinking:
+                text = f"{fmt.THINK_OPEN}\n{thinking}\n{fmt.THINK_CLOSE}\n{text}"
+            thinking = None
+            turns.append({"role": role, "content": text})
+        return turns
+
+    def reasoning_text(self, item) -> str:
+        """A reasoning item's text: the raw thinking when this server stored it, else what the item carries."""
+        if item.id:
+            with self.lock:
+                stored = self.store.get(item.id.replace("rs_", "resp_", 1))
+            if stored is not None and stored.get("thinking") is not None:
+                return stored["thinking"]
+        if item.content:
+            return "\n".join(p.text for p in item.content)
+        return "\n".join(p.text for p in item.summary)
+
+    def response_object(self, job: Job, completion=None, split: Split | None = None, status: str = "in_progress") -> dict:
+        """The Response resource; with a completion, its output items and usage."""
+        req, rid = job.body, job.id
+        effort = req.reasoning.effort if req.reasoning else None
+        summary_mode = (req.reasoning.summary or req.reasoning.generate_summary) if req.reasoning else None
         obj = {
-            "id": rid, "object": "response", "created_at": created, "model": req.model, "status": status,
+            "id": rid, "object": "response", "created_at": job.created, "model": req.model, "status": status,
             "error": None, "incomplete_details": None, "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens, "output": [], "parallel_tool_calls": False,
-            "reasoning": {"effort": effort, "summary": summary_mode}, "temperature": req.temperature,
+            "previous_response_id": req.previous_response_id,
+            "reasoning": {"effort": effort, "summary": summary_mode, "context": job.context_mode},
+            "store": req.store, "temperature": req.temperature,
             "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": req.top_p,
             "usage": None,
         }
@@ -188,51 +279,74 @@ class ReasoningService:
             obj["status"], obj["incomplete_details"] = "incomplete", {"reason": "max_output_tokens"}
         else:
             obj["status"] = "completed"
-        u = self.usage_counts(completion, effort == "none")
+        u = self.usage_counts(completion, split)
         obj["usage"] = {"input_tokens": u["input"], "input_tokens_details": {"cached_tokens": 0},
                         "output_tokens": u["output"], "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
                         "total_tokens": u["input"] + u["output"]}
         return obj
 
-    def responses_input(self, req) -> tuple[str, SamplingParams, bool]:
-        """(prompt, sampling parameters, prefilled?) of a Responses request: one rule for both the
-        plain and the streamed call."""
-        effort = req.reasoning.effort if req.reasoning else None
-        prompt = self.prompt(self.responses_messages(req), effort)
-        return prompt, self.params(req.max_output_tokens, req.temperature, req.top_p, effort), effort == "none"
+    def responses_result(self, job: Job, completions) -> dict:
+        c = completions[0]
+        split = split_text(c.text, job.prefilled)
+        obj = self.response_object(job, c, split)
+        if job.body.store:
+            answer = split.visible if split.closed else ""
+            content = answer if split.thinking is None else f"{fmt.THINK_OPEN}\n{split.thinking}\n{fmt.THINK_CLOSE}\n{answer}"
+            with self.lock:
+                self.store[job.id] = {"response": obj, "thinking": split.thinking,
+                                      "conversation": job.conversation + [{"role": "assistant", "content": content}]}
+                while len(self.store) > self.store_size:
+                    self.store.popitem(last=False)
+        return obj
 
-    def respond(self, req) -> dict:
-        prompt, params, prefilled = self.responses_input(req)
-        c = self.run(prompt, params)[0]
-        return self.response_object(req, new_id("resp"), int(time.time()), c, split_text(c.text, prefilled))
+    def stored_response(self, rid: str) -> dict:
+        with self.lock:
+            entry = self.store.get(rid)
+        if entry is None:
+            raise APIError(404, f"Response with id '{rid}' not found.", param="response_id", code="response_not_found")
+        return entry["response"]
 
-    # ---- Chat Completions --------------------------------------------------------------------------
+    # ---- Chat Completions -----------------------------------------------------------------------------
 
-    def chat_messages(self, req) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    def start_chat(self, req, on_token=None, on_done=None) -> Job:
+        messages = []
+        for i, m in enumerate(req.messages):
+            text = m.text()
+            _check_text(f"messages[{i}].content", text)
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        for s in req.stop or []:
+            _check_text("stop", s)
+        ids = self.encode(messages, req.reasoning_effort)
+        which = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        params = self.params(len(ids), req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p,
+                             req.reasoning_effort, req.n, req.seed, param=which)
+        job = Job("chat", req, new_id("chatcmpl"), int(time.time()), ids, params, req.reasoning_effort == "none")
+        return self.submit(job, on_token, on_done, req.stop)
 
-    def chat_input(self, req) -> tuple[str, SamplingParams, bool]:
-        """(prompt, sampling parameters, prefilled?) of a chat request, plain or streamed."""
-        prompt = self.prompt(self.chat_messages(req), req.reasoning_effort)
-        params = self.params(req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p,
-                             req.reasoning_effort, req.n)
-        return prompt, params, req.reasoning_effort == "none"
+    def chat_choice(self, job: Job, i: int, c) -> dict:
+        sp = split_text(c.text, job.prefilled)
+        choice = {"index": i, "finish_reason": "length" if c.finish_reason == "length" else "stop",
+                  "message": {"role": "assistant", "content": sp.visible if sp.closed else "",
+                              "reasoning_content": sp.thinking},
+                  "logprobs": self.logprobs(c) if job.body.logprobs else None}
+        return choice
 
-    def chat(self, req) -> dict:
-        prompt, params, prefilled = self.chat_input(req)
-        comps = self.run(prompt, params)
-        choices = []
-        for i, c in enumerate(comps):
-            sp = split_text(c.text, prefilled)
-            choices.append({"index": i, "logprobs": None,
-                            "finish_reason": "length" if c.finish_reason == "length" else "stop",
-                            "message": {"role": "assistant", "content": sp.visible if sp.closed else "",
-                                        "reasoning_content": sp.thinking}})
-        return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
-                "model": req.model, "choices": choices, "usage": self.chat_usage(comps, prefilled)}
+    def logprobs(self, c) -> dict:
+        """Per generated token (the stop token excluded): its text, logprob and UTF-8 bytes."""
+        n = len(c.ids) - (1 if c.finish_reason in ("stop", "budget") and c.ids else 0)
+        out = []
+        for t, lp in zip(c.ids[:n], c.logprobs[:n]):
+            text = self.tok.decode([t])
+            out.append({"token": text, "logprob": lp, "bytes": list(text.encode("utf-8", "replace")), "top_logprobs": []})
+        return {"content": out, "refusal": None}
 
-    def chat_usage(self, comps, prefilled: bool = False) -> dict:
+    def chat_result(self, job: Job, completions) -> dict:
+        return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.body.model,
+                "choices": [self.chat_choice(job, i, c) for i, c in enumerate(completions)],
+                "usage": self.chat_usage(job, completions)}
+
+    def chat_usage(self, job: Job, comps) -> dict:
         out = sum(len(c.ids) for c in comps)
-        reasoning = sum(self.usage_counts(c, prefilled)["reasoning"] for c in comps)
-        return {"prompt_tokens": len(comps[0].prompt_ids), "completion_tokens": out,
-                "total_tokens": len(comps[0].prompt_ids) + out, "completion_tokens_details": {"reasoning_tokens": reasoning}}
+        reasoning = sum(self.usage_counts(c, split_text(c.text, job.prefilled))["reasoning"] for c in comps)
+        return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": out,
+                "total_tokens": len(job.prompt_ids) + out, "completion_tokens_details": {"reasoning_tokens": reasoning}}

@@ -1,130 +1,149 @@
-"""Server-sent event sequences, built as the engine emits tokens.
+"""Server-sent event sequences, built as the scheduler emits tokens.
+
+A streamer is fed the decoded text of each sample as it grows (``tokens``), then the finished
+completions (``finish``) or the request's error (``fail``); each call returns the events to send.
+
+Faithful by construction: the concatenated deltas equal the final text, always. Thinking is streamed
+token by token (a partial parse's thinking only ever grows: the parser holds back a partial tag). The
+answer is sent when the completion ends: the grader's answer is the *last* ``<answer>`` block after the
+thinking, so text the model writes before a late ``<answer>`` is not part of it, and no prefix of the
+answer is certain until the completion is done. For a reasoning model the thinking is the long part.
 
 Responses (``stream: true``), as the OpenAI API orders them:
 ``response.created`` → ``response.in_progress`` → [reasoning item: ``response.output_item.added``,
 (when a summary is asked) ``response.reasoning_summary_part.added``,
 ``response.reasoning_summary_text.delta``/``.done``, ``response.reasoning_summary_part.done``,
 ``response.output_item.done``] → [message item: ``response.output_item.added``,
-``response.content_part.added``, ``response.output_text.delta`` …, ``response.output_text.done``,
+``response.content_part.added``, ``response.output_text.delta``, ``response.output_text.done``,
 ``response.content_part.done``, ``response.output_item.done``] → ``response.completed`` (or
-``response.incomplete`` when ``max_output_tokens`` ran out). Every event carries ``sequence_number``;
-there is no ``[DONE]`` sentinel. The summary is extractive, so it is sent when the thinking ends.
+``response.incomplete`` when ``max_output_tokens`` ran out). Every added item is done, and the items are
+exactly those of the non-streamed response. Every event carries ``sequence_number``; there is no
+``[DONE]`` sentinel. A request that fails ends with ``response.failed`` and an ``error`` event.
 
 Chat Completions (``stream: true``): ``chat.completion.chunk`` objects with ``delta.reasoning_content``
 while the model thinks and ``delta.content`` for the answer, a last chunk per choice with its
-``finish_reason``, a usage chunk when ``stream_options.include_usage`` is set, then ``[DONE]``.
+``finish_reason``, a usage chunk when ``stream_options.include_usage`` is set, then ``[DONE]``; a request
+that fails sends ``{"error": …}`` instead (the openai client raises it).
 """
 from __future__ import annotations
 
-import time
-
-from thinkforge.serve.service import Split, new_id, split_text, summarize
+from thinkforge.serve.service import APIError, Job, ReasoningService, Split, split_text, summarize
 
 
-def responses_events(svc, req):
-    """Yield (event type, payload) pairs for one streamed Response."""
-    summary_mode = req.reasoning.summary if req.reasoning else None
-    prompt, params, prefilled = svc.responses_input(req)
-    rid, created = new_id("resp"), int(time.time())
-    rs_id, msg_id = rid.replace("resp_", "rs_"), rid.replace("resp_", "msg_")
-    seq = 0
+class ResponsesStream:
+    def __init__(self, svc: ReasoningService, job: Job):
+        self.svc, self.job = svc, job
+        req = job.body
+        self.summary_mode = (req.reasoning.summary or req.reasoning.generate_summary) if req.reasoning else None
+        self.rs_id, self.msg_id = job.id.replace("resp_", "rs_"), job.id.replace("resp_", "msg_")
+        self.seq = 0
+        self.reasoning_open = self.reasoning_done = False
 
-    def event(kind: str, **payload):
-        nonlocal seq
-        seq += 1
-        return kind, {"type": kind, "sequence_number": seq - 1, **payload}
+    def event(self, kind: str, **payload) -> tuple[str, dict]:
+        self.seq += 1
+        return kind, {"type": kind, "sequence_number": self.seq - 1, **payload}
 
-    yield event("response.created", response=svc.response_object(req, rid, created))
-    yield event("response.in_progress", response=svc.response_object(req, rid, created))
-    state = {"reasoning_open": False, "reasoning_done": False, "message_open": False, "sent": ""}
-    index = {"reasoning": 0, "message": 0}
+    def start(self) -> list:
+        return [self.event("response.created", response=self.svc.response_object(self.job)),
+                self.event("response.in_progress", response=self.svc.response_object(self.job))]
 
-    def reasoning_item(summary_text=None):
-        parts = [{"type": "summary_text", "text": summary_text}] if summary_text else []
-        return {"type": "reasoning", "id": rs_id, "summary": parts, "status": "completed" if summary_text is not None else "in_progress"}
+    def _reasoning_item(self, summary: str | None, done: bool) -> dict:
+        parts = [{"type": "summary_text", "text": summary}] if summary else []
+        return {"type": "reasoning", "id": self.rs_id, "summary": parts, "status": "completed" if done else "in_progress"}
 
-    def message_item(text="", status="in_progress"):
-        content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
-        return {"type": "message", "id": msg_id, "role": "assistant", "status": status, "content": content}
-
-    def advance(sp: Split):
+    def _reasoning(self, sp: Split) -> list:
         out = []
-        if sp.thinking is not None and not state["reasoning_open"]:
-            state["reasoning_open"] = True
-            out.append(event("response.output_item.added", output_index=0, item=reasoning_item()))
-        if sp.thinking is not None and sp.closed and not state["reasoning_done"]:
-            state["reasoning_done"] = True
-            text = summarize(sp.thinking, summary_mode)
+        if sp.thinking is not None and not self.reasoning_open:
+            self.reasoning_open = True
+            out.append(self.event("response.output_item.added", output_index=0, item=self._reasoning_item(None, False)))
+        if self.reasoning_open and sp.closed and not self.reasoning_done:
+            self.reasoning_done = True
+            text = summarize(sp.thinking, self.summary_mode)
             if text:
                 part = {"type": "summary_text", "text": text}
-                common = dict(item_id=rs_id, output_index=0, summary_index=0)
-                out += [event("response.reasoning_summary_part.added", part={**part, "text": ""}, **common),
-                        event("response.reasoning_summary_text.delta", delta=text, **common),
-                        event("response.reasoning_summary_text.done", text=text, **common),
-                        event("response.reasoning_summary_part.done", part=part, **common)]
-            out.append(event("response.output_item.done", output_index=0, item=reasoning_item(text or "")))
-        if sp.closed and sp.visible and not state["message_open"]:
-            state["message_open"] = True
-            index["message"] = 1 if sp.thinking is not None else 0
-            out += [event("response.output_item.added", output_index=index["message"], item=message_item()),
-                    event("response.content_part.added", item_id=msg_id, output_index=index["message"],
-                          content_index=0, part={"type": "output_text", "text": "", "annotations": []})]
-        if state["message_open"] and len(sp.visible) > len(state["sent"]):
-            delta = sp.visible[len(state["sent"]):]
-            state["sent"] = sp.visible
-            out.append(event("response.output_text.delta", item_id=msg_id, output_index=index["message"],
-                             content_index=0, delta=delta, logprobs=[]))
+                common = dict(item_id=self.rs_id, output_index=0, summary_index=0)
+                out += [self.event("response.reasoning_summary_part.added", part={**part, "text": ""}, **common),
+                        self.event("response.reasoning_summary_text.delta", delta=text, **common),
+                        self.event("response.reasoning_summary_text.done", text=text, **common),
+                        self.event("response.reasoning_summary_part.done", part=part, **common)]
+            out.append(self.event("response.output_item.done", output_index=0, item=self._reasoning_item(text, True)))
         return out
 
-    for kind, _, value in svc.stream_tokens(prompt, params):
-        if kind == "token":
-            yield from advance(split_text(svc.tok.decode(value), prefilled, partial=True))
-            continue
-        completion = value[0]
-        final = split_text(completion.text, prefilled)
-        yield from advance(final)
-        if state["message_open"]:
-            i = index["message"]
-            yield event("response.output_text.done", item_id=msg_id, output_index=i, content_index=0,
-                        text=final.visible, logprobs=[])
-            yield event("response.content_part.done", item_id=msg_id, output_index=i, content_index=0,
-                        part={"type": "output_text", "text": final.visible, "annotations": []})
-            yield event("response.output_item.done", output_index=i, item=message_item(final.visible, "completed"))
-        response = svc.response_object(req, rid, created, completion, final)
+    def tokens(self, sample: int, text: str) -> list:
+        return self._reasoning(split_text(text, self.job.prefilled, partial=True))
+
+    def finish(self, completions) -> list:
+        c = completions[0]
+        final = split_text(c.text, self.job.prefilled)
+        out = self._reasoning(final)
+        if self.reasoning_open and not self.reasoning_done:  # thinking cut by max_output_tokens: close the item
+            self.reasoning_done = True
+            out.append(self.event("response.output_item.done", output_index=0,
+                                  item=self._reasoning_item(summarize(final.thinking, self.summary_mode), True)))
+        if final.closed:
+            i = 1 if final.thinking is not None else 0
+            part = {"type": "output_text", "text": final.visible, "annotations": []}
+            ids = dict(item_id=self.msg_id, output_index=i, content_index=0)
+            out += [self.event("response.output_item.added", output_index=i,
+                               item={"type": "message", "id": self.msg_id, "role": "assistant", "status": "in_progress",
+                                     "content": []}),
+                    self.event("response.content_part.added", part={**part, "text": ""}, **ids)]
+            if final.visible:
+                out.append(self.event("response.output_text.delta", delta=final.visible, logprobs=[], **ids))
+            out += [self.event("response.output_text.done", text=final.visible, logprobs=[], **ids),
+                    self.event("response.content_part.done", part=part, **ids),
+                    self.event("response.output_item.done", output_index=i,
+                               item={"type": "message", "id": self.msg_id, "role": "assistant", "status": "completed",
+                                     "content": [part]})]
+        response = self.svc.responses_result(self.job, completions)
         done = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
-        yield event(done, response=response)
+        return out + [self.event(done, response=response)]
+
+    def fail(self, err: APIError) -> list:
+        response = self.svc.response_object(self.job, status="failed")
+        response["error"] = {"code": err.code or err.type, "message": err.message}
+        error = {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
+        return [self.event("response.failed", response=response),
+                self.event("error", code=err.code, message=err.message, param=err.param, error=error)]
 
 
-def chat_chunks(svc, req, include_usage: bool):
-    """Yield chat.completion.chunk dicts for one streamed chat completion (then the caller sends [DONE])."""
-    prompt, params, prefilled = svc.chat_input(req)
-    cid, created = new_id("chatcmpl"), int(time.time())
-    sent: dict[int, dict] = {}
+class ChatStream:
+    def __init__(self, svc: ReasoningService, job: Job):
+        self.svc, self.job = svc, job
+        self.include_usage = bool((job.body.stream_options or {}).get("include_usage"))
+        self.sent: dict[int, str] = {}  # sample -> thinking sent so far
 
-    def chunk(choices, usage=None):
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                "choices": choices, **({"usage": usage} if usage is not None else {})}
+    def chunk(self, choices: list, usage: dict | None = None) -> dict:
+        return {"id": self.job.id, "object": "chat.completion.chunk", "created": self.job.created,
+                "model": self.job.body.model, "choices": choices, **({"usage": usage} if usage is not None else {})}
 
-    def deltas(row: int, sp: Split):
-        s = sent.setdefault(row, {"thinking": "", "visible": "", "role": False})
+    def start(self) -> list:
+        return []
+
+    def _delta(self, sample: int, sp: Split, final: bool) -> dict:
         delta = {}
-        if not s["role"]:
-            s["role"], delta["role"] = True, "assistant"
-        if sp.thinking is not None and len(sp.thinking) > len(s["thinking"]):
-            delta["reasoning_content"], s["thinking"] = sp.thinking[len(s["thinking"]):], sp.thinking
-        if sp.closed and len(sp.visible) > len(s["visible"]):
-            delta["content"], s["visible"] = sp.visible[len(s["visible"]):], sp.visible
+        if sample not in self.sent:
+            self.sent[sample], delta["role"] = "", "assistant"
+        sent, thinking = self.sent[sample], sp.thinking or ""
+        if len(thinking) > len(sent) and thinking.startswith(sent):
+            delta["reasoning_content"], self.sent[sample] = thinking[len(sent):], thinking
+        if final and sp.closed and sp.visible:
+            delta["content"] = sp.visible
         return delta
 
-    for kind, row, value in svc.stream_tokens(prompt, params):
-        if kind == "token":
-            delta = deltas(row, split_text(svc.tok.decode(value), prefilled, partial=True))
-            if delta:
-                yield chunk([{"index": row, "delta": delta, "logprobs": None, "finish_reason": None}])
-            continue
-        for i, c in enumerate(value):
-            delta = deltas(i, split_text(c.text, prefilled))
+    def tokens(self, sample: int, text: str) -> list:
+        delta = self._delta(sample, split_text(text, self.job.prefilled, partial=True), False)
+        return [self.chunk([{"index": sample, "delta": delta, "logprobs": None, "finish_reason": None}])] if delta else []
+
+    def finish(self, completions) -> list:
+        out = []
+        for i, c in enumerate(completions):
+            delta = self._delta(i, split_text(c.text, self.job.prefilled), True)
             reason = "length" if c.finish_reason == "length" else "stop"
-            yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}])
-        if include_usage:
-            yield chunk([], usage=svc.chat_usage(value, prefilled))
+            out.append(self.chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]))
+        if self.include_usage:
+            out.append(self.chunk([], usage=self.svc.chat_usage(self.job, completions)))
+        return out
+
+    def fail(self, err: APIError) -> list:
+        return [{"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}]

@@ -1,0 +1,274 @@
+"""Continuous batching for serving: requests join and leave the running batch between decode steps.
+
+    sched = Scheduler(Engine(model, tok), max_rows=64, max_waiting=256)
+    req = sched.submit(prompt_ids, SamplingParams(n=2, temperature=0.7, max_new_tokens=64, seed=3))
+    completions = req.wait()          # or req.cancel(); req.on_token streams (sample, token) pairs
+
+One thread owns the model. Each turn it (1) admits waiting requests while their rows fit in
+``max_rows`` — every new request is prefilled on its own and its cache rows appended (``backend.join``),
+so a request whose prefill fails fails alone; (2) samples one token for every running row, each request
+with its own parameters and its own random stream (a seeded request gives the same tokens whatever else
+is in the batch); (3) applies the engine's per-sequence rules (stops, thinking budget, forced tokens);
+(4) drops finished, cancelled and past-deadline requests from the cache; (5) runs one decode step.
+Nothing is allocated for a request's ``max_new_tokens`` ahead of time: the cache grows by chunks and
+trims slots no row uses, so memory follows the tokens that exist, bounded by ``max_rows`` × context.
+
+A fault inside a decode step (all rows share it) fails the requests running at that moment with the
+error and resets the batch; waiting requests and later ones are served normally.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import threading
+import weakref
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from thinkforge.generation import Completion, Engine, SamplingParams, _sample, _Seq
+
+
+class QueueFull(Exception):
+    """More requests are waiting than ``max_waiting``: the server answers 429."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled (its client went away)."""
+
+
+class DeadlineExceeded(Exception):
+    """The request ran past its deadline."""
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_token: Callable[[list[tuple[int, int]]], None] | None = None  # [(sample index, token id)] per step
+    deadline: float | None = None  # time.monotonic() value
+    stop_text: list[str] = field(default_factory=list)  # stop strings matched on decoded text
+    result: list[Completion] | None = None
+    error: Exception | None = None
+    on_done: Callable[[], None] | None = None  # called once, from the scheduler's thread, when it ends
+
+    def __post_init__(self):
+        self.done = threading.Event()
+        self.cancelled = False
+        self.seqs = [_Seq() for _ in range(self.params.n)]
+        self.gen: torch.Generator | None = None
+        self.stops: list[list[int]] = []
+        self.wait_ids: list[int] = []
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def wait(self, timeout: float | None = None) -> list[Completion]:
+        if not self.done.wait(timeout):
+            raise TimeoutError("the request did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_rows: int = 64, max_waiting: int = 256):
+        if max_rows < 1 or max_waiting < 0:
+            raise ValueError(f"need max_rows >= 1 and max_waiting >= 0, got {max_rows}, {max_waiting}")
+        self.engine, self.max_rows, self.max_waiting = engine, max_rows, max_waiting
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[tuple[Request, int]] = []  # backend row -> (request, sample index)
+        self.logits: torch.Tensor | None = None  # (rows, V): the next token's logits of every running row
+        self.cv = threading.Condition()
+        self.backend = None
+        self.steps = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._loop, name="thinkforge-scheduler", daemon=True)
+        self.thread.start()
+        _LIVE.add(self)
+
+    # ---- API ------------------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_token=None, deadline: float | None = None,
+               stop_text: list[str] | None = None, on_done=None) -> Request:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if params.n > self.max_rows:
+            raise ValueError(f"n={params.n} is more than the {self.max_rows} rows a batch holds")
+        req = Request(list(prompt_ids), params, on_token, deadline, list(stop_text or []), on_done=on_done)
+        with self.cv:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(req)
+            self.cv.notify()
+        return req
+
+    def load(self) -> dict:
+        with self.cv:
+            return {"waiting": len(self.waiting), "running_rows": len(self.running)}
+
+    def close(self, wait: float = 10.0) -> None:
+        """Stop the loop (after the current step) and fail what is still queued or running."""
+        with self.cv:
+            self._stop = True
+            self.cv.notify()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(wait)
+        for req in [*self.waiting, *(r for r, _ in self.running)]:
+            self._fail(req, Cancelled("the server is shutting down"))
+
+    # ---- the loop -------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self._stop and not self.waiting and not self.running:
+                    self.cv.wait()
+                if self._stop:
+                    return
+            self._admit()
+            if not self.running:
+                continue
+            try:
+                self._step()
+            except Exception as e:  # a fault shared by the whole batch: fail its requests, keep serving
+                for req in {r for r, _ in self.running}:
+                    self._fail(req, e)
+                self.running, self.logits, self.backend = [], None, None
+
+    def _admit(self) -> None:
+        while True:
+            with self.cv:
+                if not self.waiting or len(self.running) + self.waiting[0].params.n > self.max_rows:
+                    return
+                req = self.waiting.popleft()
+            if req.cancelled:
+                self._fail(req, Cancelled())
+                continue
+            if req.deadline is not None and time.monotonic() > req.deadline:
+                self._fail(req, DeadlineExceeded("the request waited past its deadline"))
+                continue
+            try:
+                self._prepare(req)
+                if self.backend is None or not self.running:
+                    self.backend = self._new_backend()
+                logits = self.backend.join([req.prompt_ids], req.params.n)
+            except Exception as e:  # this request's own prefill failed: only it fails
+                self._fail(req, e)
+                if not self.running:
+                    self.backend = None
+                continue
+            self.running += [(req, i) for i in range(req.params.n)]
+            self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+
+    def _new_backend(self):
+        from thinkforge.generation.backends import make_backend
+
+        e = self.engine
+        return e.backend_name(e.model) if callable(e.backend_name) else make_backend(e.model, e.backend_name)
+
+    def _prepare(self, req: Request) -> None:
+        p, tok = req.params, self.engine.tok
+        device = next(self.engine.model.parameters()).device
+        req.gen = torch.Generator(device=device)
+        req.gen.manual_seed(p.seed if isinstance(p.seed, int) else int(torch.randint(0, 2**62, (1,))))
+        req.stops = [s for s in (tok.encode(x, add_special_tokens=False) for x in p.stop) if s]
+        req.wait_ids = tok.encode(p.wait_text, add_special_tokens=False)
+
+    def _step(self) -> None:
+        e = self.engine
+        reqs = list(dict.fromkeys(r for r, _ in self.running))  # in row order, each once
+        draws = {r: torch.rand(r.params.n, generator=r.gen, device=r.gen.device) for r in reqs}
+        u = torch.stack([draws[r][i] for r, i in self.running])
+        tokens = [0] * len(self.running)
+        logps = [0.0] * len(self.running)
+        groups: dict[tuple, list[int]] = {}
+        for j, (r, _) in enumerate(self.running):
+            groups.setdefault((r.params.temperature, r.params.top_p, r.params.top_k), []).append(j)
+        for rows in groups.values():
+            idx = torch.tensor(rows, device=self.logits.device)
+            t, lp = _sample(self.logits.index_select(0, idx), self.running[rows[0]][0].params, None, u[idx.cpu()])
+            for j, a, b in zip(rows, t.tolist(), lp.tolist()):
+                tokens[j], logps[j] = a, b
+        emitted: dict[Request, list[tuple[int, int]]] = {}
+        for j, (r, i) in enumerate(self.running):
+            s = r.seqs[i]
+            tokens[j] = e._advance(s, tokens[j], logps[j], r.params, r.stops, r.wait_ids)
+            if r.stop_text and s.done is None and not s.forced and _ends_with_stop(e.tok, s.ids, r.stop_text):
+                s.done = "stop"
+            emitted.setdefault(r, []).append((i, tokens[j]))
+        self.steps += 1
+        now = time.monotonic()
+        for r, pairs in emitted.items():
+            if r.on_token is not None and not r.cancelled:
+                try:
+                    r.on_token(pairs)
+                except Exception:  # a broken listener cancels its own request only
+                    r.cancelled = True
+        keep, finished = [], []
+        for j, (r, i) in enumerate(self.running):
+            if r.cancelled or (r.deadline is not None and now > r.deadline):
+                continue
+            if r.seqs[i].done is None:
+                keep.append(j)
+        for r in reqs:
+            if r.cancelled:
+                self._fail(r, Cancelled())
+            elif r.deadline is not None and now > r.deadline:
+                self._fail(r, DeadlineExceeded("the request ran past its deadline"))
+            elif all(s.done is not None for s in r.seqs):
+                finished.append(r)
+        for r in finished:
+            r.result = [self._finish(r, s) for s in r.seqs]
+            self._done(r)
+        if len(keep) < len(self.running):
+            self.backend.select(keep)
+            self.backend.trim()
+            self.running = [self.running[j] for j in keep]
+            tokens = [tokens[j] for j in keep]
+        if not self.running:
+            self.logits = None
+            return
+        device = self.logits.device
+        self.logits = self.backend.decode(torch.tensor(tokens, device=device))
+
+    def _finish(self, r: Request, s: _Seq) -> Completion:
+        c = self.engine._finish(s, r.prompt_ids, r.params, r.stops)
+        if r.stop_text and s.done == "stop":
+            cut = min((c.text.find(x) for x in r.stop_text if x in c.text), default=-1)
+            if cut >= 0:
+                c.text = c.text[:cut]
+        return c
+
+    def _fail(self, req: Request, error: Exception) -> None:
+        if not req.done.is_set():
+            req.error = error
+            self._done(req)
+
+    @staticmethod
+    def _done(req: Request) -> None:
+        req.done.set()
+        if req.on_done is not None:
+            try:
+                req.on_done()
+            except Exception:  # a listener that went away (closed event loop) changes nothing here
+                pass
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:  # a thread killed inside a torch op at interpreter exit aborts the process
+    for sched in list(_LIVE):
+        sched.close()
+
+
+def _ends_with_stop(tok, ids: list[int], stops: list[str]) -> bool:
+    """Whether the decoded tail of ``ids`` contains one of ``stops`` (every token is at least one character,
+    so the last ``len(stop) + 1`` tokens hold any occurrence that the newest token completed)."""
+    window = max(len(x) for x in stops) + 1
+    tail = tok.decode(ids[-window:])
+    return any(x in tail for x in stops)
