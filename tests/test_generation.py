@@ -236,10 +236,11 @@ class _ScriptedBackend:
         return out
 
     def join(self, prompt_ids, n):
-        if prompt_ids[0] == self.fail_on:
+        if self.fail_on in prompt_ids:
             raise RuntimeError("poisoned prefill")
-        self.rows_ += len(prompt_ids) * n
-        return self._logits(len(prompt_ids) * n)
+        new = sum(n) if isinstance(n, list) else len(prompt_ids) * n
+        self.rows_ += new
+        return self._logits(new)
 
     def decode(self, tokens):
         self.seen.append(len(tokens))

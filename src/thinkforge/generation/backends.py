@@ -4,7 +4,7 @@
     decode(tokens (B,))             -> logits (B, V)   # one new token per active row
     select(rows)                                        # keep only these rows (finished ones leave)
 
-and, for continuous batching (``generation.scheduler``), ``join(prompt_ids, n) -> logits of the new rows``:
+and, for continuous batching (``generation.scheduler``), ``join(prompt_ids, n) -> logits of the new rows`` (``n``: one count, or one per prompt):
 new prompts are prefilled on their own and their cache rows appended to the running batch, both sides
 left-padded to a common length. The cache grows by chunks as rows decode (nothing is preallocated for a
 request's ``max_tokens``) and leading slots no row uses any more are trimmed when rows leave.
@@ -47,15 +47,22 @@ def _left_pad(prompt_ids: list[list[int]], pad: int, device) -> tuple[torch.Tens
     return ids.to(device), mask.to(device)  # (P, T), (P, T)
 
 
-def _left(c: torch.Tensor, have: int, t: int) -> torch.Tensor:
-    """Slots [0, have) of a cache (dim 2 for k/v, dim 1 for a (B, S) mask), left-padded to t slots."""
-    dim = 2 if c.dim() == 4 else 1
-    c = c.narrow(dim, 0, have)
-    if have == t:
-        return c
-    shape = list(c.shape)
-    shape[dim] = t - have
-    return torch.cat([c.new_zeros(shape), c], dim=dim)
+def _repeats(P: int, n: int | list[int], device) -> torch.Tensor:
+    """Row -> prompt index: prompt i repeated n (or n[i]) times."""
+    counts = torch.tensor(n, device=device) if isinstance(n, list) else n
+    return torch.arange(P, device=device).repeat_interleave(counts)
+
+
+def _merge(a: torch.Tensor, have_a: int, b: torch.Tensor, have_b: int, t: int, cap: int) -> torch.Tensor:
+    """Rows of a then rows of b in one zeroed cache of ``cap`` slots, each side's first ``have`` slots
+    right-aligned at slot t (dim 2 for k/v, dim 1 for a (B, S) mask)."""
+    dim = 2 if a.dim() == 4 else 1
+    shape = list(a.shape)
+    shape[0], shape[dim] = a.shape[0] + b.shape[0], cap
+    out = a.new_zeros(shape)
+    out.narrow(0, 0, a.shape[0]).narrow(dim, t - have_a, have_a).copy_(a.narrow(dim, 0, have_a))
+    out.narrow(0, a.shape[0], b.shape[0]).narrow(dim, t - have_b, have_b).copy_(b.narrow(dim, 0, have_b))
+    return out
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -178,15 +185,15 @@ class FastBackend:
             mask = ((causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device))[:, None]
         h = self._forward(ids, pos, mask)  # mask: (P, 1, T, T) or causal
         # Expand every prompt's cache to its n rows.
-        rep = torch.arange(P, device=device).repeat_interleave(n)
+        rep = _repeats(P, n, device)
         self.k = [c.index_select(0, rep) for c in self.k]
         self.v = [c.index_select(0, rep) for c in self.v]
-        self.valid = torch.zeros((P * n, self.capacity), dtype=torch.bool, device=device)
+        self.valid = torch.zeros((len(rep), self.capacity), dtype=torch.bool, device=device)
         self.valid[:, :T] = valid.index_select(0, rep)
         self.next_pos = pos[:, -1].index_select(0, rep) + 1  # (B,)
         return F.linear(h.index_select(0, rep), self.head)  # (B, V)
 
-    def join(self, prompt_ids: list[list[int]], n: int) -> torch.Tensor:
+    def join(self, prompt_ids: list[list[int]], n: int | list[int]) -> torch.Tensor:
         old = (self.k, self.v, self.valid, self.next_pos, self.t) if self.rows() else None
         keep = {k: getattr(self, k) for k in ("k", "v", "valid", "next_pos", "t", "capacity", "padded") if hasattr(self, k)}
         try:
@@ -198,11 +205,12 @@ class FastBackend:
             return logits
         k, v, valid, pos, t_old = old
         t = max(t_old, self.t)
-        self.k = [torch.cat([_left(a, t_old, t), _left(b, self.t, t)]) for a, b in zip(k, self.k)]
-        self.v = [torch.cat([_left(a, t_old, t), _left(b, self.t, t)]) for a, b in zip(v, self.v)]
-        self.valid = torch.cat([_left(valid, t_old, t), _left(self.valid, self.t, t)])
+        cap = t + max(16, t // 2)  # headroom: the next decode steps need no copy
+        self.k = [_merge(a, t_old, b, self.t, t, cap) for a, b in zip(k, self.k)]
+        self.v = [_merge(a, t_old, b, self.t, t, cap) for a, b in zip(v, self.v)]
+        self.valid = _merge(valid, t_old, self.valid, self.t, t, cap)
         self.next_pos = torch.cat([pos, self.next_pos])
-        self.t = self.capacity = t
+        self.t, self.capacity = t, cap
         self.padded = True
         return logits
 
@@ -261,7 +269,7 @@ class HFBackend:
 
         device = next(self.model.parameters()).device
         ids, valid = _left_pad(prompt_ids, 0, device)
-        rep = torch.arange(len(prompt_ids), device=device).repeat_interleave(n)
+        rep = _repeats(len(prompt_ids), n, device)
         ids, valid = ids.index_select(0, rep), valid.index_select(0, rep)
         self.mask = valid.long()  # (B, T)
         self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
@@ -281,7 +289,7 @@ class HFBackend:
     def rows(self) -> int:
         return 0 if getattr(self, "mask", None) is None else self.mask.shape[0]
 
-    def join(self, prompt_ids: list[list[int]], n: int) -> torch.Tensor:
+    def join(self, prompt_ids: list[list[int]], n: int | list[int]) -> torch.Tensor:
         old = (self.cache, self.mask, self.pos) if self.rows() else None
         try:
             logits = self.prefill(prompt_ids, n, 0)
@@ -295,9 +303,8 @@ class HFBackend:
         s_old, s_new = mask.shape[1], self.mask.shape[1]
         t = max(s_old, s_new)
         for a, b in zip(cache.layers, self.cache.layers):  # DynamicLayer: keys/values (B, h, S, d)
-            a.keys = torch.cat([_left(a.keys, s_old, t), _left(b.keys, s_new, t)])
-            a.values = torch.cat([_left(a.values, s_old, t), _left(b.values, s_new, t)])
-        self.mask = torch.cat([_left(mask, s_old, t), _left(self.mask, s_new, t)])
+            a.keys, a.values = _merge(a.keys, s_old, b.keys, s_new, t, t), _merge(a.values, s_old, b.values, s_new, t, t)
+        self.mask = _merge(mask, s_old, self.mask, s_new, t, t)
         self.pos, self.cache = torch.cat([pos, self.pos]), cache
         return logits
 

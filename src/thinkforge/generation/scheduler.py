@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import sys
 import threading
 import weakref
 import time
@@ -28,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from thinkforge.generation import Completion, Engine, SamplingParams, _sample, _Seq
+from thinkforge.generation import GREEDY_BELOW, Completion, Engine, SamplingParams, _sample, _Seq
 
 
 class QueueFull(Exception):
@@ -83,6 +84,8 @@ class Scheduler:
         self.logits: torch.Tensor | None = None  # (rows, V): the next token's logits of every running row
         self.cv = threading.Condition()
         self.backend = None
+        self.gen = torch.Generator(device=next(engine.model.parameters()).device)
+        self.gen.manual_seed(int(torch.randint(0, 2**62, (1,))))
         self.steps = 0
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name="thinkforge-scheduler", daemon=True)
@@ -128,7 +131,8 @@ class Scheduler:
                     self.cv.wait()
                 if self._stop:
                     return
-            self._admit()
+            if self.waiting:
+                self._admit()
             if not self.running:
                 continue
             try:
@@ -139,29 +143,52 @@ class Scheduler:
                 self.running, self.logits, self.backend = [], None, None
 
     def _admit(self) -> None:
-        while True:
-            with self.cv:
-                if not self.waiting or len(self.running) + self.waiting[0].params.n > self.max_rows:
-                    return
+        """Join every waiting request that fits, in one prefill; if that prefill fails, each request is
+        joined alone so that only the one at fault fails."""
+        batch, now = [], time.monotonic()
+        with self.cv:
+            rows = len(self.running)
+            while self.waiting and rows + self.waiting[0].params.n <= self.max_rows:
                 req = self.waiting.popleft()
-            if req.cancelled:
-                self._fail(req, Cancelled())
-                continue
-            if req.deadline is not None and time.monotonic() > req.deadline:
-                self._fail(req, DeadlineExceeded("the request waited past its deadline"))
-                continue
+                if req.cancelled:
+                    self._fail(req, Cancelled())
+                elif req.deadline is not None and now > req.deadline:
+                    self._fail(req, DeadlineExceeded("the request waited past its deadline"))
+                else:
+                    batch.append(req)
+                    rows += req.params.n
+        ready = []
+        for req in batch:
             try:
                 self._prepare(req)
-                if self.backend is None or not self.running:
-                    self.backend = self._new_backend()
-                logits = self.backend.join([req.prompt_ids], req.params.n)
-            except Exception as e:  # this request's own prefill failed: only it fails
+                ready.append(req)
+            except Exception as e:
                 self._fail(req, e)
-                if not self.running:
-                    self.backend = None
-                continue
-            self.running += [(req, i) for i in range(req.params.n)]
-            self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        if not ready:
+            return
+        try:
+            self._join(ready)
+        except Exception:
+            if len(ready) == 1:
+                self._fail(ready[0], sys.exc_info()[1])
+                return
+            for req in ready:
+                try:
+                    self._join([req])
+                except Exception as e:  # this request's own prefill failed: only it fails
+                    self._fail(req, e)
+
+    def _join(self, reqs: list[Request]) -> None:
+        if self.backend is None or not self.running:
+            self.backend = self._new_backend()
+        try:
+            logits = self.backend.join([r.prompt_ids for r in reqs], [r.params.n for r in reqs])
+        except Exception:
+            if not self.running:
+                self.backend = None
+            raise
+        self.running += [(r, i) for r in reqs for i in range(r.params.n)]
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
     def _new_backend(self):
         from thinkforge.generation.backends import make_backend
@@ -172,26 +199,40 @@ class Scheduler:
     def _prepare(self, req: Request) -> None:
         p, tok = req.params, self.engine.tok
         device = next(self.engine.model.parameters()).device
-        req.gen = torch.Generator(device=device)
-        req.gen.manual_seed(p.seed if isinstance(p.seed, int) else int(torch.randint(0, 2**62, (1,))))
+        if isinstance(p.seed, int):  # its own stream: the same tokens whatever else is in the batch
+            req.gen = torch.Generator(device=device)
+            req.gen.manual_seed(p.seed)
         req.stops = [s for s in (tok.encode(x, add_special_tokens=False) for x in p.stop) if s]
         req.wait_ids = tok.encode(p.wait_text, add_special_tokens=False)
 
     def _step(self) -> None:
         e = self.engine
         reqs = list(dict.fromkeys(r for r, _ in self.running))  # in row order, each once
-        draws = {r: torch.rand(r.params.n, generator=r.gen, device=r.gen.device) for r in reqs}
-        u = torch.stack([draws[r][i] for r, i in self.running])
-        tokens = [0] * len(self.running)
-        logps = [0.0] * len(self.running)
-        groups: dict[tuple, list[int]] = {}
-        for j, (r, _) in enumerate(self.running):
-            groups.setdefault((r.params.temperature, r.params.top_p, r.params.top_k), []).append(j)
-        for rows in groups.values():
-            idx = torch.tensor(rows, device=self.logits.device)
-            t, lp = _sample(self.logits.index_select(0, idx), self.running[rows[0]][0].params, None, u[idx.cpu()])
-            for j, a, b in zip(rows, t.tolist(), lp.tolist()):
-                tokens[j], logps[j] = a, b
+        u = None
+        if any(r.params.temperature >= GREEDY_BELOW for r in reqs):
+            u = torch.rand(len(self.running), generator=self.gen, device=self.gen.device)  # unseeded rows
+            at = 0
+            for r in reqs:  # a seeded request's rows take n draws from its own stream (rows are contiguous)
+                live = [i for i, s in enumerate(r.seqs) if s.done is None]
+                if r.gen is not None:
+                    u[at : at + len(live)] = torch.rand(r.params.n, generator=r.gen, device=r.gen.device)[live]
+                at += len(live)
+        keys = {(r.params.temperature, r.params.top_p, r.params.top_k) for r in reqs}
+        if len(keys) == 1:  # one kind of sampling for the whole batch: one call, no gathers
+            t, lp = _sample(self.logits, reqs[0].params, None, u)
+            tokens, logps = t.tolist(), lp.tolist()
+        else:
+            tokens = [0] * len(self.running)
+            logps = [0.0] * len(self.running)
+            groups: dict[tuple, list[int]] = {}
+            for j, (r, _) in enumerate(self.running):
+                groups.setdefault((r.params.temperature, r.params.top_p, r.params.top_k), []).append(j)
+            for rows in groups.values():
+                idx = torch.tensor(rows, device=self.logits.device)
+                t, lp = _sample(self.logits.index_select(0, idx), self.running[rows[0]][0].params, None,
+                                None if u is None else u[idx.to(u.device)])
+                for j, a, b in zip(rows, t.tolist(), lp.tolist()):
+                    tokens[j], logps[j] = a, b
         emitted: dict[Request, list[tuple[int, int]]] = {}
         for j, (r, i) in enumerate(self.running):
             s = r.seqs[i]
