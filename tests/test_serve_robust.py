@@ -185,6 +185,9 @@ def test_queue_full_is_429_with_retry_after(syllogism_model):
 def test_deadline_is_504(syllogism_model):
     model, tok, _ = syllogism_model
     with running_server(model, tok, name="syl", timeout=0.05, max_tokens=512) as url:
+        svc = running_server.last
+        params = svc.params
+        svc.params = lambda *a, **k: dataclasses.replace(params(*a, **k), ignore_eos=True)  # 512 tokens: > 50 ms
         c = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
         with pytest.raises(openai.APIStatusError) as info:
             c.chat.completions.create(model="syl", messages=MSG, max_tokens=512, stop=["never appears"],
