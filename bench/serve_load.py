@@ -5,8 +5,8 @@
 Both servers run as subprocesses on 127.0.0.1 (the baseline from ``git archive <rev> src``, today's from
 this tree) and take turns: for each number of concurrent clients (1, 16, 64, 200) the baseline runs, then
 today's, so a busy neighbour hurts both alike. Each client sends chat requests through the official
-openai client with a mix of sampling parameters (temperature 0, 0.7 or 1.0, max_tokens 64), as real
-traffic has. Then "short under long": the latency of a short greedy request (max_tokens 8) alone, and
+openai client with a mix of sampling parameters and lengths (temperature 0, 0.7 or 1.0; max_tokens 16,
+64 or 256), as real traffic has. Then "short under long": the latency of a short greedy request (max_tokens 8) alone, and
 while 8 clients keep sending long ones (n=8, max_tokens 256, temperature 1). Without ``--model`` a tiny
 syllogism model is trained first (about 10 s). Ends with
 ``RESULT serve_load c64_ratio=… c200_ratio=… short_under_long_p99_x=… …``.
@@ -58,7 +58,7 @@ def start(model: str, src: Path, extra: list[str]):
 
 def ask(client, rng: random.Random, **kw) -> tuple[float, Exception | None]:
     t = time.perf_counter()
-    params = kw or dict(temperature=rng.choice([0.0, 0.7, 1.0]), max_tokens=64)
+    params = kw or dict(temperature=rng.choice([0.0, 0.7, 1.0]), max_tokens=rng.choice([16, 64, 256]))
     try:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}], **params)
         return time.perf_counter() - t, None

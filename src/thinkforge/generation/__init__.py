@@ -154,9 +154,10 @@ class Engine:
             if not keep:
                 break
             if len(keep) < len(active):
-                backend.select(keep)
-                active = [active[j] for j in keep]
-                tokens_l = [tokens_l[j] for j in keep]
+                order = backend.select(keep)
+                order = keep if order is None else order  # a backend may move kept rows into the holes
+                active = [active[j] for j in order]
+                tokens_l = [tokens_l[j] for j in order]
             logits = backend.decode(torch.tensor(tokens_l, device=device))
         return [self._finish(seqs[i], p_ids[rows[i]], params, stops) for i in range(len(rows))]
 

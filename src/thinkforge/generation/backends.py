@@ -2,7 +2,8 @@
 
     prefill(prompt_ids, n, max_new) -> logits (B, V)   # B = len(prompt_ids) * n, rows grouped by prompt
     decode(tokens (B,))             -> logits (B, V)   # one new token per active row
-    select(rows)                                        # keep only these rows (finished ones leave)
+    select(rows) -> order                               # keep only these rows (finished ones leave); order[p]
+                                                        # = the old index of the row now at p (None: rows)
 
 and, for continuous batching (``generation.scheduler``), ``join(prompt_ids, n) -> logits of the new rows`` (``n``: one count, or one per prompt):
 new prompts are prefilled on their own and their cache rows appended to the running batch, both sides
@@ -139,9 +140,9 @@ class FastBackend:
                 q = F.rms_norm(q, (hd,), L["q_norm"], self.eps)
                 k = F.rms_norm(k, (hd,), L["k_norm"], self.eps)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            self.k[i][:, :, t0:t1] = k
-            self.v[i][:, :, t0:t1] = v
-            att = self._attend(q, self.k[i][:, :, :t1], self.v[i][:, :, :t1], attn_mask, L["scale"])  # (B, nh, T, hd)
+            self.k[i][:B, :, t0:t1] = k  # rows past B are free slots of the store
+            self.v[i][:B, :, t0:t1] = v
+            att = self._attend(q, self.k[i][:B, :, :t1], self.v[i][:B, :, :t1], attn_mask, L["scale"])  # (B, nh, T, hd)
             x = x + F.linear(att.transpose(1, 2).reshape(B, T, nq), L["o"], L["o_bias"])
             h = F.rms_norm(x, (x.shape[-1],), L["ln2"], self.eps)
             gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)  # (B, T, I) each
@@ -191,71 +192,107 @@ class FastBackend:
         self.valid = torch.zeros((len(rep), self.capacity), dtype=torch.bool, device=device)
         self.valid[:, :T] = valid.index_select(0, rep)
         self.next_pos = pos[:, -1].index_select(0, rep) + 1  # (B,)
+        self.B = len(rep)
         return F.linear(h.index_select(0, rep), self.head)  # (B, V)
 
     def join(self, prompt_ids: list[list[int]], n: int | list[int]) -> torch.Tensor:
-        old = (self.k, self.v, self.valid, self.next_pos, self.t) if self.rows() else None
-        keep = {k: getattr(self, k) for k in ("k", "v", "valid", "next_pos", "t", "capacity", "padded") if hasattr(self, k)}
+        """Prefill new prompts on their own, then write their rows into free rows of the store (rows past B)
+        at slots [t - T_new, t): the running rows are neither copied nor touched unless the store grows."""
+        if not self.rows():
+            return self.prefill(prompt_ids, n, 16)
+        state = {k: getattr(self, k) for k in ("k", "v", "valid", "next_pos", "t", "capacity", "padded", "B")}
         try:
             logits = self.prefill(prompt_ids, n, 0)
-        except BaseException:  # the running rows are untouched by a prefill that failed
-            self.__dict__.update(keep)
-            raise
-        if old is None:
-            return logits
-        k, v, valid, pos, t_old = old
-        t = max(t_old, self.t)
-        cap = t + max(16, t // 2)  # headroom: the next decode steps need no copy
-        self.k = [_merge(a, t_old, b, self.t, t, cap) for a, b in zip(k, self.k)]
-        self.v = [_merge(a, t_old, b, self.t, t, cap) for a, b in zip(v, self.v)]
-        self.valid = _merge(valid, t_old, self.valid, self.t, t, cap)
-        self.next_pos = torch.cat([pos, self.next_pos])
-        self.t, self.capacity = t, cap
-        self.padded = True
+        finally:  # the running batch comes back whether the prefill worked or not
+            new = {k: getattr(self, k) for k in state}
+            self.__dict__.update(state)
+        kn, T = new["B"], new["t"]
+        if T > self.t:  # a prompt longer than the time axis so far: shift every row right (rare)
+            self._reshape(self.k[0].shape[0], max(self.capacity + T - self.t, T + 16), shift=T - self.t)
+        if self.B + kn > self.k[0].shape[0]:
+            self._reshape(max(2 * self.k[0].shape[0], self.B + kn), self.capacity)
+        b0, b1, t0 = self.B, self.B + kn, self.t - T
+        for store, fresh in zip(self.k + self.v, new["k"] + new["v"]):
+            store[b0:b1, :, : self.t].zero_()  # a reused row must not carry its last owner's values
+            store[b0:b1, :, t0 : self.t] = fresh[:, :, :T]
+        self.valid[b0:b1] = False
+        self.valid[b0:b1, t0 : self.t] = new["valid"][:, :T]
+        self.next_pos[b0:b1] = new["next_pos"]
+        self.B, self.padded = b1, True
         return logits
 
     def rows(self) -> int:
-        return 0 if self.k is None else self.k[0].shape[0]
+        return 0 if self.k is None else self.B
 
-    def _grow(self) -> None:
-        extra = max(16, self.capacity // 2)
-        more = lambda c: torch.cat([c, c.new_zeros(c.shape[:2] + (extra,) + c.shape[3:])], dim=2)  # noqa: E731
-        self.k, self.v = [more(c) for c in self.k], [more(c) for c in self.v]
-        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], extra)], dim=1)
-        self.capacity += extra
+    def _reshape(self, rows: int, slots: int, shift: int = 0) -> None:
+        """A zeroed store of ``rows`` × ``slots`` holding the active rows, moved ``shift`` slots right."""
+        def move(c):
+            shape = list(c.shape)
+            shape[0], shape[-1 if c.dim() == 2 else 2] = rows, slots
+            out = c.new_zeros(shape)
+            if c.dim() == 2:
+                out[: self.B, shift : shift + self.t] = c[: self.B, : self.t]
+            else:
+                out[: self.B, :, shift : shift + self.t] = c[: self.B, :, : self.t]
+            return out
+
+        self.k, self.v, self.valid = [move(c) for c in self.k], [move(c) for c in self.v], move(self.valid)
+        pos = self.next_pos.new_zeros(rows)
+        pos[: self.B] = self.next_pos[: self.B]
+        self.next_pos, self.t, self.capacity = pos, self.t + shift, slots
 
     def trim(self) -> None:
-        """Drop leading cache slots that no remaining row attends to (after long rows left)."""
+        """When the first half of the time axis is slots no active row uses, move the rows left by it
+        (a copy of the active rows, paid once per halving: constant per decoded token)."""
         if not self.rows():
             self.k = None
             return
-        used = self.valid[:, : self.t].any(0)
+        used = self.valid[: self.B, : self.t].any(0)
         first = int(used.float().argmax()) if bool(used.any()) else self.t
-        if first >= 16:
-            self.k = [c[:, :, first:].contiguous() for c in self.k]
-            self.v = [c[:, :, first:].contiguous() for c in self.v]
-            self.valid = self.valid[:, first:].contiguous()
-            self.t -= first
-            self.capacity -= first
+        if first >= max(64, self.t // 2):
+            keep = self.t - first
+            for c in self.k + self.v:
+                c[: self.B, :, :keep] = c[: self.B, :, first : self.t].clone()
+            self.valid[: self.B, :keep] = self.valid[: self.B, first : self.t].clone()
+            self.valid[: self.B, keep:] = False
+            self.t = keep
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.t >= self.capacity:
-            self._grow()
-        self.valid[:, self.t] = True
-        mask = self.valid[:, None, None, : self.t + 1] if self.padded else None  # (B, 1, 1, t+1)
-        h = self._forward(tokens[:, None], self.next_pos[:, None], mask)
-        self.next_pos = self.next_pos + 1
+            self._reshape(self.k[0].shape[0], self.capacity + max(16, self.capacity // 2))
+        B = self.B
+        self.valid[:B, self.t] = True
+        mask = self.valid[:B, None, None, : self.t + 1] if self.padded else None  # (B, 1, 1, t+1)
+        h = self._forward(tokens[:, None], self.next_pos[:B, None], mask)
+        self.next_pos[:B] += 1
         return F.linear(h, self.head)  # (B, V)
 
-    def select(self, rows: list[int]) -> None:
+    def select(self, rows: list[int], reorder: bool = False) -> list[int]:
+        """Keep these rows (ascending old indices); returns the old index of each row in its new place.
+        In order by default (the engine's seeded sampling depends on row order); with ``reorder`` the kept
+        rows past the new end move into the holes, so only they are copied (continuous batching)."""
         if not rows:
             self.k = None
-            return
-        idx = torch.tensor(rows, device=self.embed.device)
-        self.k = [c.index_select(0, idx) for c in self.k]
-        self.v = [c.index_select(0, idx) for c in self.v]
-        self.valid = self.valid.index_select(0, idx)
-        self.next_pos = self.next_pos.index_select(0, idx)
+            return []
+        nb, kept = len(rows), set(rows)
+        if reorder:
+            dst = [j for j in range(nb) if j not in kept]
+            src = [j for j in rows if j >= nb]
+            order = list(range(nb))
+            for h, m in zip(dst, src):
+                order[h] = m
+        else:
+            first = next((j for j, r in enumerate(rows) if r != j), nb)
+            dst, src, order = list(range(first, nb)), rows[first:], rows
+        if dst:
+            d = torch.tensor(dst, device=self.embed.device)
+            i = torch.tensor(src, device=self.embed.device)
+            for c in self.k + self.v:
+                c[d] = c[i]
+            self.valid[d] = self.valid[i]
+            self.next_pos[d] = self.next_pos[i]
+        self.B = nb
+        return order
 
 
 class HFBackend:
@@ -312,10 +349,11 @@ class HFBackend:
         if self.rows() == 0:
             self.mask = None
 
-    def select(self, rows: list[int]) -> None:
+    def select(self, rows: list[int], reorder: bool = False) -> list[int]:
         if not rows:
             self.mask = None
-            return
+            return []
         idx = torch.tensor(rows, device=self.mask.device)
         self.cache.reorder_cache(idx)  # index_select along the batch: drops the finished rows
         self.mask, self.pos = self.mask.index_select(0, idx), self.pos.index_select(0, idx)
+        return rows

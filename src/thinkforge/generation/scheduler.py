@@ -142,6 +142,7 @@ class Scheduler:
                     self._fail(req, e)
                 self.running, self.logits, self.backend = [], None, None
 
+    @torch.no_grad()
     def _admit(self) -> None:
         """Join every waiting request that fits, in one prefill; if that prefill fails, each request is
         joined alone so that only the one at fault fails."""
@@ -205,18 +206,22 @@ class Scheduler:
         req.stops = [s for s in (tok.encode(x, add_special_tokens=False) for x in p.stop) if s]
         req.wait_ids = tok.encode(p.wait_text, add_special_tokens=False)
 
+    @torch.no_grad()
     def _step(self) -> None:
         e = self.engine
         reqs = list(dict.fromkeys(r for r, _ in self.running))  # in row order, each once
         u = None
         if any(r.params.temperature >= GREEDY_BELOW for r in reqs):
             u = torch.rand(len(self.running), generator=self.gen, device=self.gen.device)  # unseeded rows
-            at = 0
-            for r in reqs:  # a seeded request's rows take n draws from its own stream (rows are contiguous)
-                live = [i for i, s in enumerate(r.seqs) if s.done is None]
+            seeded: dict[Request, tuple[list[int], list[int]]] = {}
+            for j, (r, i) in enumerate(self.running):
                 if r.gen is not None:
-                    u[at : at + len(live)] = torch.rand(r.params.n, generator=r.gen, device=r.gen.device)[live]
-                at += len(live)
+                    rows, samples = seeded.setdefault(r, ([], []))
+                    rows.append(j)
+                    samples.append(i)
+            for r, (rows, samples) in seeded.items():  # n draws from its own stream, finished samples included
+                draws = torch.rand(r.params.n, generator=r.gen, device=r.gen.device)
+                u[torch.tensor(rows, device=u.device)] = draws[torch.tensor(samples, device=draws.device)]
         keys = {(r.params.temperature, r.params.top_p, r.params.top_k) for r in reqs}
         if len(keys) == 1:  # one kind of sampling for the whole batch: one call, no gathers
             t, lp = _sample(self.logits, reqs[0].params, None, u)
@@ -265,10 +270,11 @@ class Scheduler:
             r.result = [self._finish(r, s) for s in r.seqs]
             self._done(r)
         if len(keep) < len(self.running):
-            self.backend.select(keep)
+            order = self.backend.select(keep, reorder=True)
+            order = keep if order is None else order
             self.backend.trim()
-            self.running = [self.running[j] for j in keep]
-            tokens = [tokens[j] for j in keep]
+            self.running = [self.running[j] for j in order]
+            tokens = [tokens[j] for j in order]
         if not self.running:
             self.logits = None
             return

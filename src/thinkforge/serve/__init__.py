@@ -195,7 +195,11 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         on_token = (lambda pairs: post(("tokens", pairs))) if req.stream else None
-        job = await run_in_threadpool(start, req, on_token, lambda: post(("done", None)))
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) <= 16_384:  # tokenizing a small body costs less than a thread hop
+            job = start(req, on_token, lambda: post(("done", None)))
+        else:  # a large one must not hold the event loop
+            job = await run_in_threadpool(start, req, on_token, lambda: post(("done", None)))
         if req.stream:
             return StreamingResponse(stream(job, queue, streamer(svc, job)), media_type="text/event-stream",
                                      headers={"x-request-id": job.id})

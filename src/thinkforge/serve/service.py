@@ -21,6 +21,8 @@
 from __future__ import annotations
 
 import collections
+import functools
+import itertools
 import re
 import sys
 import threading
@@ -79,8 +81,13 @@ def summarize(thinking: str | None, mode: str | None) -> str | None:
     return lines[-1]
 
 
+_ID_BASE, _ID_COUNT = uuid.uuid4().hex[:12], itertools.count()
+
+
 def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+    """Unique per process run: a random base (per start) and a counter (a uuid4 per request cost ~3% of
+    a request's server time under load)."""
+    return f"{prefix}_{_ID_BASE}{next(_ID_COUNT):012x}"
 
 
 @dataclass(eq=False)
@@ -138,10 +145,15 @@ class ReasoningService:
             if k % 2:
                 ids += self.tok.encode(marked[int(piece)][0], add_special_tokens=False, split_special_tokens=True)
             elif piece:
-                ids += self.tok.encode(piece, add_special_tokens=False)
+                ids += self._template_ids(piece)
         if effort == "none":
-            ids += self.tok.encode(fmt.EMPTY_THINK, add_special_tokens=False)
+            ids += self._template_ids(fmt.EMPTY_THINK)
         return ids
+
+    @functools.lru_cache(maxsize=256)
+    def _template_ids(self, piece: str) -> tuple[int, ...]:
+        """The template's own text between messages (a handful of distinct strings), tokenized once."""
+        return tuple(self.tok.encode(piece, add_special_tokens=False))
 
     def params(self, prompt_len: int, max_tokens: int | None, temperature, top_p, effort: str | None, n: int = 1,
                seed: int | None = None, param: str = "max_tokens") -> SamplingParams:
