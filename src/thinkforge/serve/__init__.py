@@ -124,7 +124,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    from thinkforge.serve.protocol import ChatRequest, ResponsesRequest, error_body
+    from thinkforge.serve.protocol import ERRORS, ChatRequest, ResponsesRequest, error_body
     from thinkforge.serve.service import APIError, Limits, ReasoningService
     from thinkforge.serve.streams import ChatStream, ResponsesStream
 
@@ -150,8 +150,14 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
             from fastapi.openapi.utils import get_openapi
 
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            bodies = schema["components"]["schemas"]
             for body in ("ChatRequest", "ResponsesRequest"):
-                schema["components"]["schemas"][body]["properties"]["model"]["enum"] = [name]
+                bodies[body]["properties"]["model"]["enum"] = [name]
+            for body, field in (("ChatRequest", "max_tokens"), ("ChatRequest", "max_completion_tokens"),
+                                ("ResponsesRequest", "max_output_tokens")):  # this server's own limit
+                for option in bodies[body]["properties"][field].get("anyOf", []):
+                    if option.get("type") == "integer":
+                        option["maximum"] = min(cfg.max_tokens_limit, context - 1)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -174,8 +180,8 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
         return error(APIError(400, f"Invalid value for '{where}': {first.get('msg')}", param=".".join(loc) or None))
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        return error(APIError(exc.status_code, str(exc.detail)))
+    async def http_error(request: Request, exc: HTTPException):  # 404 path, 405 method (keeps its Allow header)
+        return error(APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)))
 
     def check(req):
         if req.model != name:
@@ -254,26 +260,29 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
             if not job.request.done.is_set():
                 job.request.cancel()  # the client disconnected mid-stream
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERRORS)
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "thinkforge"}]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=ERRORS)
     async def model(model_id: str):
         if model_id != name:
             raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{name}'.",
                            param="model", code="model_not_found")
         return {"id": name, "object": "model", "created": created, "owned_by": "thinkforge"}
 
-    @app.post("/v1/responses")
+    streamed = {200: {"description": "the object, or with `stream: true` its server-sent events",
+                      "content": {"application/json": {}, "text/event-stream": {}}}}
+
+    @app.post("/v1/responses", responses={**streamed, **ERRORS})
     async def responses(req: ResponsesRequest, request: Request):
         return await run(svc.start_responses, req, request, ResponsesStream)
 
-    @app.get("/v1/responses/{response_id}")
+    @app.get("/v1/responses/{response_id}", responses=ERRORS)
     async def get_response(response_id: str):
         return svc.stored_response(response_id)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={**streamed, **ERRORS})
     async def chat(req: ChatRequest, request: Request):
         return await run(svc.start_chat, req, request, ChatStream)
 

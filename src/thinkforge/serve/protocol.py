@@ -16,11 +16,13 @@ Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # extras are checked by unsupported(), not dropped unseen
+    # extras are checked by unsupported(), not dropped unseen; strict: JSON types as the schema says
+    # (no false for a temperature, no "3" for n)
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class InputText(_Part):
@@ -73,11 +75,19 @@ class Reasoning(_Part):
     mode: Literal["standard"] | None = None  # "pro" (deeper reasoning) is not offered here: refused by name
 
 
+class TextFormat(_Part):
+    type: Literal["text"]
+
+
+class TextConfig(_Part):
+    format: TextFormat | None = None
+
+
 class ResponsesRequest(_Body):
     """POST /v1/responses"""
 
     model: str
-    input: str | list[InputItem]
+    input: Annotated[str, Field(pattern=r"\S")] | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, gt=0)
     previous_response_id: str | None = None
@@ -86,24 +96,16 @@ class ResponsesRequest(_Body):
     stream: bool = False
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    include: list[str] | None = None
-    text: dict | None = None
-    tools: list | None = None
-
-    @field_validator("input")
-    @classmethod
-    def _not_empty(cls, v):
-        if (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v):
-            raise ValueError("input must not be empty")
-        return v
+    # Declared so the schema says what is refused: no include values, no tools, text format "text" only.
+    include: list[str] | None = Field(default=None, json_schema_extra={"maxItems": 0})
+    text: TextConfig | None = None
+    tools: list | None = Field(default=None, json_schema_extra={"maxItems": 0})
 
     def unsupported(self) -> str | None:
         if self.include:
             return "include"  # reasoning.encrypted_content / logprobs: use store + previous_response_id
         if self.tools:
             return "tools"
-        if self.text and (self.text.get("format") or {}).get("type", "text") != "text":
-            return "text.format"
         return _unsupported_extras(self)
 
 
@@ -124,8 +126,8 @@ class ChatRequest(_Body):
     stream_options: dict | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    response_format: dict | None = None
-    tools: list | None = None
+    response_format: TextFormat | None = None  # json_object / json_schema need constrained decoding: refused
+    tools: list | None = Field(default=None, json_schema_extra={"maxItems": 0})
 
     @field_validator("stop")
     @classmethod
@@ -138,12 +140,8 @@ class ChatRequest(_Body):
     def unsupported(self) -> str | None:
         if self.top_logprobs:
             return "top_logprobs"  # the engine keeps the sampled token's logprob only
-        if self.logprobs and self.stream:
-            return "logprobs"  # with stream: logprobs are returned by non-streamed requests
         if self.tools:
             return "tools"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format"
         return _unsupported_extras(self)
 
 
@@ -161,6 +159,26 @@ def _unsupported_extras(body: BaseModel) -> str | None:
                 and value not in ({}, []):
             return key
     return None
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error this server answers with (4xx and 5xx alike)."""
+
+    error: ErrorObject
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in {
+    400: "invalid request (the field is named in `param`), context_length_exceeded, unsupported parameter",
+    401: "missing or wrong API key", 404: "unknown model or response id", 413: "request body over the limit",
+    429: "too many requests waiting (see Retry-After)", 500: "server error (the message has the request id)",
+    504: "the request ran past the server's deadline"}.items()}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

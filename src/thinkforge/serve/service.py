@@ -329,6 +329,14 @@ class ReasoningService:
         for s in req.stop or []:
             _check_text("stop", s)
         ids = self.encode(messages, req.reasoning_effort)
+        for field in ("max_tokens", "max_completion_tokens"):  # both checked, though the newer one wins
+            value = getattr(req, field)
+            if value is not None and value > self.limits.max_tokens:
+                raise APIError(400, f"Invalid value for '{field}': {value} is more than this server's limit of "
+                                    f"{self.limits.max_tokens} tokens.", param=field)
+            if value is not None and value >= self.limits.context:
+                raise APIError(400, f"This model's maximum context length is {self.limits.context} tokens; '{field}' "
+                                    f"asks for {value}.", param=field, code="context_length_exceeded")
         which = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         params = self.params(len(ids), req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p,
                              req.reasoning_effort, req.n, req.seed, param=which)

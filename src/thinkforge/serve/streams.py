@@ -140,7 +140,8 @@ class ChatStream:
         for i, c in enumerate(completions):
             delta = self._delta(i, split_text(c.text, self.job.prefilled), True)
             reason = "length" if c.finish_reason == "length" else "stop"
-            out.append(self.chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]))
+            logprobs = self.svc.logprobs(c) if self.job.body.logprobs else None  # every token's, with the last chunk
+            out.append(self.chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]))
         if self.include_usage:
             out.append(self.chunk([], usage=self.svc.chat_usage(self.job, completions)))
         return out
