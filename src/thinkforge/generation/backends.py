@@ -89,6 +89,7 @@ class FastBackend:
     def __init__(self, model):
         self.model, cfg = model, model.config
         self.k = None  # no running batch yet
+        self.row_limit: int | None = None  # the most rows a scheduler will ever join (caps the store's growth)
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm
@@ -209,8 +210,8 @@ class FastBackend:
         kn, T = new["B"], new["t"]
         if T > self.t:  # a prompt longer than the time axis so far: shift every row right (rare)
             self._reshape(self.k[0].shape[0], max(self.capacity + T - self.t, T + 16), shift=T - self.t)
-        if self.B + kn > self.k[0].shape[0]:
-            self._reshape(max(2 * self.k[0].shape[0], self.B + kn), self.capacity)
+        if self.B + kn > self.k[0].shape[0]:  # doubling, but never past the scheduler's row limit
+            self._reshape(max(min(2 * self.k[0].shape[0], self.row_limit or 1 << 30), self.B + kn), self.capacity)
         b0, b1, t0 = self.B, self.B + kn, self.t - T
         for store, fresh in zip(self.k + self.v, new["k"] + new["v"]):
             store[b0:b1, :, : self.t].zero_()  # a reused row must not carry its last owner's values

@@ -11,7 +11,8 @@ with its own parameters and its own random stream (a seeded request gives the sa
 is in the batch); (3) applies the engine's per-sequence rules (stops, thinking budget, forced tokens);
 (4) drops finished, cancelled and past-deadline requests from the cache; (5) runs one decode step.
 Nothing is allocated for a request's ``max_new_tokens`` ahead of time: the cache grows by chunks and
-trims slots no row uses, so memory follows the tokens that exist, bounded by ``max_rows`` × context.
+trims slots no row uses, so memory follows the tokens that exist. Bound: ``max_rows`` rows × at most
+3 × context slots (dead leading slots are trimmed once they are half the axis, and the axis grows by half).
 
 A fault inside a decode step (all rows share it) fails the requests running at that moment with the
 error and resets the batch; waiting requests and later ones are served normally.
@@ -195,7 +196,9 @@ class Scheduler:
         from thinkforge.generation.backends import make_backend
 
         e = self.engine
-        return e.backend_name(e.model) if callable(e.backend_name) else make_backend(e.model, e.backend_name)
+        backend = e.backend_name(e.model) if callable(e.backend_name) else make_backend(e.model, e.backend_name)
+        backend.row_limit = self.max_rows
+        return backend
 
     def _prepare(self, req: Request) -> None:
         p, tok = req.params, self.engine.tok
