@@ -445,9 +445,9 @@ def test_schema_fuzz_finds_no_5xx(server, tmp_path):
                            # every check but positive_data_acceptance: a schema-valid request can still
                            # exceed the context (prompt-dependent, 400 context_length_exceeded as OpenAI)
                            "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-                           "--max-examples", "25", "--seed", "1",
+                           "--max-examples", "10", "--seed", "1",
                            "--request-timeout", "30", "--no-color"],
                           capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache stays out of the tree
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     generated = int(re.search(r"(\d+) generated", proc.stdout).group(1))
-    assert generated >= 200, proc.stdout[-2000:]  # the run reached the routes, not a handful of cases
+    assert generated >= 150, proc.stdout[-2000:]  # the run reached the routes, not a handful of cases
