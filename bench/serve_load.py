@@ -7,8 +7,9 @@ this tree) and take turns: for each number of concurrent clients (1, 16, 64, 200
 today's, so a busy neighbour hurts both alike. Each client sends chat requests through the official
 openai client with a mix of sampling parameters and lengths (temperature 0, 0.7 or 1.0; max_tokens 16,
 64 or 256), as real traffic has. Then "short under long": the latency of a short greedy request (max_tokens 8) alone, and
-while 8 clients keep sending long ones (n=8, max_tokens 256, temperature 1). Without ``--model`` a tiny
-syllogism model is trained first (about 10 s). Ends with
+while 8 clients keep sending long ones (n=8, max_tokens 256, temperature 1). ``--single N``: only N single
+requests, alternating (one client's latency). Without ``--model`` a tiny syllogism model is trained first
+(about 10 s). Ends with
 ``RESULT serve_load c64_ratio=… c200_ratio=… short_under_long_p99_x=… …``.
 """
 from __future__ import annotations
@@ -110,6 +111,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--baseline", default="070116e", help="git revision of the server to compare against")
     ap.add_argument("--levels", default="1,16,64,200")
+    ap.add_argument("--single", type=int, default=0,
+                    help="only this many single requests (T=0.7, max_tokens 64), alternating between the servers")
     args = ap.parse_args()
     model = args.model or tiny_model()
     base_dir = Path(tempfile.mkdtemp())
@@ -117,6 +120,19 @@ def main() -> None:
     sides = {"baseline": (base_dir / "src", []), "today": (ROOT / "src", ["--max-queued", "1000"])}
     servers = {k: start(model, src, extra) for k, (src, extra) in sides.items()}
     table: dict[tuple[str, int], dict] = {}
+    if args.single:
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        try:
+            for _ in range(args.single):
+                for side in sides:
+                    times[side].append(ask(servers[side][1], None, temperature=0.7, max_tokens=64)[0] * 1000)
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(30)
+        med = {side: statistics.median(v) for side, v in times.items()}
+        print(f"RESULT serve_single requests={args.single} baseline_ms={med['baseline']:.0f} today_ms={med['today']:.0f}")
+        return
     try:
         for c in [int(x) for x in args.levels.split(",")]:
             n = max(2 * c, 32)

@@ -41,7 +41,7 @@ class ServeConfig:
     max_total_tokens: int = option(16384, "the largest n x max_tokens of one request (400 above)")
     context: int | None = option(None, "prompt + completion limit in tokens (default: the model's max_position_embeddings)")
     max_body_bytes: int = option(1_000_000, "larger request bodies are refused with 413 (counted as they arrive)")
-    max_batch_rows: int = option(256, "sequences decoded together (KV cache <= rows x context); more wait for a free row")
+    max_batch_rows: int = option(256, "sequences decoded together (KV cache <= rows x 3 x context slots); more wait for a free row")
     max_queued: int = option(256, "requests waiting for rows; more are refused with 429 + Retry-After")
     timeout: float = option(300.0, "seconds a request may take from arrival to its last token (504 after)")
     drain_seconds: float = option(10.0, "on SIGTERM, how long running requests may finish before the server exits")
