@@ -312,3 +312,29 @@ def test_resume_with_mu_2_restores_the_pending_rollouts(sft_model, tmp_path, mon
 
     crash_then_resume(monkeypatch, grpo, grpo.train_grpo,
                       lambda out, **kw: grpo_cfg(sft_model, out, mu=2, save_every=1, beta=0.04, **kw), tmp_path)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_token_logprobs_never_build_the_full_logits_and_equal_the_direct_path(char_tok, tie):
+    """Values, entropies and every parameter's gradient equal log_softmax over the full (N, L, V) logits,
+    while the model's head only ever sees one position per row (the rest goes through 7-row blocks)."""
+    from thinkforge.models import tiny_model
+    from thinkforge.train.grpo import token_logprobs
+
+    m = tiny_model(char_tok, "micro", tie_word_embeddings=tie)
+    ids = torch.randint(5, 100, (3, 11))
+    weights = torch.arange(30).view(3, 10).float().sin()
+    logits = m(input_ids=ids).logits[:, :-1].float() / 0.7
+    full = torch.log_softmax(logits, -1)
+    direct, direct_entropy = full.gather(-1, ids[:, 1:, None])[..., 0], -(full.exp() * full).sum(-1)
+    (direct * weights).sum().backward()
+    direct_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    seen = []
+    m.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    logp, entropy = token_logprobs(m, ids, 0.7, with_entropy=True, rows=7)
+    (logp * weights).sum().backward()
+    assert seen == [(3, 1, m.config.hidden_size)]
+    assert (logp - direct).abs().max() < 1e-5 and (entropy - direct_entropy).abs().max() < 1e-5
+    assert not entropy.requires_grad
+    assert max((direct_grads[n] - p.grad).abs().max().item() for n, p in m.named_parameters()) < 1e-5
