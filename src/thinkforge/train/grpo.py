@@ -122,7 +122,7 @@ def _tensors(comps, pad: int, mask_truncated: bool, device):
     return ids.to(device), mask.to(device), old.to(device)
 
 
-LOGIT_ROWS = 4096  # token positions whose float32 logits exist at once (a (4096, V) block, not (N, L, V))
+LOGIT_ROWS = 1024  # token positions whose float32 logits exist at once (a (1024, V) block, not (N, L, V))
 
 
 def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: bool = False, rows: int = LOGIT_ROWS):
