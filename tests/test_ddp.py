@@ -48,7 +48,8 @@ def _ranks_said(stderr: str) -> str:
 @pytest.mark.timeout(240)
 def test_grpo_two_processes_match_one(tmp_path):
     """Roll-outs split over 2 processes (3 prompts: 2 on rank 0, 1 on rank 1), rewards gathered, each rank
-    trains on its rows: same roll-outs, rewards and parameters as 1 process (KL term and mu = 2 included)."""
+    trains on its rows in micro-batches of 5: same roll-outs, rewards and parameters as 1 process in one pass
+    (KL term and mu = 2 included)."""
     import json
     import os
 
@@ -65,7 +66,7 @@ def test_grpo_two_processes_match_one(tmp_path):
     r = subprocess.run([sys.executable, "-m", "thinkforge", *args, "--out", str(one)], capture_output=True, text=True,
                        env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _torchrun([*args, "--out", str(two)], env)
+    r = _torchrun([*args, "--out", str(two), "--micro-batch-size", "5"], env)  # and 6 rows per rank in 5 + 1
     assert r.returncode == 0, _ranks_said(r.stderr)
     rows = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
     assert len(rows[0]) == len(rows[1]) == 3

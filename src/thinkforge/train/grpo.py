@@ -78,6 +78,8 @@ class GRPOConfig(RunOptions):
     resample: bool = option(True, "refill dropped groups with new problems")
     max_resample: int = option(3, "extra sampling rounds per batch when resampling")
     mask_truncated: bool = option(False, "exclude completions that hit max_new_tokens from the loss")
+    micro_batch_size: int = option(0, "rows per forward/backward (0: a process's whole roll-out batch at once); "
+                                      "the update is the same, only peak memory changes")
     train_problems: int = option(5000, "distinct training problems")
 
     def __post_init__(self):
@@ -304,7 +306,12 @@ class RolloutSource:
         """The loop's ``next_batch``: a new roll-out batch every ``mu`` optimizer steps."""
         ro = next_rollouts(state, self.cfg.mu, lambda: self.collect(state).__dict__)
         seen = 0 if ro["ids"] is None else int(ro["ids"].numel())
-        return [{"rollouts": ro, "n_tokens": 1, "seen_tokens": seen}]
+        mine = 0 if ro["ids"] is None else len(range(self.rank, ro["ids"].shape[0], self.world))
+        m = self.cfg.micro_batch_size
+        parts = max(1, -(-mine // m)) if m else 1
+        # n_tokens 1 in all: the loop divides by their sum (1), each part's loss already carries its share
+        return [{"rollouts": ro, "part": k, "parts": parts, "n_tokens": int(k == 0), "seen_tokens": seen * (k == 0)}
+                for k in range(parts)]
 
 
 def next_rollouts(state: dict, mu: int, collect) -> dict:
@@ -365,26 +372,33 @@ def make_loss_fn(cfg: GRPOConfig, ref_model=None):
         stats = dict(ro["stats"])
         if ro["ids"] is None:  # every group was dropped: the loop makes no update this step
             return None, stats
-        rows = slice(rank, None, world)
+        part, parts = mb.get("part", 0), mb.get("parts", 1)
+        mine = list(range(rank, ro["ids"].shape[0], world))
+        size = -(-len(mine) // parts)
+        rows = torch.tensor(mine[part * size : (part + 1) * size], dtype=torch.long)
         ids, mask, old, adv = ro["ids"][rows], ro["mask"][rows], ro["old_logp"][rows], ro["adv"][rows]
         if ids.shape[0] == 0:  # fewer kept completions than processes: this rank adds 0 to every mean
             return None, {**stats, **dict.fromkeys(ROW_STATS + (("kl",) if cfg.beta > 0 else ()), 0.0)}
         logp, entropy = token_logprobs(model, ids, cfg.temperature, with_entropy=True)
         loss = variant.loss(logp, old, adv, mask, max_len=cfg.max_new_tokens, **eps)
         if cfg.beta > 0:
-            if ref_cache.get("ids") is not ro["ids"]:
+            if ref_cache.get("ids") is not ro["ids"]:  # a new roll-out batch: the reference's logprobs, per part
+                ref_cache.clear()
+                ref_cache["ids"] = ro["ids"]
+            if part not in ref_cache:
                 with torch.no_grad():
-                    ref_cache.update(ids=ro["ids"], logp=token_logprobs(ref_model, ids, cfg.temperature)[0])
+                    ref_cache[part] = token_logprobs(ref_model, ids, cfg.temperature)[0]
             ratio = variant.ratio(logp, old, mask) if cfg.kl_bias_correction else None
-            kl = variant.reduce(k3_kl(logp, ref_cache["logp"], ratio), mask, cfg.max_new_tokens)
+            kl = variant.reduce(k3_kl(logp, ref_cache[part], ratio), mask, cfg.max_new_tokens)
             loss = loss + cfg.beta * kl
             stats["kl"] = float(kl.detach())
-        if world > 1:
-            weight = shard_weight(variant, ro["mask"], rows)
-            loss = loss * weight
-            if "kl" in stats:  # the loop averages over ranks: this makes the average the batch's KL
-                stats["kl"] *= weight * world
-        n = ro["mask"].sum().clamp(min=1) / world  # token means over the whole batch once averaged over ranks
+        # These rows' share of the batch loss's normaliser (1.0 for a whole batch on one process): the
+        # weighted losses of all parts on all processes sum to the loss of the whole batch.
+        weight = shard_weight(variant, ro["mask"], rows) if world > 1 or parts > 1 else 1.0
+        loss = loss * weight
+        if "kl" in stats:  # the loop averages over parts and ranks: this makes the average the batch's KL
+            stats["kl"] *= weight * world * parts
+        n = ro["mask"].sum().clamp(min=1) / (world * parts)  # token means over the batch once averaged
         low_clip, high_clip = variant.clip_fractions(logp, old, adv, mask, **eps)
         stats.update({  # ROW_STATS
             "entropy": float((entropy * mask).sum() / n),

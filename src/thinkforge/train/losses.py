@@ -136,10 +136,10 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, ratio: torch.Tensor | None
     return kl if ratio is None else kl * ratio
 
 
-def shard_weight(variant: Variant, mask: torch.Tensor, rows: slice) -> float:
-    """The weight of the loss of ``rows`` alone (one process's share of a batch) such that the weighted
-    shard losses sum to the loss of the whole batch: the rows' share of what the loss divides by.
-    ``mask`` is the whole batch's."""
+def shard_weight(variant: Variant, mask: torch.Tensor, rows: slice | torch.Tensor) -> float:
+    """The weight of the loss of ``rows`` alone (one process's or one micro-batch's share of a batch) such
+    that the weighted shard losses sum to the loss of the whole batch: the rows' share of what the loss
+    divides by. ``mask`` is the whole batch's."""
     if variant.shard_by == "tokens":
         return float(mask[rows].sum() / mask.sum().clamp(min=1))
     return mask[rows].shape[0] / mask.shape[0]
