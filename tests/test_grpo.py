@@ -377,7 +377,20 @@ def test_grpo_with_micro_batches_trains_the_same_model(sft_model, tmp_path):
     from thinkforge.models import load_model
     from thinkforge.train.grpo import train_grpo
 
-    runs = [train_grpo(grpo_cfg(sft_model, tmp_path / f"m{m}", steps=2, beta=0.04, micro_batch_size=m)) for m in (0, 3)]
+    from thinkforge.train import grpo
+
+    calls, make = [], grpo.make_loss_fn
+
+    def counting(cfg, ref=None):
+        fn = make(cfg, ref)
+        return lambda model, mb: (calls.append(cfg.micro_batch_size), fn(model, mb))[1]
+
+    grpo.make_loss_fn = counting
+    try:
+        runs = [train_grpo(grpo_cfg(sft_model, tmp_path / f"m{m}", steps=2, beta=0.04, micro_batch_size=m)) for m in (0, 3)]
+    finally:
+        grpo.make_loss_fn = make
+    assert calls.count(0) == 2 and calls.count(3) == 2 * 3  # 8 roll-outs a step: 1 pass, or 3 + 3 + 2
     metrics = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
     for a, b in zip(*metrics):
         for key in ("loss", "kl", "entropy", "reward", "grad_norm"):

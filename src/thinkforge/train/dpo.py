@@ -44,6 +44,7 @@ class DPOConfig(RunOptions):
     beta: float = option(0.1, "β: the strength of the implicit KL leash to the reference (larger = closer)")
     steps: int = option(200, "optimizer steps")
     batch_size: int = option(32, "preference pairs per step")
+    micro_batch_size: int = option(0, "pairs per forward/backward (0: the whole batch); the update is the same")
     lr: float = option(5e-5, "peak learning rate")
     min_lr_ratio: float = option(1.0, "final lr share (cosine; 1.0 = constant after warm-up)")
     warmup: int = option(10, "warm-up steps")
@@ -62,7 +63,7 @@ class DPOConfig(RunOptions):
         check(self.beta > 0 and self.lr > 0, "need beta > 0 and lr > 0")
         for name in ("steps", "batch_size", "max_len", "eval_samples", "max_new_tokens"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        check(self.eval_problems >= 0, "eval_problems must be >= 0")
+        check(self.eval_problems >= 0 and self.micro_batch_size >= 0, "need eval_problems >= 0, micro_batch_size >= 0")
 
 
 def encode_pairs(rankings, tok, max_len: int) -> list[dict]:
@@ -141,7 +142,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
     del ref
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)
-    batcher = ItemBatcher(pairs, cfg.batch_size, cfg.seed, "pairs", lambda p: len(p["better"]) + len(p["worse"]))
+    batcher = ItemBatcher(pairs, cfg.batch_size, cfg.seed, "pairs", lambda p: len(p["better"]) + len(p["worse"]),
+                          cfg.micro_batch_size)
     run_training(model, tok, run, settings, batcher,
                  make_loss_fn(cfg, tok.pad_token_id, device), resume=cfg.resume,
                  describe=lambda m: f"loss {m['loss']:.3f} acc {m.get('rewards/accuracies', 0):.2f}")

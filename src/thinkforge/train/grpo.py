@@ -89,6 +89,7 @@ class GRPOConfig(RunOptions):
         check(self.group_size >= 2, f"group_size must be >= 2 (GRPO's advantage is relative to the group), got {self.group_size}")
         for name in ("prompts_per_step", "max_new_tokens", "steps", "mu", "train_problems"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.micro_batch_size >= 0, f"micro_batch_size must be >= 0 (0: no micro-batches), got {self.micro_batch_size}")
         check(self.scale_rewards in ("group", "batch", "none"), f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
         check(self.temperature > 0, f"temperature must be > 0 for RL roll-outs, got {self.temperature}")
         check(self.lr > 0 and self.beta >= 0, "need lr > 0 and beta >= 0")

@@ -125,16 +125,20 @@ class EpochStream:
 
 
 class ItemBatcher:
-    """Seeded, resumable batches of ``batch_size`` items handed to the loss function whole, under ``key``
-    (rankings, preference pairs): the loss is a sum over items, so the step divides by their number;
-    ``tokens(item)`` counts what an item makes the model read."""
+    """Seeded, resumable batches of ``batch_size`` items handed to the loss function under ``key``
+    (rankings, preference pairs), whole or ``micro`` items per forward/backward: the loss is a sum over
+    items and the step divides by their number, so the update is the same either way; ``tokens(item)``
+    counts what an item makes the model read."""
 
-    def __init__(self, items: list, batch_size: int, seed: int, key: str, tokens: Callable[[object], int]):
+    def __init__(self, items: list, batch_size: int, seed: int, key: str, tokens: Callable[[object], int],
+                 micro: int = 0):
         self.stream, self.batch_size, self.key, self.tokens = EpochStream(items, seed), batch_size, key, tokens
+        self.micro = micro or batch_size
 
     def __call__(self, state: dict) -> list[dict]:
         items = [self.stream.next(state) for _ in range(self.batch_size)]
-        return [{self.key: items, "n_tokens": len(items), "seen_tokens": sum(self.tokens(x) for x in items)}]
+        return [{self.key: part, "n_tokens": len(part), "seen_tokens": sum(self.tokens(x) for x in part)}
+                for part in (items[i : i + self.micro] for i in range(0, len(items), self.micro))]
 
 
 def distributed() -> tuple[int, int]:

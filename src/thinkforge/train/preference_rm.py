@@ -114,7 +114,7 @@ def train_preference_rm(cfg: RMConfig) -> Path:
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)
     batcher = ItemBatcher([encode_ranking(tok, r) for r in train], cfg.batch_size, cfg.seed, "rankings",
-                          lambda r: sum(len(x) for x in r["ids"]))
+                          lambda r: sum(len(x) for x in r["ids"]), cfg.micro_batch_size)
     run_training(model, tok, run, settings, batcher, make_loss_fn(cfg.center_rewards, tok.pad_token_id, device),
                  resume=cfg.resume, describe=lambda m: f"loss {m['loss']:.3f} acc {m['accuracy']:.2f}")
     if rank0 and test:

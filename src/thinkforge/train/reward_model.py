@@ -89,6 +89,8 @@ class RMConfig(RunOptions):
     out: str = option("runs/prm", "run folder")
     steps: int = option(300, "optimizer steps")
     batch_size: int = option(32, "completions per step")
+    micro_batch_size: int = option(0, "--kind preference: rankings per forward/backward (0: the whole batch); "
+                                      "the update is the same")
     lr: float = option(5e-4, "peak learning rate")
     min_lr_ratio: float = option(0.1, "final lr share (cosine)")
     warmup: int = option(20, "warm-up steps")
@@ -105,6 +107,8 @@ class RMConfig(RunOptions):
         check(self.eval_problems >= 0 and self.temperature > 0 and self.lr > 0, "need eval_problems >= 0, temperature > 0, lr > 0")
         check(self.kind != "preference" or self.data is not None, "kind=preference needs --data (a preference file)")
         check(0 <= self.eval_share < 1 and self.center_rewards >= 0, "need 0 <= eval_share < 1 and center_rewards >= 0")
+        check(self.micro_batch_size >= 0 and (self.micro_batch_size == 0 or self.kind == "preference"),
+              "micro_batch_size must be >= 0 and applies to --kind preference only (orm/prm batch by --batch-rows)")
 
 
 # ---- step labels -------------------------------------------------------------------------------------
