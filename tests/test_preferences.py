@@ -412,3 +412,29 @@ def test_dpo_and_bt_rm_micro_batches_train_the_same_model(policy, tmp_path):
         a, b = (load_file(str(r / "model" / "model.safetensors")) for r in runs)
         # Adam divides by sqrt(v): float-noise differences in near-zero gradients move weights by ~lr x 1e-2
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4, name
+
+
+def test_ppo_micro_batches_train_the_same_policy_and_value(policy, tmp_path):
+    """8 roll-outs a step in passes of 3 (3 + 3 + 2) against one pass: same losses, statistics and weights."""
+    from safetensors.torch import load_file
+
+    from thinkforge.train import ppo
+
+    calls, make = [], ppo.make_loss_fn
+
+    def counting(cfg):
+        fn = make(cfg)
+        return lambda ac, mb: (calls.append(cfg.micro_batch_size), fn(ac, mb))[1]
+
+    ppo.make_loss_fn = counting
+    try:
+        runs = [ppo.train_ppo(ppo_cfg(policy, tmp_path / f"p{m}", steps=2, micro_batch_size=m)) for m in (0, 3)]
+    finally:
+        ppo.make_loss_fn = make
+    assert calls.count(0) == 2 and calls.count(3) == 2 * 3
+    rows = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
+    for key in ("loss", "policy_loss", "value_loss", "clipfrac", "grad_norm", "kl"):
+        assert [x[key] for x in rows[0]] == pytest.approx([x[key] for x in rows[1]], rel=1e-4, abs=1e-6), key
+    for sub in ("model.safetensors", "value/model.safetensors"):
+        a, b = (load_file(str(r / "model" / sub)) for r in runs)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4, sub

@@ -67,6 +67,8 @@ class PPOConfig(RunOptions):
     weight_decay: float = option(0.0, "AdamW weight decay on matrices")
     grad_clip: float = option(1.0, "clip the global gradient norm")
     epsilon: float = option(0.2, "policy clip range")
+    micro_batch_size: int = option(0, "rows per forward/backward (0: a process's whole roll-out batch); the update "
+                                      "is the same")
     value_clip: float = option(0.2, "value clip range around the old values")
     value_coef: float = option(0.5, "weight of the value loss")
     kl_coef: float = option(0.05, "β of the per-token KL penalty in the reward (initial value with adaptive_kl)")
@@ -86,6 +88,7 @@ class PPOConfig(RunOptions):
         check(0 < self.epsilon < 1 and self.value_clip > 0 and self.value_coef >= 0, "need 0 < epsilon < 1, "
               "value_clip > 0 and value_coef >= 0")
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
+        check(self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}")
         check(self.rm_scope in RM_SCOPES, f"rm_scope must be one of {RM_SCOPES}, got {self.rm_scope!r}")
 
 
@@ -164,7 +167,11 @@ class PPOSource:
         """The loop's ``next_batch``: a new roll-out batch every ``mu`` optimizer steps (kept in the state,
         so a checkpoint taken between passes resumes on the same roll-outs)."""
         ro = next_rollouts(state, self.cfg.mu, lambda: self.collect(state))
-        return [{"rollouts": ro, "n_tokens": 1, "seen_tokens": int(ro["ids"].numel())}]
+        rank, world = distributed()
+        mine, m = len(range(rank, ro["ids"].shape[0], world)), self.cfg.micro_batch_size
+        parts = max(1, -(-mine // m)) if m else 1
+        return [{"rollouts": ro, "part": k, "parts": parts, "n_tokens": int(k == 0),
+                 "seen_tokens": int(ro["ids"].numel()) * (k == 0)} for k in range(parts)]
 
 
 def make_loss_fn(cfg: PPOConfig):
@@ -172,7 +179,10 @@ def make_loss_fn(cfg: PPOConfig):
 
     def loss_fn(ac: ActorCritic, mb: dict):
         ro = mb["rollouts"]
-        rows = slice(rank, None, world)
+        part, parts = mb.get("part", 0), mb.get("parts", 1)
+        mine = list(range(rank, ro["ids"].shape[0], world))
+        size = -(-len(mine) // parts)
+        rows = torch.tensor(mine[part * size : (part + 1) * size], dtype=torch.long)
         ids, mask = ro["ids"][rows], ro["mask"][rows]
         if ids.shape[0] == 0:
             return None, dict(ro["stats"])
@@ -181,15 +191,18 @@ def make_loss_fn(cfg: PPOConfig):
         pl = ppo_policy_loss(logp, ro["old_logp"][rows], ro["adv"][rows], mask, cfg.epsilon)
         vl = clipped_value_loss(values, ro["old_values"][rows], ro["returns"][rows], mask, cfg.value_clip)
         loss = pl + cfg.value_coef * vl
-        if world > 1:  # both losses are token means: each process weighs its share of the tokens
-            loss = loss * float(mask.sum() / ro["mask"].sum().clamp(min=1))
+        # Both losses are token means: these rows weigh their share of the batch's tokens (1.0 for the whole
+        # batch on one process); the logged means are scaled so the loop's averages over parts are the batch's.
+        share = float(mask.sum() / ro["mask"].sum().clamp(min=1)) if world > 1 or parts > 1 else 1.0
+        loss = loss * share
+        scale = share * parts * world if parts > 1 else 1.0
         with torch.no_grad():
             ratio = torch.exp(logp - ro["old_logp"][rows])
             n = mask.sum().clamp(min=1)
             clipfrac = float((((ratio - 1).abs() > cfg.epsilon).float() * mask).sum() / n)
             vf_clip = float((((values - ro["old_values"][rows]).abs() > cfg.value_clip).float() * mask).sum() / n)
-        return loss, {**ro["stats"], "policy_loss": float(pl.detach()), "value_loss": float(vl.detach()),
-                      "clipfrac": clipfrac, "vf_clipfrac": vf_clip}
+        return loss, {**ro["stats"], "policy_loss": float(pl.detach()) * scale, "value_loss": float(vl.detach()) * scale,
+                      "clipfrac": clipfrac * scale, "vf_clipfrac": vf_clip * scale}
 
     return loss_fn
 
