@@ -125,7 +125,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
     from starlette.exceptions import HTTPException
 
     from thinkforge.serve.protocol import ERRORS, ChatRequest, ResponsesRequest, error_body
-    from thinkforge.serve.service import APIError, Limits, ReasoningService
+    from thinkforge.serve.service import APIError, Limits, ReasoningService, model_context
     from thinkforge.serve.streams import ChatStream, ResponsesStream
 
     if cfg.threads:
@@ -137,7 +137,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
 
         model, tokenizer = load_model(cfg.model, device=cfg.device)
     name = model_name(cfg)
-    context = cfg.context or getattr(model.config, "max_position_embeddings", None) or 2048
+    context = cfg.context or model_context(model)
     limits = Limits(context=context, default_max_tokens=cfg.max_tokens, max_tokens=cfg.max_tokens_limit,
                     max_total_tokens=cfg.max_total_tokens, timeout=cfg.timeout)
     svc = ReasoningService(model, tokenizer, name, limits, cfg.max_batch_rows, cfg.max_queued, cfg.store_size)

@@ -56,6 +56,11 @@ class Limits:
     timeout: float = 300.0  # seconds from arrival to the last token
 
 
+def model_context(model) -> int:
+    """The model's context in tokens (2048 when its config does not say)."""
+    return getattr(model.config, "max_position_embeddings", None) or 2048
+
+
 @dataclass
 class Split:
     thinking: str | None  # None: the completion has no think block
@@ -119,8 +124,7 @@ class ReasoningService:
     def __init__(self, model, tokenizer, model_name: str, limits: Limits | None = None, max_rows: int = 64,
                  max_waiting: int = 256, store_size: int = 1000):
         self.tok, self.model_name = tokenizer, model_name
-        context = getattr(model.config, "max_position_embeddings", None) or 2048
-        self.limits = limits or Limits(context=context)
+        self.limits = limits or Limits(context=model_context(model))
         self.engine = Engine(model, tokenizer)
         self.scheduler = Scheduler(self.engine, max_rows=max_rows, max_waiting=max_waiting)
         self.store: collections.OrderedDict[str, dict] = collections.OrderedDict()
@@ -155,6 +159,12 @@ class ReasoningService:
         """The template's own text between messages (a handful of distinct strings), tokenized once."""
         return tuple(self.tok.encode(piece, add_special_tokens=False))
 
+    def check_cap(self, field: str, max_tokens: int) -> None:
+        """The server's cap on a request's max_tokens (whatever the field is called)."""
+        if max_tokens > self.limits.max_tokens:
+            raise APIError(400, f"Invalid value for '{field}': {max_tokens} is more than this server's limit of "
+                                f"{self.limits.max_tokens} tokens.", param=field)
+
     def params(self, prompt_len: int, max_tokens: int | None, temperature, top_p, effort: str | None, n: int = 1,
                seed: int | None = None, param: str = "max_tokens") -> SamplingParams:
         """Sampling parameters within the limits; raises :class:`APIError` naming what is over."""
@@ -164,9 +174,7 @@ class ReasoningService:
                                 f"messages resulted in {prompt_len} tokens. Please reduce the length of the messages.",
                            param="messages", code="context_length_exceeded")
         if max_tokens is not None:
-            if max_tokens > lim.max_tokens:
-                raise APIError(400, f"Invalid value for '{param}': {max_tokens} is more than this server's limit of "
-                                    f"{lim.max_tokens} tokens.", param=param)
+            self.check_cap(param, max_tokens)
             if prompt_len + max_tokens > lim.context:
                 raise APIError(400, f"This model's maximum context length is {lim.context} tokens. However, you "
                                     f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
@@ -331,9 +339,8 @@ class ReasoningService:
         ids = self.encode(messages, req.reasoning_effort)
         for field in ("max_tokens", "max_completion_tokens"):  # both checked, though the newer one wins
             value = getattr(req, field)
-            if value is not None and value > self.limits.max_tokens:
-                raise APIError(400, f"Invalid value for '{field}': {value} is more than this server's limit of "
-                                    f"{self.limits.max_tokens} tokens.", param=field)
+            if value is not None:
+                self.check_cap(field, value)
             if value is not None and value >= self.limits.context:
                 raise APIError(400, f"This model's maximum context length is {self.limits.context} tokens; '{field}' "
                                     f"asks for {value}.", param=field, code="context_length_exceeded")
