@@ -14,7 +14,7 @@ from thinkforge.generation import Engine
 class PlanBackend:
     def __init__(self, tok, plan):
         self.tok, self.plan = tok, plan
-        self.end = tok.convert_tokens_to_ids(fmt.IM_END)
+        self.end = tok.convert_tokens_to_ids(fmt.ChatFormat.of(tok).end)
         self.prompts = []  # every prompt text prefilled, in order
 
     def _logits(self):

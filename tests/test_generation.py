@@ -295,9 +295,8 @@ def test_scheduler_under_churn_matches_the_engine(model, char_tok, monkeypatch):
     Every request still gets exactly the engine's tokens alone."""
     import random
 
-    from thinkforge.generation.scheduler import Scheduler
-
     from thinkforge.generation.backends import FastBackend
+    from thinkforge.generation.scheduler import Scheduler
 
     seen = {"trim": 0, "shift": 0, "reuse": 0}
     trim, reshape, join = FastBackend.trim, FastBackend._reshape, FastBackend.join

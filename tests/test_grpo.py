@@ -375,9 +375,8 @@ def test_micro_batches_give_the_same_update_and_stats(sft_model, tmp_path, name)
 def test_grpo_with_micro_batches_trains_the_same_model(sft_model, tmp_path):
     """End to end through the loop: 8 roll-outs per step in micro-batches of 3 (3 passes) against one pass."""
     from thinkforge.models import load_model
-    from thinkforge.train.grpo import train_grpo
-
     from thinkforge.train import grpo
+    from thinkforge.train.grpo import train_grpo
 
     calls, make = [], grpo.make_loss_fn
 

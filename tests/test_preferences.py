@@ -359,10 +359,11 @@ def test_verification_examples_and_target():
     p = Problem("p", "12*3", "36", ["21*3=63"], {})
     g = Graded(p, [None] * 4, ["36", "35", "35", "34"], [True, False, False, False])
     rows = verification_rows([g])  # one 'yes' (36): one of the two distinct 'no' answers is kept
-    assert [r["label"] for r in rows] == ["yes", "no"] and rows[0]["prompt"].split("\n")[1] == "12*3=36?<|im_end|>"
-    wrong = rows[1]["prompt"].split("\n")[1].split("=")[1][:2]
+    # a user message and its target: SFT renders them in the verifier model's own chat template
+    assert [r["label"] for r in rows] == ["yes", "no"] and rows[0]["prompt"] == "12*3=36?"
+    wrong = rows[1]["prompt"].split("=")[1][:2]
     assert wrong in ("35", "34")
-    assert rows[1]["completion"] == f"<think>\n21*3=63\n36\n{wrong}\n</think>\n<answer>no</answer><|im_end|>"
+    assert rows[1]["completion"] == f"<think>\n21*3=63\n36\n{wrong}\n</think>\n<answer>no</answer>"
 
 
 def test_generative_verifier_trains_scores_and_reports(policy, tmp_path):
@@ -395,9 +396,8 @@ def test_dpo_and_bt_rm_micro_batches_train_the_same_model(policy, tmp_path):
     from safetensors.torch import load_file
 
     from thinkforge.train.dpo import train_dpo
-    from thinkforge.train.reward_model import train_reward_model
-
     from thinkforge.train.loop import ItemBatcher
+    from thinkforge.train.reward_model import train_reward_model
 
     parts = ItemBatcher(list(range(20)), 8, 0, "pairs", lambda x: 1, micro=3)({})
     assert [len(p["pairs"]) for p in parts] == [3, 3, 2] and sum(p["n_tokens"] for p in parts) == 8

@@ -6,12 +6,11 @@ import time
 import httpx
 import openai
 import pytest
+from serve_helpers import SEED_PROMPT, free_port, running_server
 
 from thinkforge.format import render_chat
 from thinkforge.generation import EFFORT_BUDGETS
 from thinkforge.serve.service import split_text, summarize
-from serve_helpers import SEED_PROMPT, free_port, running_server
-
 
 
 @pytest.fixture(scope="module")

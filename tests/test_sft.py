@@ -19,7 +19,8 @@ def small(tmp_path, **kw):
 
 def test_packed_loss_equals_unpacked_loss(char_tok):
     task = get_task("add", digits=2)
-    pairs = [(fmt.render_prompt(p.question), completion_text(p, "cot")) for p in task.problems(12)]
+    chat = fmt.ChatFormat.of(char_tok)
+    pairs = [(chat.prompt(p.question), completion_text(p, "cot", chat)) for p in task.problems(12)]
     examples = encode_pairs(pairs, char_tok, 128)
     total = sum(len(ids) for ids, _ in examples)
     model = tiny_model(char_tok, "micro", seed=0)

@@ -84,7 +84,7 @@ def _generate(cfg: GenerateConfig) -> None:
     from thinkforge.models import load_model
 
     model, tok = load_model(cfg.model, device=cfg.device)
-    outs = Engine(model, tok).generate([fmt.render_prompt(cfg.prompt)], SamplingParams(
+    outs = Engine(model, tok).generate([fmt.ChatFormat.of(tok).prompt(cfg.prompt)], SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n, seed=cfg.seed,
         thinking_budget=cfg.budget, wait_rounds=cfg.wait_rounds))
     for o in outs:

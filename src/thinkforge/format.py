@@ -18,7 +18,7 @@ the template does the same split (on the last ``</think>``) and a test checks th
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -67,6 +67,118 @@ def render_prompt(question: str, system: str | None = None) -> str:
     """The prompt text for one question (optionally with a system message)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     return render_chat(messages)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How one tokenizer's chat template frames a conversation: what every prompt, training target and
+    stop rule is built from. ``ChatFormat.of(tokenizer)`` reads it from the tokenizer's own template.
+
+    - ``template``: None for thinkforge's ChatML (rendered by :func:`render_chat`, no Jinja), else the
+      tokenizer's template, rendered by ``apply_chat_template`` with ``enable_thinking`` when it has that
+      switch (Qwen3-style);
+    - ``end``: the text an assistant turn ends with (``<|im_end|>``, ``<|eot_id|>``, ``</s>``…), read off the
+      template: the stop string of generation and the last token of an SFT target;
+    - ``header``: the text a generation prompt ends with (``<|im_start|>assistant\\n``);
+    - ``opener``: what the template writes after the header to open the thinking (DeepSeek-R1 distills:
+      ``<think>\\n``), else "". thinkforge keeps that opener in the *completion*: :meth:`render` ends at the
+      header and the engine forces the opener as the completion's first tokens (mask 0), so prompt + the
+      completion text is the template's text exactly and every completion reads ``<think>…`` whatever the
+      template;
+    - ``no_thinking``: what follows the header to answer without thinking (the template's own
+      ``enable_thinking=False`` text when it has the switch, else an empty think block).
+
+    Earlier assistant turns lose their thinking (:meth:`history`), unless ``keep_thinking``: a template that
+    drops it itself (``drops_thinking``, found by rendering a probe history) does it its own way; for the
+    others thinkforge cuts it before the template sees the messages."""
+
+    template: str | None
+    end: str
+    header: str
+    opener: str = ""
+    no_thinking: str = EMPTY_THINK
+    switch: bool = False
+    drops_thinking: bool = True
+    tokenizer: object = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, tokenizer) -> ChatFormat:
+        """The tokenizer's format (cached on the tokenizer; thinkforge's ChatML when it has no template)."""
+        cached = getattr(tokenizer, "_thinkforge_chat", None)
+        template = getattr(tokenizer, "chat_template", None)
+        if cached is not None and cached.template == (None if template in (None, CHAT_TEMPLATE) else template):
+            return cached
+        if template in (None, CHAT_TEMPLATE):
+            made = cls(None, IM_END, f"{IM_START}assistant\n", tokenizer=tokenizer)
+        else:
+            made = cls._read(tokenizer, template)
+        tokenizer._thinkforge_chat = made
+        return made
+
+    @classmethod
+    def _read(cls, tok, template: str) -> ChatFormat:
+        switch = "enable_thinking" in template
+        kw = {"enable_thinking": True} if switch else {}
+        apply = lambda msgs, gen, **k: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **k)  # noqa: E731
+        user = [{"role": "user", "content": "\ue000"}]
+        bare, gen = apply(user, False, **kw), apply(user, True, **kw)
+        if not gen.startswith(bare) or gen == bare:
+            raise ValueError("this tokenizer's chat template adds no assistant header for add_generation_prompt=True; "
+                             "thinkforge renders prompts by it, so it must (see ChatFormat)")
+        header = gen[len(bare):]
+        opener = ""
+        if header.rstrip().endswith(THINK_OPEN):
+            cut = header.rfind(THINK_OPEN)
+            header, opener = header[:cut], header[cut:]
+        turn = apply(user + [{"role": "assistant", "content": "\ue001"}], False, **kw)
+        end = turn[turn.rfind("\ue001") + 1 :].strip() if "\ue001" in turn else ""
+        end = end or getattr(tok, "eos_token", None) or ""
+        if not end:
+            raise ValueError("cannot tell how this chat template ends an assistant turn, and the tokenizer has no "
+                             "eos_token: set tokenizer.eos_token to the end-of-turn token")
+        no_thinking = EMPTY_THINK
+        if switch:
+            off = apply(user, True, enable_thinking=False)
+            no_thinking = off[len(bare) + len(header):] if off.startswith(bare + header) else EMPTY_THINK
+        probe = [*user, {"role": "assistant", "content": f"{THINK_OPEN}\n\ue002\n{THINK_CLOSE}\nok"}, *user]
+        drops = "\ue002" not in apply(probe, True, **kw)
+        return cls(template, end, header, opener, no_thinking or EMPTY_THINK, switch, drops, tok)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, keep_thinking: bool = False,
+               thinking: bool = True) -> str:
+        """The prompt text of a conversation, ending at the assistant header (see the class docstring);
+        ``thinking=False`` adds :attr:`no_thinking` so the model answers at once."""
+        if self.template is None:
+            text = render_chat(messages, add_generation_prompt, keep_thinking)
+        else:
+            kw = {"enable_thinking": True} if self.switch else {}
+            text = self.tokenizer.apply_chat_template(self.history(messages, keep_thinking), tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **kw)
+            if add_generation_prompt and self.opener and text.endswith(self.opener):
+                text = text[: -len(self.opener)]
+        return text + self.no_thinking if add_generation_prompt and not thinking else text
+
+    def history(self, messages: list[dict], keep_thinking: bool = False) -> list[dict]:
+        """``messages`` as the template gets them: earlier assistant turns cut after their last ``</think>``
+        (:func:`strip_thinking`) unless the template drops thinking its own way or ``keep_thinking``."""
+        if keep_thinking or (self.template is not None and self.drops_thinking):
+            return messages
+        return [{**m, "content": strip_thinking(m["content"])} if m["role"] == "assistant" and i < len(messages) - 1
+                else m for i, m in enumerate(messages)]
+
+    def prompt(self, question: str, system: str | None = None, thinking: bool = True) -> str:
+        """The prompt for one question (optionally with a system message)."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        return self.render(messages, thinking=thinking)
+
+    def as_prompt(self, text: str) -> str:
+        """``text`` if it is a rendered prompt already (it ends at the assistant header), else its rendering as
+        one user message: what a data file's ``prompt`` field means."""
+        return text if text.rstrip().endswith(self.header.rstrip()) else self.prompt(text)
+
+    def completion(self, answer: str, thinking: str | None = None) -> str:
+        """A training target: :func:`render_completion` and the end of the turn."""
+        return render_completion(answer, thinking) + self.end
 
 
 def render_completion(answer: str, thinking: str | None = None) -> str:
@@ -181,12 +293,28 @@ def count_reasoning_tokens(completion_ids: list[int], tokenizer) -> tuple[int, i
     """(thinking tokens, answer tokens) of a completion: thinking runs up to and including ``</think>``.
 
     A completion that opens ``<think>`` and never closes it is all thinking; one without tags is all answer.
+    Tags a BPE tokenizer spells in several pieces (and may merge with their neighbours) are found in the
+    decoded text: the first prefix of the ids whose text holds the tag.
     """
     close = tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
     cut = split_at_subsequence(completion_ids, close)
+    if cut is None and len(close) > 1:
+        cut = _first_prefix_with(completion_ids, tokenizer, THINK_CLOSE)
     if cut is not None:
         return cut, len(completion_ids) - cut
     opener = tokenizer.encode(THINK_OPEN, add_special_tokens=False)
-    if split_at_subsequence(completion_ids[: len(opener) + 2], opener) is not None:
+    head = completion_ids[: len(opener) + 2]
+    if split_at_subsequence(head, opener) is not None or (len(opener) > 1 and THINK_OPEN in tokenizer.decode(head)):
         return len(completion_ids), 0
     return 0, len(completion_ids)
+
+
+def _first_prefix_with(ids: list[int], tokenizer, tag: str) -> int | None:
+    """The smallest k with ``tag`` in ``decode(ids[:k])`` (None if the whole text lacks it): a binary search."""
+    if tag not in tokenizer.decode(ids):
+        return None
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if tag in tokenizer.decode(ids[:mid]) else (mid + 1, hi)
+    return lo

@@ -132,8 +132,9 @@ def _mean_length(task, trace: str, seed: int, n: int = 400) -> float:
     from thinkforge.train.sft import completion_text
 
     tok = char_tokenizer(task.sample_text())
+    chat = fmt.ChatFormat.of(tok)
     probs = task.problems(n, "train", seed)
-    return sum(len(tok.encode(fmt.render_prompt(p.question) + completion_text(p, trace))) for p in probs) / n
+    return sum(len(tok.encode(chat.prompt(p.question) + completion_text(p, trace, chat))) for p in probs) / n
 
 
 def _train_stats(run: Path, seconds: float) -> dict:

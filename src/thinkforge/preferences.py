@@ -60,9 +60,9 @@ class Ranking:
         return [(i, j) for i in range(n) for j in range(n) if self.ranks[i] < self.ranks[j]]
 
 
-def prompt_text(prompt: str) -> str:
-    """The prompt as the model reads it: a user message is rendered with the chat template."""
-    return prompt if prompt.startswith(fmt.IM_START) else fmt.render_prompt(prompt)
+def prompt_text(prompt: str, tok) -> str:
+    """The prompt as the model reads it: a user message is rendered with the tokenizer's chat template."""
+    return fmt.ChatFormat.of(tok).as_prompt(prompt)
 
 
 def _ranking_of(row, where: str) -> Ranking:

@@ -58,7 +58,7 @@ def rejection_sample(model, tok, task, problems, samples: int, keep_per_problem:
     """Verified, well-formed, de-duplicated traces and the counts behind them."""
     params = SamplingParams(n=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     with torch.no_grad():
-        graded = sample_and_grade(Engine(model, tok), task, problems, params)
+        graded = sample_and_grade(engine := Engine(model, tok), task, problems, params)
     rows, stats = [], {"problems": len(problems), "samples": 0, "correct": 0, "well_formed_correct": 0, "kept": 0}
     for g in graded:
         seen = set()
@@ -71,7 +71,7 @@ def rejection_sample(model, tok, task, problems, samples: int, keep_per_problem:
             if c.text in seen or len(seen) >= keep_per_problem:
                 continue
             seen.add(c.text)
-            rows.append(trace_row(g.problem, c.text))
+            rows.append(trace_row(g.problem, c.text, engine.chat))
     stats["kept"] = len(rows)
     stats["problems_covered"] = len({r["problem_id"] for r in rows})
     return rows, stats
@@ -85,7 +85,7 @@ def search_traces(model, tok, task, problems, cfg: SampleConfig) -> tuple[list[d
                     batch_rows=cfg.batch_rows)
     with torch.no_grad():
         outcomes = run_method(cfg.method, search, problems, cfg.n)
-    rows = [trace_row(p, o.text) for p, o in zip(problems, outcomes)
+    rows = [trace_row(p, o.text, search.engine.chat) for p, o in zip(problems, outcomes)
             if o.correct and fmt.parse_completion(o.text).well_formed]
     stats = {"problems": len(problems), "method": f"{cfg.method}@{cfg.n}", "samples": len(problems),
              "correct": sum(o.correct for o in outcomes), "well_formed_correct": len(rows), "kept": len(rows),
@@ -93,9 +93,9 @@ def search_traces(model, tok, task, problems, cfg: SampleConfig) -> tuple[list[d
     return rows, stats
 
 
-def trace_row(problem, completion: str) -> dict:
+def trace_row(problem, completion: str, chat: fmt.ChatFormat) -> dict:
     """One SFT row (``thinkforge train sft --data``) for a verified completion of ``problem``."""
-    return {"prompt": fmt.render_prompt(problem.question), "completion": completion + fmt.IM_END,
+    return {"prompt": chat.prompt(problem.question), "completion": completion + chat.end,
             "problem_id": problem.id}
 
 

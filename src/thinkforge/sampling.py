@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from thinkforge import format as fmt
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.tasks import Problem, Task
 
@@ -28,11 +27,11 @@ class Graded:
 
 
 def sample_and_grade(engine: Engine, task: Task, problems: list[Problem], params: SamplingParams,
-                     batch_rows: int = 256, render=lambda q: fmt.render_prompt(q.question),
-                     prefill: str = "") -> list[Graded]:
+                     batch_rows: int = 256, render=None, prefill: str = "") -> list[Graded]:
     """``params.n`` completions per problem, each graded by the task's scorer (score 1.0 = correct);
     ``render(problem)`` is the prompt text (the chat template by default); ``prefill`` is text forced after
     it, graded as the start of the completion (the server parses a prefilled answer the same way)."""
+    render = render or (lambda q: engine.chat.prompt(q.question))
     per_call = max(1, batch_rows // params.n)
     graded = []
     for start in range(0, len(problems), per_call):

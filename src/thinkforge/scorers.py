@@ -117,7 +117,7 @@ def encode(tok, prompt: str, completion: str, delimiter: str = "\n") -> tuple[li
 def preference_ids(tok, prompt: str, completion: str) -> list[int]:
     """What a preference reward model reads: prompt and completion (as :func:`encode` cuts them) followed by
     the end-of-turn token, whose logit is the reward (TRL's RewardTrainer appends EOS the same way)."""
-    return encode(tok, prompt, completion)[0] + tok.encode(fmt.IM_END, add_special_tokens=False)
+    return encode(tok, prompt, completion)[0] + tok.encode(fmt.ChatFormat.of(tok).end, add_special_tokens=False)
 
 
 def pad_rows(rows: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -167,10 +167,10 @@ class RewardModel:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         if self.kind == "preference":
-            encoded = [(ids, [], 0) for ids in (preference_ids(self.tok, _prompt_text(p), c)
+            encoded = [(ids, [], 0) for ids in (preference_ids(self.tok, _prompt_text(p, self.tok), c)
                                                 for p, c in zip(prompts, completions))]
         else:
-            encoded = [encode(self.tok, _prompt_text(p), c, self.delimiter) for p, c in zip(prompts, completions)]
+            encoded = [encode(self.tok, _prompt_text(p, self.tok), c, self.delimiter) for p, c in zip(prompts, completions)]
         device = next(self.model.parameters()).device
         out: list[list[float]] = []
         for i in range(0, len(encoded), self.batch_rows):
@@ -189,10 +189,9 @@ class RewardModel:
         return out
 
 
-def _prompt_text(p) -> str:
-    if isinstance(p, str):
-        return p if p.startswith(fmt.IM_START) else fmt.render_prompt(p)
-    return fmt.render_prompt(p.question)
+def _prompt_text(p, tok) -> str:
+    chat = fmt.ChatFormat.of(tok)
+    return chat.as_prompt(p) if isinstance(p, str) else chat.prompt(p.question)
 
 
 def step_metrics(scores: list[list[float]], labels: list[list[float]], threshold: float = 0.5) -> dict:

@@ -95,13 +95,14 @@ class Search:
 
     # ---- shared pieces ------------------------------------------------------------------------------
     def prompt(self, problem: Problem) -> str:
+        chat = self.engine.chat
         if self.prompt_style == "chat":
-            return fmt.render_prompt(problem.question)
+            return chat.prompt(problem.question)
         if self.prompt_style == "cot":
-            return fmt.render_prompt(f"{problem.question}\n\n{COT_INSTRUCTION}")
+            return chat.prompt(f"{problem.question}\n\n{COT_INSTRUCTION}")
         shown = "\n\n".join(f"Problem: {p.question}\n" + fmt.render_completion(p.answer, "\n".join(p.steps))
                             for p in self._shots)
-        return fmt.render_prompt(f"{COT_INSTRUCTION}\n\n{shown}\n\nProblem: {problem.question}")
+        return chat.prompt(f"{COT_INSTRUCTION}\n\n{shown}\n\nProblem: {problem.question}")
 
     def grade(self, problem: Problem, text: str, tokens: int) -> Candidate:
         answer = self.task.extract(text)
@@ -214,7 +215,7 @@ def budget(s: Search, problems, n: int) -> list[Outcome]:
     """Greedy with at most n thinking tokens; n = 0 answers at once after an empty think block."""
     if n == 0:
         params = SamplingParams(temperature=0, max_new_tokens=s.max_new_tokens)
-        return [_pick(c, 0) for c in s.generate(problems, params, prefill=fmt.EMPTY_THINK)]
+        return [_pick(c, 0) for c in s.generate(problems, params, prefill=s.engine.chat.no_thinking)]
     params = SamplingParams(temperature=0, max_new_tokens=s.max_new_tokens + n, thinking_budget=n)
     return [_pick(c, 0) for c in s.generate(problems, params)]
 
@@ -249,7 +250,7 @@ def step_search(s: Search, problems: list[Problem], n: int, width: int) -> list[
     depth, before = 0, getattr(prm, "tokens_read", 0)
     while any(beams.values()):
         step = SamplingParams(n=expand, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.step_tokens,
-                              stop=[s.task.step_delimiter, fmt.IM_END], seed=s.seed + 1000 * depth)
+                              stop=[s.task.step_delimiter, s.engine.chat.end], seed=s.seed + 1000 * depth)
         cands = _extend(s, problems, [(i, b) for i, bs in beams.items() for b in bs], step, head, tokens)
         answering = [(i, c) for i, c in cands if not c.done and fmt.THINK_CLOSE in c.text]
         answer = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.step_tokens,
@@ -280,7 +281,7 @@ def step_search(s: Search, problems: list[Problem], n: int, width: int) -> list[
 def _extend(s: Search, problems, work: list[tuple[int, _Beam]], params: SamplingParams, head: str,
             tokens: list[int]) -> list[tuple[int, _Beam]]:
     """``params.n`` continuations of every (problem, partial trace); adds the generated tokens to ``tokens``."""
-    end = s.engine.tok.encode(fmt.IM_END, add_special_tokens=False)
+    end = s.engine.tok.encode(s.engine.chat.end, add_special_tokens=False)
     out, per_call = [], max(1, s.batch_rows // params.n)
     for start in range(0, len(work), per_call):
         chunk = work[start : start + per_call]

@@ -26,14 +26,15 @@ from thinkforge.tasks import Problem
 
 
 def verification_prompt(problem: Problem, candidate: str) -> str:
-    return fmt.render_prompt(f"{problem.question}={candidate}?")
+    """The question the verifier is asked (a user message; the model's chat template renders it)."""
+    return f"{problem.question}={candidate}?"
 
 
 def verification_target(problem: Problem, candidate: str, candidate_correct: bool) -> str:
     """The check the verifier learns to write: the gold trace, the answer it computes, the candidate copied
     below it (so the verdict compares two adjacent lines), then the verdict."""
     thinking = "\n".join([*(problem.steps or []), problem.answer, candidate])
-    return fmt.render_completion("yes" if candidate_correct else "no", thinking) + fmt.IM_END
+    return fmt.render_completion("yes" if candidate_correct else "no", thinking)
 
 
 MODES = ("verdict", "answer")
@@ -61,7 +62,7 @@ class GenerativeVerifier:
         by_q = {p.question: p for p in problems}
         for i in range(0, len(todo), self.batch_rows):
             chunk = todo[i : i + self.batch_rows]
-            prompts = [verification_prompt(by_q[q], a) for q, a in chunk]
+            prompts = [self.engine.chat.prompt(verification_prompt(by_q[q], a)) for q, a in chunk]
             outs = self.engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=self.max_new_tokens))
             self.tokens_generated += sum(len(o.ids) for o in outs)
             for (q, a), prompt, o in zip(chunk, prompts, outs):

@@ -12,28 +12,35 @@ rows are dropped), so they stop costing compute. Identical prompts (GRPO's G sam
 are prefilled once and their cache rows copied.
 
 Thinking control:
-- ``thinking_budget=B``: at most B tokens after ``<think>``; then the engine forces ``</think>`` (and a
+- ``thinking_budget=B``: at most B sampled tokens after ``<think>``; then the engine forces ``</think>`` (and a
   newline) and the model writes its answer. Finish reason ``budget`` marks a completion whose thinking
   was cut and whose answer then ended normally.
 - ``wait_rounds=k`` (budget forcing, Muennighoff et al. 2025 "s1"): the first k times the model ends its
   thinking, ``</think>`` is replaced by ``wait_text`` ("\\nWait") so it thinks longer. Needs ``</think>``
   to be one token (true for thinkforge's tokenizers, Qwen3, DeepSeek-R1 distills); checked up front.
+- Tags spelled by several tokens (a BPE tokenizer without ``<think>`` as a token): the engine finds them
+  in the decoded tail of each sequence instead of matching one id, so budgets, reasoning-token counts and
+  the thinking split work the same; a budget that runs out inside a half-written ``</think>`` forces only
+  its rest.
+- Templates whose generation prompt opens the thinking (``format.ChatFormat.opener``, DeepSeek-R1
+  distills): a prompt that ends at the assistant header gets the opener forced as its first tokens.
 
 Forced tokens have ``mask = 0``: trainers exclude them from the loss. ``logprobs`` are those of the
 sampling distribution (logits / temperature, before top-k/top-p truncation; raw logits at temperature 0
 and 1), which is what an importance ratio in RL needs.
 
 Stop rules match token ids: EOS ids (tokenizer's and generation config's) and the token encodings of
-``stop`` strings. A stop string that a BPE model spells with other tokens is not caught; the format's
-stop string ``<|im_end|>`` is a single special token in every ChatML tokenizer.
+``stop`` strings (default: the chat template's end of turn, ``ChatFormat.end``). A stop string that a BPE
+model spells with other tokens is not caught; end-of-turn tokens are single special tokens in every
+template family (the server also matches its clients' ``stop`` strings on decoded text).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from thinkforge.format import STOP_STRINGS, THINK_CLOSE, THINK_OPEN, count_reasoning_tokens
+from thinkforge.format import THINK_CLOSE, THINK_OPEN, ChatFormat, count_reasoning_tokens
 from thinkforge.generation.backends import make_backend
 
 # Reasoning effort -> thinking budget in tokens: the one table the server (reasoning.effort,
@@ -53,7 +60,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     n: int = 1  # samples per prompt
     seed: int | list[int] | None = 0  # a list: one random stream per prompt (see the module's docstring)
-    stop: list[str] = field(default_factory=lambda: list(STOP_STRINGS))
+    stop: list[str] | None = None  # None: the chat template's end of turn
     ignore_eos: bool = False  # no stop rule at all (benchmarks: always generate max_new_tokens)
     thinking_budget: int | None = None
     wait_rounds: int = 0
@@ -89,8 +96,8 @@ class _Seq:
 
     __slots__ = ("ids", "logprobs", "mask", "forced", "opened", "closed", "think", "waits", "budget_hit", "done")
 
-    def __init__(self):
-        self.ids, self.logprobs, self.mask, self.forced = [], [], [], []
+    def __init__(self, forced: list[int] | None = None):
+        self.ids, self.logprobs, self.mask, self.forced = [], [], [], list(forced or [])
         self.opened = self.closed = self.budget_hit = False
         self.think = self.waits = 0
         self.done: str | None = None
@@ -104,6 +111,9 @@ class Engine:
         self.backend_name = backend
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
         self.open_ids, self.close_ids, self.nl_id = enc(THINK_OPEN), enc(THINK_CLOSE), enc("\n")
+        self.one_token_tags = len(self.open_ids) == 1 and len(self.close_ids) == 1
+        self.chat = ChatFormat.of(tokenizer)
+        self.opener_ids = enc(self.chat.opener) if self.chat.opener else []
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
@@ -131,14 +141,13 @@ class Engine:
         else:
             gen = torch.Generator(device=device)
             gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-        stops = [self.tok.encode(s, add_special_tokens=False) for s in params.stop]
-        stops = [s for s in stops if s]
+        stops = self.stop_ids(params)
         wait_ids = self.tok.encode(params.wait_text, add_special_tokens=False)
 
         backend = self.backend_name(self.model) if callable(self.backend_name) else make_backend(self.model, self.backend_name)
         rows = [i for i in range(len(p_ids)) for _ in range(params.n)]  # row -> prompt index
         logits = backend.prefill(p_ids, params.n, params.max_new_tokens)  # (B, V)
-        seqs = [_Seq() for _ in rows]
+        seqs = [s for p in p_ids for s in self.new_seqs(p, params.n)]
         active = list(range(len(rows)))  # seqs still generating, in backend row order
         for step in range(params.max_new_tokens):
             u = _prompt_uniforms(gen, active, params.n, device) if isinstance(gen, list) else None
@@ -161,6 +170,33 @@ class Engine:
             logits = backend.decode(torch.tensor(tokens_l, device=device))
         return [self._finish(seqs[i], p_ids[rows[i]], params, stops) for i in range(len(rows))]
 
+    def stop_ids(self, params: SamplingParams) -> list[list[int]]:
+        stops = [self.tok.encode(x, add_special_tokens=False) for x in (params.stop if params.stop is not None
+                                                                          else [self.chat.end])]
+        return [x for x in stops if x]
+
+    def new_seqs(self, prompt_ids: list[int], n: int) -> list[_Seq]:
+        """``n`` fresh sequences for a prompt; with the template's thinking opener forced first when the prompt
+        ends at the assistant header (see the module docstring)."""
+        forced = []
+        if self.opener_ids and self.tok.decode(prompt_ids[-8:]).endswith(self.chat.header):
+            forced = self.opener_ids
+        return [_Seq(forced) for _ in range(n)]
+
+    def _ends_with_tag(self, ids: list[int], tag_ids: list[int], tag: str) -> bool:
+        if self.one_token_tags:
+            return ids[-1] == tag_ids[0]
+        return ids[-1:] != [] and tag in self.tok.decode(ids[-len(tag_ids) - 1 :])
+
+    def _close_rest(self, ids: list[int]) -> list[int]:
+        """Forced tokens that end the thinking: the rest of a half-written ``</think>`` if the tail is one."""
+        if not self.one_token_tags:
+            tail = self.tok.decode(ids[-len(self.close_ids) :])
+            for k in range(len(THINK_CLOSE) - 1, 1, -1):
+                if tail.endswith(THINK_CLOSE[:k]):
+                    return self.tok.encode(THINK_CLOSE[k:], add_special_tokens=False) + self.nl_id
+        return ([] if ids[-1] in self.nl_id else list(self.nl_id)) + self.close_ids + self.nl_id
+
     def _advance(self, s: _Seq, token: int, logp: float, params: SamplingParams, stops, wait_ids) -> int:
         """Record one step of sequence ``s``; returns the token actually emitted (forced or sampled)."""
         forced = bool(s.forced)
@@ -173,16 +209,16 @@ class Engine:
         s.ids.append(token)
         s.logprobs.append(logp)
         s.mask.append(0 if forced else 1)
-        if not s.opened and s.ids[-len(self.open_ids) :] == self.open_ids:
+        if not s.opened and self._ends_with_tag(s.ids, self.open_ids, THINK_OPEN):
             s.opened = True
         elif s.opened and not s.closed:
-            if s.ids[-len(self.close_ids) :] == self.close_ids:
+            if self._ends_with_tag(s.ids, self.close_ids, THINK_CLOSE):
                 s.closed = True
             else:
-                s.think += 1
+                s.think += not forced  # the budget counts what the model wrote, not what was forced
                 if params.thinking_budget is not None and s.think >= params.thinking_budget and not s.forced:
                     s.budget_hit = True
-                    s.forced = ([] if token in self.nl_id else list(self.nl_id)) + self.close_ids + self.nl_id
+                    s.forced = self._close_rest(s.ids)
         if not s.forced and not params.ignore_eos and (
             token in self.eos_ids or any(s.ids[-len(x) :] == x for x in stops)
         ):

@@ -23,8 +23,8 @@ import atexit
 import collections
 import sys
 import threading
-import weakref
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -206,7 +206,8 @@ class Scheduler:
         if isinstance(p.seed, int):  # its own stream: the same tokens whatever else is in the batch
             req.gen = torch.Generator(device=device)
             req.gen.manual_seed(p.seed)
-        req.stops = [s for s in (tok.encode(x, add_special_tokens=False) for x in p.stop) if s]
+        req.stops = self.engine.stop_ids(p)
+        req.seqs = self.engine.new_seqs(req.prompt_ids, p.n)
         req.wait_ids = tok.encode(p.wait_text, add_special_tokens=False)
 
     @torch.no_grad()

@@ -2,8 +2,8 @@
 
 - Every request is validated and tokenized on its own, before it joins the running batch: a request
   that cannot be served gets its own OpenAI-shaped error (:class:`APIError`), the others never see it.
-- Prompts come from ``format.render_chat`` (thinking dropped from earlier assistant turns, exactly as at
-  training time, unless ``reasoning.context = "all_turns"``). Message text is tokenized with the
+- Prompts come from ``format.ChatFormat``: the model's own chat template (thinking dropped from earlier
+  assistant turns, exactly as at training time, unless ``reasoning.context = "all_turns"``). Message text is tokenized with the
   tokenizer's special tokens *split*: ``<|im_end|>`` typed by a user is text, never a control token.
 - Limits: prompt + max_tokens within the model's context (400 ``context_length_exceeded``), max_tokens
   and n × max_tokens capped, queued requests capped (429), a deadline per request (504).
@@ -134,25 +134,40 @@ class ReasoningService:
     # ---- prompts --------------------------------------------------------------------------------------
 
     def encode(self, messages: list[dict], effort: str | None, keep_thinking: bool = False) -> list[int]:
-        """Token ids of the chat prompt. The template's own text is tokenized with special tokens; message
-        text with them split, so text can never close a turn or open a think block."""
-        nonce = uuid.uuid4().hex
-        marked = []
-        for i, m in enumerate(messages):
-            content = m["content"]
-            if m["role"] == "assistant" and i < len(messages) - 1 and not keep_thinking:
-                content = fmt.strip_thinking(content)
-            marked.append((content, {"role": m["role"], "content": f"\ue000{nonce}{i}\ue001"}))
-        text = fmt.render_chat([m for _, m in marked], keep_thinking=True)
+        """Token ids of the chat prompt in the model's own template (``format.ChatFormat``). The template's own
+        text is tokenized with special tokens; message text with them split, so text can never close a turn or
+        open a think block. Each message is rendered as a placeholder and the template's text around it kept;
+        a template that rewrites message text in ways this cannot follow (beyond trimming it) is rendered whole,
+        and then text holding one of the tokenizer's special tokens is refused."""
+        chat, nonce = self.engine.chat, uuid.uuid4().hex
+        contents = [m["content"] for m in chat.history(messages, keep_thinking)]
+        marks = [{"role": m["role"], "content": f"\ue000{nonce}{i}\ue001"} for i, m in enumerate(messages)]
+        thinking = effort != "none"
+        pieces = re.split(f"\ue000{nonce}(\\d+)\ue001", chat.render(marks, keep_thinking=True, thinking=thinking))
+        if chat.template is not None:
+            whole = chat.render([{**m, "content": c} for m, c in zip(messages, contents)], keep_thinking=True,
+                                thinking=thinking)
+            join = lambda cs: "".join(cs[int(p)] if k % 2 else p for k, p in enumerate(pieces))  # noqa: E731
+            if join(contents) != whole:
+                contents = [c.strip() for c in contents]  # templates that trim (Llama 3's "| trim")
+                if join(contents) != whole:
+                    return self._encode_whole(whole, messages)
         ids: list[int] = []
-        for k, piece in enumerate(re.split(f"\ue000{nonce}(\\d+)\ue001", text)):
+        for k, piece in enumerate(pieces):
             if k % 2:
-                ids += self.tok.encode(marked[int(piece)][0], add_special_tokens=False, split_special_tokens=True)
+                ids += self.tok.encode(contents[int(piece)], add_special_tokens=False, split_special_tokens=True)
             elif piece:
                 ids += self._template_ids(piece)
-        if effort == "none":
-            ids += self._template_ids(fmt.EMPTY_THINK)
         return ids
+
+    def _encode_whole(self, text: str, messages: list[dict]) -> list[int]:
+        for i, m in enumerate(messages):
+            bad = next((t for t in self.tok.all_special_tokens if t and t in m["content"]), None)
+            if bad is not None:
+                raise APIError(400, f"Invalid value for 'messages[{i}].content': it contains {bad!r}, one of this "
+                                    "model's control tokens, which its chat template would read as one.",
+                               param=f"messages[{i}].content")
+        return self.tok.encode(text, add_special_tokens=False)
 
     @functools.lru_cache(maxsize=256)
     def _template_ids(self, piece: str) -> tuple[int, ...]:
@@ -337,13 +352,13 @@ class ReasoningService:
         for s in req.stop or []:
             _check_text("stop", s)
         ids = self.encode(messages, req.reasoning_effort)
-        for field in ("max_tokens", "max_completion_tokens"):  # both checked, though the newer one wins
-            value = getattr(req, field)
+        for name in ("max_tokens", "max_completion_tokens"):  # both checked, though the newer one wins
+            value = getattr(req, name)
             if value is not None:
-                self.check_cap(field, value)
+                self.check_cap(name, value)
             if value is not None and value >= self.limits.context:
-                raise APIError(400, f"This model's maximum context length is {self.limits.context} tokens; '{field}' "
-                                    f"asks for {value}.", param=field, code="context_length_exceeded")
+                raise APIError(400, f"This model's maximum context length is {self.limits.context} tokens; '{name}' "
+                                    f"asks for {value}.", param=name, code="context_length_exceeded")
         which = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         params = self.params(len(ids), req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p,
                              req.reasoning_effort, req.n, req.seed, param=which)

@@ -70,9 +70,10 @@ def encode_pairs(rankings, tok, max_len: int) -> list[dict]:
     """Every (better, worse) pair as token ids with the completion's start."""
     out = []
     for k, r in enumerate(rankings):
-        p = tok.encode(prompt_text(r.prompt), add_special_tokens=False)
+        p = tok.encode(prompt_text(r.prompt, tok), add_special_tokens=False)
         # the end-of-turn token ends every completion, as in SFT (TRL appends EOS the same way)
-        comps = [tok.encode(c if c.endswith(fmt.IM_END) else c + fmt.IM_END, add_special_tokens=False)
+        end = fmt.ChatFormat.of(tok).end
+        comps = [tok.encode(c if c.endswith(end) else c + end, add_special_tokens=False)
                  for c in r.completions]
         for i, j in r.pairs():
             if len(p) + max(len(comps[i]), len(comps[j])) > max_len:

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-from thinkforge import format as fmt
 from thinkforge.config import check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.models import load_model, resolve_device
@@ -220,7 +219,7 @@ class RolloutSource:
         cfg = self.cfg
         params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                 thinking_budget=cfg.thinking_budget, seed=seeds)
-        comps = self.engine.generate([fmt.render_prompt(p.question) for p in problems], params)
+        comps = self.engine.generate([self.engine.chat.prompt(p.question) for p in problems], params)
         probs = [p for p in problems for _ in range(cfg.group_size)]
         r = compute_rewards([c.text for c in comps], probs, self.task, cfg.rewards, lengths=[len(c.ids) for c in comps],
                             rm_scope=cfg.rm_scope)

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 
-from thinkforge import format as fmt
 from thinkforge.config import check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.models import load_model, resolve_device
@@ -132,7 +131,7 @@ class PPOSource:
         problems = [self.stream.next(state) for _ in range(cfg.prompts_per_step)]
         seeds = [cfg.seed * 1_000_003 + state["batches"] * 7919 + j for j in range(len(problems))]
         params = SamplingParams(n=cfg.samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seeds)
-        comps = self.engine.generate([fmt.render_prompt(p.question) for p in problems], params)
+        comps = self.engine.generate([self.engine.chat.prompt(p.question) for p in problems], params)
         probs = [p for p in problems for _ in range(cfg.samples)]
         r = compute_rewards([c.text for c in comps], probs, self.task, cfg.rewards,
                             lengths=[len(c.ids) for c in comps], rm_scope=cfg.rm_scope)

@@ -46,7 +46,7 @@ def held_out(prompt: str, share: float) -> bool:
 
 def encode_ranking(tok, r: Ranking) -> dict:
     """Token ids of every completion after the prompt (the same encoding ``RewardModel.score`` uses)."""
-    prompt = prompt_text(r.prompt)
+    prompt = prompt_text(r.prompt, tok)
     return {"ids": [preference_ids(tok, prompt, c) for c in r.completions], "pairs": r.pairs(), "margin": r.margin}
 
 
@@ -127,7 +127,7 @@ def train_preference_rm(cfg: RMConfig) -> Path:
 def evaluate_preference_rm(rm: RewardModel, rankings: list[Ranking], seed: int = 0) -> dict:
     """Held-out pairwise accuracy on the labels, agreement with gold, and the labeller's own agreement with
     gold; 95% intervals bootstrap over prompts (a prompt's pairs move together)."""
-    scores = [[s[0] for s in rm.score([prompt_text(r.prompt)] * len(r.completions), r.completions)] for r in rankings]
+    scores = [[s[0] for s in rm.score([prompt_text(r.prompt, rm.tok)] * len(r.completions), r.completions)] for r in rankings]
     per_prompt_acc = []
     for r, sc in zip(rankings, scores):
         hits = [1.0 if sc[i] > sc[j] else 0.5 if sc[i] == sc[j] else 0.0 for i, j in r.pairs()]

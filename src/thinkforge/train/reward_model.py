@@ -166,7 +166,7 @@ def mc_labels(engine: Engine, task: Task, items: list[tuple[Problem, str, bool]]
     for start in range(0, len(jobs), per_call):
         chunk = jobs[start : start + per_call]
         params = SamplingParams(n=rollouts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + start)
-        outs = engine.generate([fmt.render_prompt(items[i][0].question) + done for i, _, done in chunk], params)
+        outs = engine.generate([engine.chat.prompt(items[i][0].question) + done for i, _, done in chunk], params)
         for j, (i, k, done) in enumerate(chunk):
             prob = items[i][0]
             wins = [task.score(prob, task.extract(done + o.text)) >= 1.0
@@ -273,7 +273,7 @@ def examples_of(rows: list[dict], tok, kind: str, delimiter: str) -> list[tuple[
     """(ids, labelled positions, targets) per row: step ends (PRM) or every completion token (ORM)."""
     out = []
     for row in rows:
-        ids, ends, start = encode(tok, fmt.render_prompt(row["question"]), row["completion"], delimiter)
+        ids, ends, start = encode(tok, fmt.ChatFormat.of(tok).prompt(row["question"]), row["completion"], delimiter)
         if kind == "orm":
             positions = list(range(start, len(ids)))
             targets = [float(row["outcome"])] * len(positions)

@@ -2,10 +2,12 @@
 
     thinkforge train sft --task mul --trace cot --model tiny --out runs/mul-cot --steps 300
 
-Each example is ``prompt → completion``: the prompt is the chat-templated question, the completion
-``<think>\\n<gold steps>\\n</think>\\n<answer>…</answer><|im_end|>`` (``--trace cot``) or just the answer
+Each example is ``prompt → completion``: the prompt is the question in the tokenizer's own chat template
+(``format.ChatFormat``), the completion ``<think>\\n<gold steps>\\n</think>\\n<answer>…</answer>`` and the
+template's end of turn (``<|im_end|>`` for thinkforge's tokenizers) (``--trace cot``), or just the answer
 part (``--trace direct``). ``--data FILE.jsonl`` trains on ready-made ``{"prompt", "completion"}`` rows
-instead (e.g. verified samples of a teacher). The loss is next-token cross-entropy on completion
+instead (e.g. verified samples of a teacher): a prompt that is not rendered yet (does not end at the
+assistant header) is rendered as one user message, and a completion without the end of turn gets it. The loss is next-token cross-entropy on completion
 tokens only (prompt tokens masked), summed over the step's tokens and divided by their number.
 
 Packing (default on): examples are laid end to end in rows of ``max_len`` tokens, each with its own
@@ -74,9 +76,9 @@ def traces(cfg: SFTConfig) -> list[str]:
     return ["cot" if u < cfg.cot_share else "direct" for u in torch.rand(cfg.train_problems, generator=g).tolist()]
 
 
-def completion_text(problem, trace: str) -> str:
-    thinking = "\n".join(problem.steps) if trace == "cot" else None
-    return fmt.render_completion(problem.answer, thinking) + fmt.IM_END
+def completion_text(problem, trace: str, chat: fmt.ChatFormat) -> str:
+    """The SFT target for a problem: its gold trace (``cot``) or its answer alone, ended as ``chat`` ends a turn."""
+    return chat.completion(problem.answer, "\n".join(problem.steps) if trace == "cot" else None)
 
 
 def load_pairs(path: str) -> list[tuple[str, str]]:
@@ -184,7 +186,6 @@ def train_sft(cfg: SFTConfig) -> Path:
         if cfg.trace != "direct" and not task.has_gold_steps:
             raise ConfigError(f"task {cfg.task!r} has no gold steps: use --trace direct or --data with traces")
         problems = task.problems(cfg.train_problems, "train", seed=cfg.seed)
-        pairs = [(fmt.render_prompt(p.question), completion_text(p, trace)) for p, trace in zip(problems, traces(cfg))]
         sample_text = task.sample_text()
     if cfg.resume:
         model, tok = load_model(str(run / "checkpoint"), device=str(device))
@@ -193,6 +194,11 @@ def train_sft(cfg: SFTConfig) -> Path:
         model = tiny_model(tok, cfg.size, seed=cfg.seed).to(device)
     else:
         model, tok = load_model(cfg.model, device=str(device))
+    chat = fmt.ChatFormat.of(tok)  # prompts in the tokenizer's own chat template
+    if cfg.data:  # a prompt may be rendered already; a completion gets the end of turn unless it has it
+        pairs = [(chat.as_prompt(p), c if c.endswith(chat.end) else c + chat.end) for p, c in pairs]
+    else:
+        pairs = [(chat.prompt(p.question), completion_text(p, t, chat)) for p, t in zip(problems, traces(cfg))]
     examples = encode_pairs(pairs, tok, cfg.max_len)
     if os.environ.get("RANK", "0") == "0":
         save_config(cfg, run / "config.toml")
