@@ -8,9 +8,16 @@
 Everything is an ordinary HF checkpoint (``config.json``, ``model.safetensors``, ``tokenizer.json``,
 ``chat_template.jinja``), so a model trained here loads in transformers or vLLM as it is.
 A hub tokenizer without a chat template gets thinkforge's (see ``format``).
+
+LoRA (through ``peft``): :func:`add_lora` wraps a model so only adapter weights train; a folder holding
+``adapter_config.json`` (a LoRA checkpoint) loads as its base model with the adapter applied;
+:func:`base_only` runs the base model with the adapter off (the KL reference, without a second copy);
+:func:`save_model` writes the adapter, and :func:`save_merged` a plain HF model with it merged.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import string
@@ -90,10 +97,14 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def load_model(name: str, device: str = "auto", dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a local folder or a hub id, in eval mode on ``device``."""
+def load_model(name: str, device: str = "auto", dtype: torch.dtype | None = None, trainable: bool = False):
+    """(model, tokenizer) from a local folder or a hub id, in eval mode on ``device``. A LoRA folder loads its
+    base model (``base_model_name_or_path`` in its adapter config) with the adapter on top (``trainable``:
+    the adapter's weights require gradients, to resume training)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (Path(name).expanduser() / "adapter_config.json").is_file():
+        return _load_adapter(Path(name).expanduser(), device, dtype, trainable)
     dev = resolve_device(device)
     path = Path(name).expanduser()
     if path.exists():
@@ -129,8 +140,101 @@ def load_model(name: str, device: str = "auto", dtype: torch.dtype | None = None
     return model.to(dev).eval(), tok
 
 
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def add_lora(model, base: str, r: int, alpha: float, targets: str = "all-linear", dropout: float = 0.0,
+             keep: tuple[str, ...] = ()):
+    """``model`` with LoRA adapters (Hu et al. 2021) of rank ``r`` on ``targets`` ("all-linear": every linear
+    layer but the output head, or comma-separated module names such as ``q_proj,v_proj``); only the adapters
+    (and the modules named in ``keep``, trained whole, e.g. a reward model's head) require gradients.
+    ``base``: the folder or hub id the weights came from, recorded so the adapter folder loads alone."""
+    from peft import LoraConfig, get_peft_model
+
+    if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise ValueError(f"need lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1; got {r}, {alpha}, {dropout}")
+    names = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    if names != "all-linear":
+        present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in names if t not in present]
+        if missing or not names:
+            raise ValueError(f"lora_targets: {missing or targets!r} not among this model's modules "
+                             f"(linear layers: {sorted(n for n, m in _linears(model))[:12]}…)")
+    path = Path(base).expanduser()
+    where = str(path.resolve()) if path.exists() else base
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, task_type="CAUSAL_LM",
+                     modules_to_save=list(keep) or None)
+    wrapped = get_peft_model(model, cfg)
+    wrapped.peft_config["default"].base_model_name_or_path = where
+    return wrapped
+
+
+def _linears(model):
+    seen = {}
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            seen[n.rsplit(".", 1)[-1]] = m
+    return seen.items()
+
+
+def _load_adapter(path: Path, device: str, dtype, trainable: bool):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{path}: a LoRA adapter without base_model_name_or_path in adapter_config.json")
+    model, tok = load_model(base, device, dtype)
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tok = AutoTokenizer.from_pretrained(str(path))
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    return model.eval(), tok
+
+
+def base_only(model):
+    """A context in which ``model`` runs as its base model (LoRA adapters off); a no-op for other models."""
+    return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
+
+
+def merged_state_dict(model) -> dict:
+    """The plain model's weights with every LoRA delta added (W + s·BA), under the base model's own names;
+    the adapter itself is left as it is (nothing merged in place)."""
+    base = model.get_base_model()
+    out = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        out[key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = value
+    for name, module in base.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+            w = module.base_layer.weight.detach().clone()
+            for a in module.active_adapters:
+                if a in getattr(module, "lora_A", {}):
+                    w += module.get_delta_weight(a).to(w.dtype)
+            out[f"{name}.weight"] = w
+    return out
+
+
+def save_merged(model, tokenizer, out: str | Path) -> Path:
+    """A plain HF checkpoint of a LoRA model with its adapter merged, written atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model))
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def save_model(model, tokenizer, out: str | Path) -> Path:
-    """Save an HF checkpoint atomically: written to a temporary sibling folder, then renamed into place."""
+    """Save an HF checkpoint atomically: written to a temporary sibling folder, then renamed into place (a
+    LoRA model writes its adapter: ``adapter_config.json``, ``adapter_model.safetensors``)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

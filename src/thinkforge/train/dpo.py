@@ -27,16 +27,24 @@ import torch
 from thinkforge import format as fmt
 from thinkforge.config import ConfigError, check, option, save_config
 from thinkforge.metrics import paired_bootstrap
-from thinkforge.models import load_model, resolve_device
+from thinkforge.models import base_only, is_lora, load_model, resolve_device
 from thinkforge.preferences import gold_scores, prompt_text, read_preferences
 from thinkforge.scorers import pad_rows
 from thinkforge.tasks import get_task
-from thinkforge.train.loop import ItemBatcher, LoopSettings, RunOptions, distributed, run_training, start_run
+from thinkforge.train.loop import (
+    ItemBatcher,
+    LoopSettings,
+    LoraOptions,
+    distributed,
+    load_trainee,
+    run_training,
+    start_run,
+)
 from thinkforge.train.losses import DPO_LOSSES
 
 
 @dataclass
-class DPOConfig(RunOptions):
+class DPOConfig(LoraOptions):
     model: str = option("runs/demo/sft-cot/model", "the starting policy (also the frozen reference)")
     data: str = option("runs/prefs.jsonl", "preference file: pairs or K-wise rankings (.jsonl / .parquet)")
     out: str = option("runs/dpo", "run folder")
@@ -134,19 +142,23 @@ def train_dpo(cfg: DPOConfig) -> Path:
     run = start_run(cfg.out, cfg)
     device = resolve_device(cfg.device)
     rankings = read_preferences(cfg.data)
-    model, tok = load_model(str(run / "checkpoint") if cfg.resume else cfg.model, device=str(device))
+    model, tok = load_trainee(cfg, cfg.model, run, device)
     if os.environ.get("RANK", "0") == "0":
         save_config(cfg, run / "config.toml")
     pairs = encode_pairs(rankings, tok, cfg.max_len)
-    ref = load_model(cfg.model, device=str(device))[0].eval()  # the start, also on resume
-    add_reference(pairs, ref, tok.pad_token_id, device, DPO_LOSSES[cfg.loss][1])
-    del ref
+    if is_lora(model):  # the start is the base under the adapter: no second copy
+        with base_only(model):
+            add_reference(pairs, model.eval(), tok.pad_token_id, device, DPO_LOSSES[cfg.loss][1])
+    else:
+        ref = load_model(cfg.model, device=str(device))[0].eval()  # the start, also on resume
+        add_reference(pairs, ref, tok.pad_token_id, device, DPO_LOSSES[cfg.loss][1])
+        del ref
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)
     batcher = ItemBatcher(pairs, cfg.batch_size, cfg.seed, "pairs", lambda p: len(p["better"]) + len(p["worse"]),
                           cfg.micro_batch_size)
     run_training(model, tok, run, settings, batcher,
-                 make_loss_fn(cfg, tok.pad_token_id, device), resume=cfg.resume,
+                 make_loss_fn(cfg, tok.pad_token_id, device), resume=cfg.resume, merge=cfg.merge,
                  describe=lambda m: f"loss {m['loss']:.3f} acc {m.get('rewards/accuracies', 0):.2f}")
     if cfg.task and cfg.eval_problems and os.environ.get("RANK", "0") == "0":
         report = compare_by_gold(cfg.model, model, tok, get_task(cfg.task, **cfg.task_options), cfg.eval_problems,

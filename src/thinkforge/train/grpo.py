@@ -25,6 +25,7 @@ rewarded for format while wrong).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import sys
@@ -36,10 +37,18 @@ import torch
 
 from thinkforge.config import check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
-from thinkforge.models import load_model, resolve_device
+from thinkforge.models import base_only, is_lora, load_model, resolve_device
 from thinkforge.rewards import RM_PREFIX, RM_SCOPES, compute_rewards
 from thinkforge.tasks import get_task
-from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, distributed, run_training, start_run
+from thinkforge.train.loop import (
+    EpochStream,
+    LoopSettings,
+    LoraOptions,
+    distributed,
+    load_trainee,
+    run_training,
+    start_run,
+)
 from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, shard_weight
 from thinkforge.verify import STATS
 
@@ -47,7 +56,7 @@ REFLECTION = re.compile(r"\b(wait|check|let me)\b", re.IGNORECASE)
 
 
 @dataclass
-class GRPOConfig(RunOptions):
+class GRPOConfig(LoraOptions):
     model: str = option("runs/demo/sft-cot/model", "starting policy: a model folder or hub id")
     task: str = option("mul", "task name or .jsonl/.parquet file")
     task_options: dict = option({}, "the task's knobs")
@@ -385,9 +394,9 @@ def make_loss_fn(cfg: GRPOConfig, ref_model=None):
             if ref_cache.get("ids") is not ro["ids"]:  # a new roll-out batch: the reference's logprobs, per part
                 ref_cache.clear()
                 ref_cache["ids"] = ro["ids"]
-            if part not in ref_cache:
-                with torch.no_grad():
-                    ref_cache[part] = token_logprobs(ref_model, ids, cfg.temperature)[0]
+            if part not in ref_cache:  # no reference model given: the policy's base, its LoRA adapter off
+                with torch.no_grad(), (base_only(model) if ref_model is None else contextlib.nullcontext()):
+                    ref_cache[part] = token_logprobs(ref_model or model, ids, cfg.temperature)[0]
             ratio = variant.ratio(logp, old, mask) if cfg.kl_bias_correction else None
             kl = variant.reduce(k3_kl(logp, ref_cache[part], ratio), mask, cfg.max_new_tokens)
             loss = loss + cfg.beta * kl
@@ -417,14 +426,14 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     device = resolve_device(cfg.device)
     task = get_task(cfg.task, **cfg.task_options)
     problems = task.problems(cfg.train_problems, "train", seed=cfg.seed)
-    model, tok = load_model(str(run / "checkpoint") if cfg.resume else cfg.model, device=str(device))
+    model, tok = load_trainee(cfg, cfg.model, run, device)
     ref = None
-    if cfg.beta > 0:  # the reference is the starting model, also on resume
+    if cfg.beta > 0 and not is_lora(model):  # the reference is the starting model, also on resume
         ref = load_model(cfg.model, device=str(device))[0] if cfg.resume else copy.deepcopy(model)
-        ref.requires_grad_(False).eval()
+        ref.requires_grad_(False).eval()  # (with LoRA: the same model with its adapter off, no copy)
     save_config(cfg, run / "config.toml")
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, 1.0, cfg.weight_decay, cfg.grad_clip, cfg.save_every, cfg.seed)
     source = RolloutSource(cfg, model, tok, task, problems, device)
-    run_training(model, tok, run, settings, source, make_loss_fn(cfg, ref), resume=cfg.resume,
+    run_training(model, tok, run, settings, source, make_loss_fn(cfg, ref), resume=cfg.resume, merge=cfg.merge,
                  describe=lambda m: f"reward {m.get('reward', 0):.2f} acc {m.get('accuracy', 0):.2f}")
     return run

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from thinkforge.config import ConfigError, check, option
-from thinkforge.models import replace_dir, save_model
+from thinkforge.models import add_lora, is_lora, load_model, replace_dir, save_merged, save_model
 
 
 @dataclass
@@ -51,6 +51,48 @@ class RunOptions:
 
     def __post_init__(self):
         check(self.save_every >= 1 and self.threads >= 0, "save_every must be >= 1 and threads >= 0")
+
+
+@dataclass
+class LoraOptions(RunOptions):
+    """RunOptions plus LoRA, for the trainers that can train adapters instead of every weight."""
+
+    lora_r: int = option(0, "LoRA rank: train low-rank adapters (peft) instead of every weight; 0 = full fine-tuning")
+    lora_alpha: float = option(32.0, "LoRA scale: an adapter adds (lora_alpha / lora_r)·BA to its layer's weight")
+    lora_targets: str = option("all-linear", "layers that get adapters: all-linear (every linear layer but the output "
+                                             "head) or comma-separated names, e.g. q_proj,v_proj")
+    lora_dropout: float = option(0.0, "dropout on the adapters' input")
+    merge: bool = option(True, "with LoRA: run/model is a plain HF model with the adapter merged (false: the adapter "
+                               "alone, loadable on its base); the adapter is always in run/adapter")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+              f"need lora_r >= 0, lora_alpha > 0, 0 <= lora_dropout < 1; got {self.lora_r}, {self.lora_alpha}, "
+              f"{self.lora_dropout}")
+        check(not self.lora_r or getattr(self, "model", None) != "tiny",
+              "LoRA adapts a trained model: give --model a folder or hub id (a 'tiny' model starts from random weights)")
+
+
+def load_trainee(cfg: LoraOptions, start: str, run: Path, device, keep: tuple[str, ...] = ()):
+    """(model, tokenizer) a trainer starts from: ``run/checkpoint`` on resume (a LoRA checkpoint with its
+    adapter trainable again), else ``start`` with LoRA adapters when ``cfg.lora_r``."""
+    if cfg.resume:
+        return load_model(str(run / "checkpoint"), device=str(device), trainable=True)
+    model, tok = load_model(start, device=str(device))
+    if cfg.lora_r:
+        torch.manual_seed(cfg.seed)  # the adapters' initial weights
+        model = add_lora(model, start, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout, keep)
+    return model, tok
+
+
+def save_final(model, tokenizer, run: Path, merge: bool = True) -> None:
+    """``run/model``; a LoRA model also writes ``run/adapter`` and, with ``merge``, a plain merged ``run/model``."""
+    if not is_lora(model):
+        save_model(model, tokenizer, run / "model")
+        return
+    save_model(model, tokenizer, run / "adapter")
+    (save_merged if merge else save_model)(model, tokenizer, run / "model")
 
 
 def recover_checkpoint(run: Path) -> None:
@@ -275,6 +317,7 @@ def run_training(
     resume: bool = False,
     data_state: dict | None = None,
     describe: Callable[[dict], str] = lambda m: f"loss {m['loss']:.3f}",
+    merge: bool = True,
 ) -> list[dict]:
     """Train for ``settings.steps`` optimizer steps; returns the metric rows of this process.
 
@@ -358,7 +401,7 @@ def run_training(
                 save_checkpoint(run, model, tokenizer, optimizer, done, data_state)
     model.eval()
     if rank == 0:
-        save_model(model, tokenizer, run / "model")
+        save_final(model, tokenizer, run, merge)
     if world > 1:
         torch.distributed.barrier()  # no rank leaves before the model is written
     return rows

@@ -26,13 +26,13 @@ import torch.nn.functional as F
 
 from thinkforge import format as fmt
 from thinkforge.config import ConfigError, check, option, save_config
-from thinkforge.models import TINY_SIZES, char_tokenizer, load_model, resolve_device, tiny_model
+from thinkforge.models import TINY_SIZES, char_tokenizer, resolve_device, tiny_model
 from thinkforge.tasks import get_task
-from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, run_training, start_run
+from thinkforge.train.loop import EpochStream, LoopSettings, LoraOptions, load_trainee, run_training, start_run
 
 
 @dataclass
-class SFTConfig(RunOptions):
+class SFTConfig(LoraOptions):
     task: str = option("mul", "task name (`thinkforge tasks list`) or a .jsonl/.parquet file of problems")
     task_options: dict = option({}, "the task's knobs, e.g. digits_a=3,digits_b=2")
     trace: str = option("cot", "cot: train on <think> gold steps then the answer; direct: the answer only; "
@@ -187,13 +187,11 @@ def train_sft(cfg: SFTConfig) -> Path:
             raise ConfigError(f"task {cfg.task!r} has no gold steps: use --trace direct or --data with traces")
         problems = task.problems(cfg.train_problems, "train", seed=cfg.seed)
         sample_text = task.sample_text()
-    if cfg.resume:
-        model, tok = load_model(str(run / "checkpoint"), device=str(device))
-    elif cfg.model == "tiny":
+    if cfg.model == "tiny" and not cfg.resume:
         tok = char_tokenizer(sample_text)
         model = tiny_model(tok, cfg.size, seed=cfg.seed).to(device)
     else:
-        model, tok = load_model(cfg.model, device=str(device))
+        model, tok = load_trainee(cfg, cfg.model, run, device)
     chat = fmt.ChatFormat.of(tok)  # prompts in the tokenizer's own chat template
     if cfg.data:  # a prompt may be rendered already; a completion gets the end of turn unless it has it
         pairs = [(chat.as_prompt(p), c if c.endswith(chat.end) else c + chat.end) for p, c in pairs]
@@ -205,5 +203,5 @@ def train_sft(cfg: SFTConfig) -> Path:
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)
     run_training(model, tok, run, settings, Batcher(examples, cfg, tok.pad_token_id, device), sft_loss,
-                 resume=cfg.resume)
+                 resume=cfg.resume, merge=cfg.merge)
     return run
