@@ -34,7 +34,8 @@ from thinkforge.tasks import get_task
 from thinkforge.train.loop import (
     ItemBatcher,
     LoopSettings,
-    LoraOptions,
+    ModelOptions,
+    autocast_dtype,
     distributed,
     load_trainee,
     run_training,
@@ -44,7 +45,7 @@ from thinkforge.train.losses import DPO_LOSSES
 
 
 @dataclass
-class DPOConfig(LoraOptions):
+class DPOConfig(ModelOptions):
     model: str = option("runs/demo/sft-cot/model", "the starting policy (also the frozen reference)")
     data: str = option("runs/prefs.jsonl", "preference file: pairs or K-wise rankings (.jsonl / .parquet)")
     out: str = option("runs/dpo", "run folder")
@@ -150,7 +151,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         with base_only(model):
             add_reference(pairs, model.eval(), tok.pad_token_id, device, DPO_LOSSES[cfg.loss][1])
     else:
-        ref = load_model(cfg.model, device=str(device))[0].eval()  # the start, also on resume
+        ref = load_model(cfg.model, device=str(device), dtype=torch.float32)[0].eval()  # the start, also on resume
         add_reference(pairs, ref, tok.pad_token_id, device, DPO_LOSSES[cfg.loss][1])
         del ref
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
@@ -159,6 +160,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
                           cfg.micro_batch_size)
     run_training(model, tok, run, settings, batcher,
                  make_loss_fn(cfg, tok.pad_token_id, device), resume=cfg.resume, merge=cfg.merge,
+                 amp=autocast_dtype(cfg.dtype, device),
                  describe=lambda m: f"loss {m['loss']:.3f} acc {m.get('rewards/accuracies', 0):.2f}")
     if cfg.task and cfg.eval_problems and os.environ.get("RANK", "0") == "0":
         report = compare_by_gold(cfg.model, model, tok, get_task(cfg.task, **cfg.task_options), cfg.eval_problems,

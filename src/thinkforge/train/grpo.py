@@ -43,7 +43,8 @@ from thinkforge.tasks import get_task
 from thinkforge.train.loop import (
     EpochStream,
     LoopSettings,
-    LoraOptions,
+    ModelOptions,
+    autocast_dtype,
     distributed,
     load_trainee,
     run_training,
@@ -56,7 +57,7 @@ REFLECTION = re.compile(r"\b(wait|check|let me)\b", re.IGNORECASE)
 
 
 @dataclass
-class GRPOConfig(LoraOptions):
+class GRPOConfig(ModelOptions):
     model: str = option("runs/demo/sft-cot/model", "starting policy: a model folder or hub id")
     task: str = option("mul", "task name or .jsonl/.parquet file")
     task_options: dict = option({}, "the task's knobs")
@@ -174,10 +175,13 @@ class _HeadLogprob(torch.autograd.Function):
     recomputes each block's softmax: d logp / d z = onehot(y) - softmax(z)."""
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)  # the head in fp32 under mixed precision: log-probs feed ratios
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx, h, w, y, temperature, rows, entropy):
         out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+        wf = w.float()  # the weight itself when fp32 (trainers keep fp32 master weights)
         for i in range(0, h.shape[0], rows):
-            z = (h[i : i + rows] @ w.T).float() / temperature  # (rows, V)
+            z = (h[i : i + rows].float() @ wf.T) / temperature  # (rows, V)
             lse = torch.logsumexp(z, -1)
             out[i : i + rows] = z.gather(-1, y[i : i + rows, None])[:, 0] - lse
             if entropy is not None:
@@ -188,20 +192,23 @@ class _HeadLogprob(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad):
         h, w, y = ctx.saved_tensors
         gh = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         gw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        wf = w.float()
         for i in range(0, h.shape[0], ctx.rows):
-            hb = h[i : i + ctx.rows]
-            z = (hb @ w.T).float() / ctx.temperature
+            hb = h[i : i + ctx.rows].float()
+            z = (hb @ wf.T) / ctx.temperature
             gz = -torch.softmax(z, -1)
             gz.scatter_add_(-1, y[i : i + ctx.rows, None], torch.ones_like(gz[:, :1]))
             gz *= grad[i : i + ctx.rows, None] / ctx.temperature  # (rows, V)
             if gh is not None:
-                gh[i : i + ctx.rows] = (gz.to(w.dtype) @ w).to(h.dtype)
+                gh[i : i + ctx.rows] = (gz @ wf).to(h.dtype)
             if gw is not None:
-                gw += gz.T @ hb.float()
+                gw += gz.T @ hb
         return gh, (gw.to(w.dtype) if gw is not None else None), None, None, None, None
 
 
@@ -429,11 +436,11 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     model, tok = load_trainee(cfg, cfg.model, run, device)
     ref = None
     if cfg.beta > 0 and not is_lora(model):  # the reference is the starting model, also on resume
-        ref = load_model(cfg.model, device=str(device))[0] if cfg.resume else copy.deepcopy(model)
+        ref = load_model(cfg.model, device=str(device), dtype=torch.float32)[0] if cfg.resume else copy.deepcopy(model)
         ref.requires_grad_(False).eval()  # (with LoRA: the same model with its adapter off, no copy)
     save_config(cfg, run / "config.toml")
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, 1.0, cfg.weight_decay, cfg.grad_clip, cfg.save_every, cfg.seed)
     source = RolloutSource(cfg, model, tok, task, problems, device)
     run_training(model, tok, run, settings, source, make_loss_fn(cfg, ref), resume=cfg.resume, merge=cfg.merge,
-                 describe=lambda m: f"reward {m.get('reward', 0):.2f} acc {m.get('accuracy', 0):.2f}")
+                 amp=autocast_dtype(cfg.dtype, device), describe=lambda m: f"reward {m.get('reward', 0):.2f} acc {m.get('accuracy', 0):.2f}")
     return run

@@ -54,8 +54,8 @@ class RunOptions:
 
 
 @dataclass
-class LoraOptions(RunOptions):
-    """RunOptions plus LoRA, for the trainers that can train adapters instead of every weight."""
+class ModelOptions(RunOptions):
+    """RunOptions plus how the trained model is held: LoRA adapters, mixed precision, activation checkpointing."""
 
     lora_r: int = option(0, "LoRA rank: train low-rank adapters (peft) instead of every weight; 0 = full fine-tuning")
     lora_alpha: float = option(32.0, "LoRA scale: an adapter adds (lora_alpha / lora_r)·BA to its layer's weight")
@@ -65,8 +65,15 @@ class LoraOptions(RunOptions):
     merge: bool = option(True, "with LoRA: run/model is a plain HF model with the adapter merged (false: the adapter "
                                "alone, loadable on its base); the adapter is always in run/adapter")
 
+    dtype: str = option("auto", "compute precision: auto (bf16 on GPUs that have it, fp32 elsewhere), fp32, bf16 or "
+                                "fp16; bf16/fp16 run the forward and backward under autocast with fp32 weights and "
+                                "optimizer state (fp16 with loss scaling); output heads and log-probs stay fp32")
+    gradient_checkpointing: bool = option(False, "recompute each layer's activations in the backward pass instead of "
+                                                 "keeping them: less memory for about a third more compute")
+
     def __post_init__(self):
         super().__post_init__()
+        check(self.dtype in PRECISIONS, f"dtype must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
         check(self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
               f"need lora_r >= 0, lora_alpha > 0, 0 <= lora_dropout < 1; got {self.lora_r}, {self.lora_alpha}, "
               f"{self.lora_dropout}")
@@ -74,16 +81,39 @@ class LoraOptions(RunOptions):
               "LoRA adapts a trained model: give --model a folder or hub id (a 'tiny' model starts from random weights)")
 
 
-def load_trainee(cfg: LoraOptions, start: str, run: Path, device, keep: tuple[str, ...] = ()):
+PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--dtype name`` on ``device`` (None: plain fp32)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return None if name == "fp32" else PRECISIONS[name]
+
+
+def load_trainee(cfg: ModelOptions, start: str, run: Path, device, keep: tuple[str, ...] = ()):
     """(model, tokenizer) a trainer starts from: ``run/checkpoint`` on resume (a LoRA checkpoint with its
-    adapter trainable again), else ``start`` with LoRA adapters when ``cfg.lora_r``."""
+    adapter trainable again), else ``start`` with LoRA adapters when ``cfg.lora_r``. Weights are fp32 (the
+    master copy mixed precision updates); activation checkpointing is switched on when asked."""
     if cfg.resume:
-        return load_model(str(run / "checkpoint"), device=str(device), trainable=True)
-    model, tok = load_model(start, device=str(device))
-    if cfg.lora_r:
-        torch.manual_seed(cfg.seed)  # the adapters' initial weights
-        model = add_lora(model, start, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout, keep)
-    return model, tok
+        model, tok = load_model(str(run / "checkpoint"), device=str(device), dtype=torch.float32, trainable=True)
+    else:
+        model, tok = load_model(start, device=str(device), dtype=torch.float32)
+        if cfg.lora_r:
+            torch.manual_seed(cfg.seed)  # the adapters' initial weights
+            model = add_lora(model, start, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout, keep)
+    return checkpointing(model, cfg), tok
+
+
+def checkpointing(model, cfg: ModelOptions):
+    """``model`` with activation checkpointing on when ``cfg.gradient_checkpointing``."""
+    if cfg.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
 
 
 def save_final(model, tokenizer, run: Path, merge: bool = True) -> None:
@@ -277,13 +307,14 @@ def check_free_space(run: Path, model) -> None:
                           f"(two checkpoints while one replaces the other, plus the final model)")
 
 
-def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, data_state: dict) -> None:
+def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, data_state: dict, scaler=None) -> None:
     """Write ``run/checkpoint`` atomically: a crash, or a full disk, leaves the previous checkpoint whole."""
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "data": data_state},
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "data": data_state,
+                    "scaler": scaler.state_dict() if scaler is not None else None},
                    tmp / "trainer_state.pt")
         replace_dir(tmp, run / "checkpoint")
     except OSError as e:  # disk full, quota, folder removed under us: say so, keep the last good checkpoint
@@ -318,22 +349,28 @@ def run_training(
     data_state: dict | None = None,
     describe: Callable[[dict], str] = lambda m: f"loss {m['loss']:.3f}",
     merge: bool = True,
+    amp: torch.dtype | None = None,
 ) -> list[dict]:
     """Train for ``settings.steps`` optimizer steps; returns the metric rows of this process.
 
     With ``resume`` the caller passes the model loaded from ``run/checkpoint``; the loop restores the
-    optimizer, RNG states, step and data position saved beside it."""
+    optimizer, RNG states, step and data position saved beside it. ``amp``: run ``loss_fn`` under autocast
+    to this dtype (fp16 with a gradient scaler); the weights and the optimizer stay as they are."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     rank, world = distributed()
     run.mkdir(parents=True, exist_ok=True)
     model.train()
     optimizer = make_optimizer(model, settings)
+    device_type = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device_type) if amp == torch.float16 else None
     data_state = dict(data_state or {})
     start = 0
     if resume:
         st = load_checkpoint(run)  # the caller built ``model`` from run/checkpoint
         optimizer.load_state_dict(st["optimizer"])
+        if scaler is not None and st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
         _set_rng_state(st["rng"])
         start, data_state = st["step"], st["data"]
     else:
@@ -363,14 +400,16 @@ def run_training(
             loss_sum, stats_sum, seen = 0.0, {}, 0
             learned = False
             for mb in micro_batches:
-                loss, stats = loss_fn(model, mb)
+                with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss, stats = loss_fn(model, mb)
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v / len(micro_batches)
                 seen += mb.get("seen_tokens", 0)
                 if loss is None:  # nothing to learn from this micro-batch (e.g. every RL group dropped)
                     continue
                 # Each micro-batch's loss sum over the whole step's count: the same update as one big batch.
-                (loss / max(1, total_tokens)).backward()
+                part = loss / max(1, total_tokens)
+                (scaler.scale(part) if scaler else part).backward()
                 loss_sum += float(loss.detach())
                 learned = True
             if world > 1:
@@ -379,13 +418,19 @@ def run_training(
                 torch.distributed.all_reduce(totals)
                 loss_sum, learned = float(totals[0]), bool(totals[1])
                 stats_sum = mean_over_ranks(stats_sum)
+            if scaler and learned:
+                scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)) if learned else 0.0
-            if not math.isfinite(loss_sum) or not math.isfinite(grad_norm):
+            # (under fp16 loss scaling an overflowing gradient is expected now and then: the scaler skips that step)
+            if not math.isfinite(loss_sum) or (not math.isfinite(grad_norm) and scaler is None):
                 raise FloatingPointError(
                     f"step {step}: non-finite loss ({loss_sum}) or gradient norm ({grad_norm}); "
                     f"the last good checkpoint is in {run / 'checkpoint'}"
                 )
-            if learned:  # no step on an empty batch: AdamW's momentum would still move the weights
+            if learned and scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            elif learned:  # no step on an empty batch: AdamW's momentum would still move the weights
                 optimizer.step()
             dt = time.perf_counter() - t0
             row = {"step": step, "loss": loss_sum / max(1, total_tokens), "lr": lr, "grad_norm": grad_norm,
@@ -398,7 +443,7 @@ def run_training(
                 progress.update(bar, advance=1, description=f"{run.name} {describe(row)} {row['tokens_per_s']:.0f} tok/s")
             done = step + 1
             if rank == 0 and (done % settings.save_every == 0 or done == settings.steps):
-                save_checkpoint(run, model, tokenizer, optimizer, done, data_state)
+                save_checkpoint(run, model, tokenizer, optimizer, done, data_state, scaler)
     model.eval()
     if rank == 0:
         save_final(model, tokenizer, run, merge)

@@ -28,11 +28,20 @@ from thinkforge import format as fmt
 from thinkforge.config import ConfigError, check, option, save_config
 from thinkforge.models import TINY_SIZES, char_tokenizer, resolve_device, tiny_model
 from thinkforge.tasks import get_task
-from thinkforge.train.loop import EpochStream, LoopSettings, LoraOptions, load_trainee, run_training, start_run
+from thinkforge.train.loop import (
+    EpochStream,
+    LoopSettings,
+    ModelOptions,
+    autocast_dtype,
+    checkpointing,
+    load_trainee,
+    run_training,
+    start_run,
+)
 
 
 @dataclass
-class SFTConfig(LoraOptions):
+class SFTConfig(ModelOptions):
     task: str = option("mul", "task name (`thinkforge tasks list`) or a .jsonl/.parquet file of problems")
     task_options: dict = option({}, "the task's knobs, e.g. digits_a=3,digits_b=2")
     trace: str = option("cot", "cot: train on <think> gold steps then the answer; direct: the answer only; "
@@ -189,7 +198,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         sample_text = task.sample_text()
     if cfg.model == "tiny" and not cfg.resume:
         tok = char_tokenizer(sample_text)
-        model = tiny_model(tok, cfg.size, seed=cfg.seed).to(device)
+        model = checkpointing(tiny_model(tok, cfg.size, seed=cfg.seed).to(device), cfg)
     else:
         model, tok = load_trainee(cfg, cfg.model, run, device)
     chat = fmt.ChatFormat.of(tok)  # prompts in the tokenizer's own chat template
@@ -203,5 +212,5 @@ def train_sft(cfg: SFTConfig) -> Path:
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)
     run_training(model, tok, run, settings, Batcher(examples, cfg, tok.pad_token_id, device), sft_loss,
-                 resume=cfg.resume, merge=cfg.merge)
+                 resume=cfg.resume, merge=cfg.merge, amp=autocast_dtype(cfg.dtype, device))
     return run
