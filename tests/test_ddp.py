@@ -68,18 +68,23 @@ def test_grpo_two_processes_match_one(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     r = _torchrun([*args, "--out", str(two), "--micro-batch-size", "5"], env)  # and 6 rows per rank in 5 + 1
     assert r.returncode == 0, _ranks_said(r.stderr)
-    rows = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
-    assert len(rows[0]) == len(rows[1]) == 3
-    for a, b in zip(*rows):  # same roll-outs: rewards and lengths equal; losses and KL within float noise
+    sharded = tmp_path / "fsdp"  # FSDP2: generation on gathered weights, a sharded reference, the same update
+    r = _torchrun([*args, "--out", str(sharded), "--micro-batch-size", "5", "--fsdp", "true"], env)
+    assert r.returncode == 0, _ranks_said(r.stderr)
+    rows = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two, sharded)]
+    assert len(rows[0]) == len(rows[1]) == len(rows[2]) == 3
+    for a, b in [*zip(rows[0], rows[1]), *zip(rows[0], rows[2])]:  # same roll-outs: rewards and lengths equal; losses and KL within float noise
         for key in ("reward", "reward_std", "completions/mean_length", "accuracy"):
             assert a[key] == pytest.approx(b[key], abs=1e-9), key
         for key in ("loss", "kl", "grad_norm", "entropy", "clip_ratio/region_mean"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert rows[0][1]["kl"] > 0  # the policy moved away from the reference: the KL term was live
-    a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    print(f"GRPO: max parameter difference, 2 processes vs 1: {worst:.1e}")
-    assert worst < 1e-5, worst
+    a = load_file(one / "model" / "model.safetensors")
+    for run in (two, sharded):
+        b = load_file(run / "model" / "model.safetensors")
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        print(f"GRPO: max parameter difference, 2 processes ({run.name}) vs 1: {worst:.1e}")
+        assert a.keys() == b.keys() and worst < 1e-5, worst
 
 
 @pytest.mark.timeout(300)
@@ -111,3 +116,26 @@ def test_preference_trainers_two_processes_match_one(tmp_path, trainer):
     assert worst < 1e-5 and worst == worst, worst
     losses = [[json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+@pytest.mark.timeout(240)
+def test_fsdp_two_processes_match_one_and_resume(tmp_path):
+    """FSDP2 (fully_shard per layer, gloo): 2 processes that stop after step 2 and resume to step 4 (optimizer
+    state gathered, saved and re-sharded) end with the parameters and losses of 1 uninterrupted process; the
+    saved model is a plain HF checkpoint (one copy of the tied embedding)."""
+    import json
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "thinkforge", *ARGS, "--out", str(one)], check=True, capture_output=True)
+    half = [x if x != "4" else "2" for x in ARGS]
+    r = _torchrun([*half, "--out", str(two), "--fsdp", "true"])
+    assert r.returncode == 0, _ranks_said(r.stderr)
+    r = _torchrun([*ARGS, "--out", str(two), "--fsdp", "true", "--resume", "true"])
+    assert r.returncode == 0, _ranks_said(r.stderr)
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"max parameter difference, FSDP 2 processes (stopped and resumed) vs 1: {worst:.1e}")
+    assert worst < 1e-5, worst
+    losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)

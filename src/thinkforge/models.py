@@ -194,6 +194,31 @@ def _load_adapter(path: Path, device: str, dtype, trainable: bool):
     return model.eval(), tok
 
 
+def _sharded(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)] if isinstance(model, FSDPModule) else []
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model`` is sharded with FSDP2 (``fully_shard``)."""
+    return bool(_sharded(model))
+
+
+@contextlib.contextmanager
+def full_weights(model):
+    """A context in which an FSDP2-sharded model holds its full parameters (all-gathered once, so generation
+    needs no collective per step; every process must enter it together); a no-op for other models."""
+    mods = _sharded(model)
+    for m in mods:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+
+
 def base_only(model):
     """A context in which ``model`` runs as its base model (LoRA adapters off); a no-op for other models."""
     return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
@@ -232,14 +257,14 @@ def save_merged(model, tokenizer, out: str | Path) -> Path:
     return out
 
 
-def save_model(model, tokenizer, out: str | Path) -> Path:
+def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None) -> Path:
     """Save an HF checkpoint atomically: written to a temporary sibling folder, then renamed into place (a
     LoRA model writes its adapter: ``adapter_config.json``, ``adapter_model.safetensors``)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, out)
     finally:

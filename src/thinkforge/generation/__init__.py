@@ -42,6 +42,7 @@ import torch
 
 from thinkforge.format import THINK_CLOSE, THINK_OPEN, ChatFormat, count_reasoning_tokens
 from thinkforge.generation.backends import make_backend
+from thinkforge.models import full_weights
 
 # Reasoning effort -> thinking budget in tokens: the one table the server (reasoning.effort,
 # reasoning_effort) and test-time search share. "none" answers without thinking: the prompt is prefilled
@@ -125,9 +126,13 @@ class Engine:
         """Complete every prompt ``params.n`` times; results are grouped by prompt (prompt 0's n first).
 
         ``on_step(rows)``, if given, is called after every step with ``[(row, token id), …]`` for the rows
-        that emitted a token (row = index in the result list): what a streaming server needs."""
-        if not prompts:
-            return []
+        that emitted a token (row = index in the result list): what a streaming server needs. An FSDP2-sharded
+        model is unsharded for the call (:func:`models.full_weights`: every process must call, even with no
+        prompts)."""
+        with full_weights(self.model):
+            return self._generate(prompts, params, on_step) if prompts else []
+
+    def _generate(self, prompts, params: SamplingParams, on_step) -> list[Completion]:
         p_ids = [self.tok.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p) for p in prompts]
         if any(len(p) == 0 for p in p_ids):
             raise ValueError("empty prompt")

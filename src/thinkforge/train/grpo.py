@@ -37,7 +37,7 @@ import torch
 
 from thinkforge.config import check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
-from thinkforge.models import base_only, is_lora, load_model, resolve_device
+from thinkforge.models import base_only, is_lora, is_sharded, load_model, resolve_device
 from thinkforge.rewards import RM_PREFIX, RM_SCOPES, compute_rewards
 from thinkforge.tasks import get_task
 from thinkforge.train.loop import (
@@ -48,6 +48,7 @@ from thinkforge.train.loop import (
     distributed,
     load_trainee,
     run_training,
+    shard_model,
     start_run,
 )
 from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, shard_weight
@@ -247,7 +248,7 @@ class RolloutSource:
         G, before = self.cfg.group_size, dict(STATS)
         mine = list(range(self.rank, len(problems), self.world))
         groups = []
-        if mine:
+        if mine or is_sharded(self.model):  # (a sharded model's generate is collective: every process calls it)
             comps, probs, r = self._sample([problems[j] for j in mine], [round_seed * 1_000_003 + j for j in mine])
             for k in range(len(mine)):
                 sl = slice(k * G, (k + 1) * G)
@@ -393,8 +394,12 @@ def make_loss_fn(cfg: GRPOConfig, ref_model=None):
         size = -(-len(mine) // parts)
         rows = torch.tensor(mine[part * size : (part + 1) * size], dtype=torch.long)
         ids, mask, old, adv = ro["ids"][rows], ro["mask"][rows], ro["old_logp"][rows], ro["adv"][rows]
-        if ids.shape[0] == 0:  # fewer kept completions than processes: this rank adds 0 to every mean
-            return None, {**stats, **dict.fromkeys(ROW_STATS + (("kl",) if cfg.beta > 0 else ()), 0.0)}
+        empty = ids.shape[0] == 0  # fewer kept completions than processes: this rank adds 0 to every mean
+        zeros = {**stats, **dict.fromkeys(ROW_STATS + (("kl",) if cfg.beta > 0 else ()), 0.0)}
+        if empty and not is_sharded(model):
+            return None, zeros
+        if empty:  # FSDP's forwards and backward are collective: the same passes on a stand-in row, weighted 0
+            ids, mask, old, adv = ro["ids"][:1], ro["mask"][:1], ro["old_logp"][:1], ro["adv"][:1]
         logp, entropy = token_logprobs(model, ids, cfg.temperature, with_entropy=True)
         loss = variant.loss(logp, old, adv, mask, max_len=cfg.max_new_tokens, **eps)
         if cfg.beta > 0:
@@ -422,7 +427,7 @@ def make_loss_fn(cfg: GRPOConfig, ref_model=None):
             "clip_ratio/high_mean": float(high_clip.sum() / n),
             "clip_ratio/region_mean": float((low_clip + high_clip).sum() / n),
         })
-        return loss, stats
+        return (0.0 * loss, zeros) if empty else (loss, stats)
 
     return loss_fn
 
@@ -436,8 +441,11 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     model, tok = load_trainee(cfg, cfg.model, run, device)
     ref = None
     if cfg.beta > 0 and not is_lora(model):  # the reference is the starting model, also on resume
-        ref = load_model(cfg.model, device=str(device), dtype=torch.float32)[0] if cfg.resume else copy.deepcopy(model)
+        fresh = cfg.resume or is_sharded(model)  # (a sharded model cannot be copied: the reference is sharded too)
+        ref = load_model(cfg.model, device=str(device), dtype=torch.float32)[0] if fresh else copy.deepcopy(model)
         ref.requires_grad_(False).eval()  # (with LoRA: the same model with its adapter off, no copy)
+        if is_sharded(model):
+            shard_model(ref)
     save_config(cfg, run / "config.toml")
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, 1.0, cfg.weight_decay, cfg.grad_clip, cfg.save_every, cfg.seed)
     source = RolloutSource(cfg, model, tok, task, problems, device)

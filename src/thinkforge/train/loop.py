@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from thinkforge.config import ConfigError, check, option
-from thinkforge.models import add_lora, is_lora, load_model, replace_dir, save_merged, save_model
+from thinkforge.models import add_lora, is_lora, is_sharded, load_model, replace_dir, save_merged, save_model
 
 
 @dataclass
@@ -70,6 +70,8 @@ class ModelOptions(RunOptions):
                                 "optimizer state (fp16 with loss scaling); output heads and log-probs stay fp32")
     gradient_checkpointing: bool = option(False, "recompute each layer's activations in the backward pass instead of "
                                                  "keeping them: less memory for about a third more compute")
+    fsdp: bool = option(False, "under torchrun: shard parameters, gradients and optimizer state over the processes, "
+                               "layer by layer (FSDP2 fully_shard), instead of a full copy per process (DDP)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,6 +79,8 @@ class ModelOptions(RunOptions):
         check(self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
               f"need lora_r >= 0, lora_alpha > 0, 0 <= lora_dropout < 1; got {self.lora_r}, {self.lora_alpha}, "
               f"{self.lora_dropout}")
+        check(not (self.fsdp and self.lora_r), "fsdp shards full fine-tuning; LoRA adapters are small: use LoRA "
+                                               "without --fsdp (each process keeps the base and the adapters)")
         check(not self.lora_r or getattr(self, "model", None) != "tiny",
               "LoRA adapts a trained model: give --model a folder or hub id (a 'tiny' model starts from random weights)")
 
@@ -102,7 +106,46 @@ def load_trainee(cfg: ModelOptions, start: str, run: Path, device, keep: tuple[s
         if cfg.lora_r:
             torch.manual_seed(cfg.seed)  # the adapters' initial weights
             model = add_lora(model, start, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout, keep)
-    return checkpointing(model, cfg), tok
+    return prepare(model, cfg), tok
+
+
+def prepare(model, cfg: ModelOptions):
+    """Activation checkpointing and FSDP2 sharding as ``cfg`` asks (sharding only under torchrun)."""
+    model = checkpointing(model, cfg)
+    if cfg.fsdp and distributed()[1] > 1:
+        shard_model(model)
+    return model
+
+
+def shard_model(model):
+    """FSDP2: every decoder layer its own unit (its parameters all-gathered just for its forward and backward),
+    the rest (embeddings, final norm, output head: tied weights stay in one unit) the root's. Gradients are
+    reduce-scattered as sums: each process's loss is already divided by the global token count."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for m in model.modules():
+        if hasattr(m, "set_gradient_divide_factor"):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no pre-multiplied sum)
+    return model
+
+
+def full_state(model, optimizer=None) -> tuple[dict | None, dict | None]:
+    """A sharded model's full parameters (and optimizer state) on rank 0, on CPU (None elsewhere). Every
+    process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=opts)
+    if getattr(model.config, "tie_word_embeddings", False):  # one copy of a tied weight, as save_pretrained writes
+        for tied in (getattr(model, "all_tied_weights_keys", None) or {}):
+            sd.pop(tied, None)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    first = torch.distributed.get_rank() == 0
+    return (sd, osd) if first else (None, None)
 
 
 def checkpointing(model, cfg: ModelOptions):
@@ -116,10 +159,11 @@ def checkpointing(model, cfg: ModelOptions):
     return model
 
 
-def save_final(model, tokenizer, run: Path, merge: bool = True) -> None:
-    """``run/model``; a LoRA model also writes ``run/adapter`` and, with ``merge``, a plain merged ``run/model``."""
+def save_final(model, tokenizer, run: Path, merge: bool = True, state: dict | None = None) -> None:
+    """``run/model``; a LoRA model also writes ``run/adapter`` and, with ``merge``, a plain merged ``run/model``.
+    ``state``: a sharded model's gathered full parameters."""
     if not is_lora(model):
-        save_model(model, tokenizer, run / "model")
+        save_model(model, tokenizer, run / "model", state)
         return
     save_model(model, tokenizer, run / "adapter")
     (save_merged if merge else save_model)(model, tokenizer, run / "model")
@@ -275,7 +319,7 @@ def make_optimizer(model, s: LoopSettings) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2 and p is not emb]
     rest = [p for p in model.parameters() if p.requires_grad and (p.dim() < 2 or p is emb)]
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    fused = next(model.parameters()).device.type in ("cpu", "cuda") and not is_sharded(model)
     return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), fused=fused)
 
 
@@ -307,13 +351,16 @@ def check_free_space(run: Path, model) -> None:
                           f"(two checkpoints while one replaces the other, plus the final model)")
 
 
-def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, data_state: dict, scaler=None) -> None:
-    """Write ``run/checkpoint`` atomically: a crash, or a full disk, leaves the previous checkpoint whole."""
+def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, data_state: dict, scaler=None,
+                    full: tuple | None = None) -> None:
+    """Write ``run/checkpoint`` atomically: a crash, or a full disk, leaves the previous checkpoint whole.
+    ``full``: a sharded model's gathered (parameters, optimizer state) from :func:`full_state`."""
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": full[0]} if full else {}))
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "data": data_state,
+        optim_state = full[1] if full else optimizer.state_dict()
+        torch.save({"step": step, "optimizer": optim_state, "rng": _rng_state(), "data": data_state,
                     "scaler": scaler.state_dict() if scaler is not None else None},
                    tmp / "trainer_state.pt")
         replace_dir(tmp, run / "checkpoint")
@@ -362,13 +409,19 @@ def run_training(
     run.mkdir(parents=True, exist_ok=True)
     model.train()
     optimizer = make_optimizer(model, settings)
+    sharded = is_sharded(model)
     device_type = next(model.parameters()).device.type
     scaler = torch.amp.GradScaler(device_type) if amp == torch.float16 else None
     data_state = dict(data_state or {})
     start = 0
     if resume:
         st = load_checkpoint(run)  # the caller built ``model`` from run/checkpoint
-        optimizer.load_state_dict(st["optimizer"])
+        if is_sharded(model):  # a full (gathered) state: each process keeps its shard of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, st["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(st["optimizer"])
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
         _set_rng_state(st["rng"])
@@ -413,14 +466,18 @@ def run_training(
                 loss_sum += float(loss.detach())
                 learned = True
             if world > 1:
-                all_reduce_grads(params)
+                if not sharded:  # (FSDP reduce-scatters the gradients itself, in the backward)
+                    all_reduce_grads(params)
                 totals = torch.tensor([loss_sum, float(learned)], device=params[0].device)
                 torch.distributed.all_reduce(totals)
                 loss_sum, learned = float(totals[0]), bool(totals[1])
                 stats_sum = mean_over_ranks(stats_sum)
             if scaler and learned:
                 scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)) if learned else 0.0
+            grad_norm = 0.0
+            if learned:
+                norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # (a DTensor under FSDP)
             # (under fp16 loss scaling an overflowing gradient is expected now and then: the scaler skips that step)
             if not math.isfinite(loss_sum) or (not math.isfinite(grad_norm) and scaler is None):
                 raise FloatingPointError(
@@ -442,11 +499,14 @@ def run_training(
                     f.write(json.dumps(row) + "\n")
                 progress.update(bar, advance=1, description=f"{run.name} {describe(row)} {row['tokens_per_s']:.0f} tok/s")
             done = step + 1
-            if rank == 0 and (done % settings.save_every == 0 or done == settings.steps):
-                save_checkpoint(run, model, tokenizer, optimizer, done, data_state, scaler)
+            if done % settings.save_every == 0 or done == settings.steps:
+                full = full_state(model, optimizer) if sharded else None  # (collective: every rank gathers)
+                if rank == 0:
+                    save_checkpoint(run, model, tokenizer, optimizer, done, data_state, scaler, full)
     model.eval()
+    final = full_state(model)[0] if sharded else None
     if rank == 0:
-        save_final(model, tokenizer, run, merge)
+        save_final(model, tokenizer, run, merge, final)
     if world > 1:
         torch.distributed.barrier()  # no rank leaves before the model is written
     return rows

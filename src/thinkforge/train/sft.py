@@ -26,15 +26,15 @@ import torch.nn.functional as F
 
 from thinkforge import format as fmt
 from thinkforge.config import ConfigError, check, option, save_config
-from thinkforge.models import TINY_SIZES, char_tokenizer, resolve_device, tiny_model
+from thinkforge.models import TINY_SIZES, char_tokenizer, is_sharded, resolve_device, tiny_model
 from thinkforge.tasks import get_task
 from thinkforge.train.loop import (
     EpochStream,
     LoopSettings,
     ModelOptions,
     autocast_dtype,
-    checkpointing,
     load_trainee,
+    prepare,
     run_training,
     start_run,
 )
@@ -172,12 +172,16 @@ class Batcher:
 
 
 def sft_loss(model, mb: dict):
-    """Summed next-token cross-entropy over completion tokens; logits only where there is a label."""
-    h = model.get_decoder()(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                            position_ids=mb["position_ids"]).last_hidden_state  # (b, T, H)
+    """Summed next-token cross-entropy over completion tokens; logits only where there is a label (an
+    FSDP-sharded model runs its own forward, head included: its logits for the micro-batch's every position)."""
     targets = mb["labels"][:, 1:]  # (b, T-1)
     sel = targets != -100
-    logits = model.get_output_embeddings()(h[:, :-1][sel]).float()  # (n, V)
+    inputs = dict(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"])
+    if is_sharded(model):
+        logits = model(**inputs).logits[:, :-1][sel].float()  # (n, V)
+    else:
+        h = model.get_decoder()(**inputs).last_hidden_state  # (b, T, H)
+        logits = model.get_output_embeddings()(h[:, :-1][sel]).float()  # (n, V)
     loss = F.cross_entropy(logits, targets[sel], reduction="sum")
     acc = float((logits.argmax(-1) == targets[sel]).float().mean()) if sel.any() else 0.0
     return loss, {"token_accuracy": acc}
@@ -198,7 +202,7 @@ def train_sft(cfg: SFTConfig) -> Path:
         sample_text = task.sample_text()
     if cfg.model == "tiny" and not cfg.resume:
         tok = char_tokenizer(sample_text)
-        model = checkpointing(tiny_model(tok, cfg.size, seed=cfg.seed).to(device), cfg)
+        model = prepare(tiny_model(tok, cfg.size, seed=cfg.seed).to(device), cfg)
     else:
         model, tok = load_trainee(cfg, cfg.model, run, device)
     chat = fmt.ChatFormat.of(tok)  # prompts in the tokenizer's own chat template
