@@ -1,20 +1,21 @@
 """Peak memory of one GRPO step at the shape of Qwen2.5-0.5B: thinkforge vs TRL's GRPOTrainer, on CPU.
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python bench/memory.py [--prompts 4 --group 8 --new 128] [--layers 24]
+    .venv/bin/python bench/memory.py [--prompts 4 --group 8 --new 128] [--layers 24] [--checkpointing]
 
 The model: a random-init Qwen2 with Qwen2.5-0.5B's config (vocab 151,936, hidden 896, 24 layers, 14 heads,
 2 KV heads, MLP 4,864, tied embeddings: 494M parameters), fp32, with a word-level tokenizer that covers
 every id and thinkforge's ChatML template. Each side runs in its own process (so one side's peak cannot
 hide in the other's) and makes one optimizer step on P prompts × G completions × up to ``--new`` tokens:
 temperature 1, β = 0 (no reference model), loss "dapo", the whole roll-out batch in one forward/backward
-(TRL: per_device_train_batch_size = P × G; thinkforge: micro_batch_size 0), bf16 and gradient
-checkpointing off on both sides, 2 threads. Memory is the process's peak resident set (ru_maxrss), read
+(TRL: per_device_train_batch_size = P × G; thinkforge: micro_batch_size 0), bf16 off and gradient
+checkpointing off on both sides (``--checkpointing``: on for both, TRL's own default), 2 threads. Memory is the process's peak resident set (ru_maxrss), read
 after the step; the static part (weights, gradients, AdamW's two moments: 16 bytes per parameter ≈ 7.9 GB)
 is the same on both sides, so the difference is what the step itself allocates — above all the
 (rows × length × vocabulary) float32 logits TRL materialises, and thinkforge never does. A random model
 almost never writes the end-of-turn token, so both sides generate ~``--new`` tokens per row; each prints
-the tokens it trained on. ``--micro-batch-size M`` adds a thinkforge run in passes of M rows.
+the tokens it trained on. ``--micro-batch-size M`` adds a thinkforge run in passes of M rows. Not a speed
+comparison (see ``bench/grpo_vs_trl.py``): memory does not depend on what else the machine runs, time does.
 Ends with: RESULT memory thinkforge_mb=… trl_mb=… ratio=… (ratio = thinkforge / TRL)
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -71,9 +71,9 @@ def side_thinkforge(model: str, a) -> dict:
     train_grpo(GRPOConfig(model=model, task="add", task_options={"digits": 2}, out=str(out), steps=1,
                           prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.new, beta=0.0, loss="dapo",
                           dynamic_sampling=False, lr=1e-6, save_every=10**6, train_problems=a.prompts, warmup=0,
-                          micro_batch_size=a.micro, threads=a.threads))
+                          micro_batch_size=a.micro, threads=a.threads, gradient_checkpointing=a.checkpointing))
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"tokens": round(row["completions/mean_length"] * a.prompts * a.group), "step_s": row["step_time"]}
+    return {"tokens": round(row["completions/mean_length"] * a.prompts * a.group)}
 
 
 def side_trl(model: str, a) -> dict:
@@ -95,15 +95,13 @@ def side_trl(model: str, a) -> dict:
 
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.prompts * a.group,
                       num_generations=a.group, max_completion_length=a.new, beta=0.0, bf16=False, fp16=False,
-                      gradient_checkpointing=False, use_cpu=True, learning_rate=1e-6, max_steps=1, report_to=[],
+                      gradient_checkpointing=a.checkpointing, use_cpu=True, learning_rate=1e-6, max_steps=1, report_to=[],
                       logging_steps=1, save_strategy="no", temperature=1.0, loss_type="dapo", disable_tqdm=True,
                       seed=0, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
                           train_dataset=ds, processing_class=tok, callbacks=[Count()])
-    t0 = time.perf_counter()
     trainer.train()
-    length = seen.get("completions/mean_length", 0.0)
-    return {"tokens": round(length * a.prompts * a.group), "step_s": time.perf_counter() - t0}
+    return {"tokens": round(seen.get("completions/mean_length", 0.0) * a.prompts * a.group)}
 
 
 def main() -> None:
@@ -115,6 +113,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--micro", type=int, default=0, help="thinkforge's micro_batch_size (0: the whole batch)")
     ap.add_argument("--micro-batch-size", type=int, default=0, help="also run thinkforge in passes of this many rows")
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
     ap.add_argument("--side", choices=["thinkforge", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -130,13 +129,15 @@ def main() -> None:
         return
     folder = Path(tempfile.mkdtemp()) / "qwen25-05b-shape"
     build(folder, a.layers)
-    shape = f"P={a.prompts} x G={a.group} x {a.new} new tokens, {a.layers} layers, vocab {QWEN25_05B['vocab_size']}"
+    shape = (f"P={a.prompts} x G={a.group} x {a.new} new tokens, {a.layers} layers, vocab {QWEN25_05B['vocab_size']}, "
+             f"gradient checkpointing {'on' if a.checkpointing else 'off'}")
     print(f"one GRPO step, {shape}; each side in its own process")
     runs = [("thinkforge", 0), ("trl", 0)] + ([("thinkforge", a.micro_batch_size)] if a.micro_batch_size else [])
     res = {}
     for side, micro in runs:
         cmd = [sys.executable, __file__, "--side", side, "--model", str(folder), "--prompts", str(a.prompts),
                "--group", str(a.group), "--new", str(a.new), "--threads", str(a.threads), "--micro", str(micro)]
+        cmd += ["--checkpointing"] if a.checkpointing else []
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in p.stdout.splitlines() if x.startswith("SIDE ")), None)
         if p.returncode != 0 or line is None:
@@ -144,8 +145,7 @@ def main() -> None:
         got = json.loads(line[5:])
         res[(side, micro)] = got
         label = side + (f" (micro-batches of {micro})" if micro else "")
-        print(f"  {label:<34} peak RSS {got['peak_mb']:>8.0f} MB   {got['tokens']} completion tokens   "
-              f"{got['step_s']:.0f} s")
+        print(f"  {label:<34} peak RSS {got['peak_mb']:>8.0f} MB   {got['tokens']} completion tokens")
     tf, trl = res[("thinkforge", 0)]["peak_mb"], res[("trl", 0)]["peak_mb"]
     extra = f" thinkforge_micro_mb={res[('thinkforge', a.micro_batch_size)]['peak_mb']:.0f}" if a.micro_batch_size else ""
     print(f"RESULT memory thinkforge_mb={tf:.0f} trl_mb={trl:.0f} ratio={tf / trl:.2f}{extra}")

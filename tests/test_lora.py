@@ -153,3 +153,27 @@ def test_save_model_of_a_lora_model_writes_the_adapter(base, tmp_path):
     trainable, _ = load_model(str(out), device="cpu", trainable=True)
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} == \
         {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_preference_reward_model_trains_adapters_and_head(base, tmp_path):
+    from thinkforge.scorers import RewardModel
+    from thinkforge.train.reward_model import RMConfig, train_reward_model
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}", "chosen": f"<answer>{a + b}</answer>",
+                                        "rejected": f"<answer>{a + b + 1}</answer>"}) + "\n"
+                            for a in range(10, 40, 3) for b in (7, 21)))
+    cfg = dict(kind="preference", data=str(data), policy=base, steps=3, batch_size=8, out=str(tmp_path / "rm"),
+               save_every=3, lr=1e-2, warmup=1, eval_share=0.2, **LORA)
+    run = train_reward_model(RMConfig(**cfg))
+    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "eval.json").is_file()
+    rm = RewardModel.load(str(run / "model"), "cpu")  # merged: a plain token-classification checkpoint
+    before = _state(base)
+    after = rm.model.state_dict()
+    moved = {k for k in before if k in after and not torch.equal(before[k], after[k])}
+    assert moved and all(k.endswith("_proj.weight") for k in moved)  # the backbone moved only through adapters
+    assert float(after["score.bias"].abs().max()) == 0.0  # the offset the BT loss cannot see stays 0
+    from thinkforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="extra-layers"):
+        train_reward_model(RMConfig(**{**cfg, "extra_layers": 1, "out": str(tmp_path / "x")}))

@@ -145,11 +145,12 @@ def is_lora(model) -> bool:
 
 
 def add_lora(model, base: str, r: int, alpha: float, targets: str = "all-linear", dropout: float = 0.0,
-             keep: tuple[str, ...] = ()):
+             keep: tuple[str, ...] = (), task_type: str = "CAUSAL_LM"):
     """``model`` with LoRA adapters (Hu et al. 2021) of rank ``r`` on ``targets`` ("all-linear": every linear
     layer but the output head, or comma-separated module names such as ``q_proj,v_proj``); only the adapters
     (and the modules named in ``keep``, trained whole, e.g. a reward model's head) require gradients.
-    ``base``: the folder or hub id the weights came from, recorded so the adapter folder loads alone."""
+    ``base``: the folder or hub id the weights came from, recorded so the adapter folder loads alone;
+    ``task_type``: peft's name for the model's head (``TOKEN_CLS`` for the reward models)."""
     from peft import LoraConfig, get_peft_model
 
     if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
@@ -163,7 +164,7 @@ def add_lora(model, base: str, r: int, alpha: float, targets: str = "all-linear"
                              f"(linear layers: {sorted(n for n, m in _linears(model))[:12]}…)")
     path = Path(base).expanduser()
     where = str(path.resolve()) if path.exists() else base
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, task_type="CAUSAL_LM",
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, task_type=task_type,
                      modules_to_save=list(keep) or None)
     wrapped = get_peft_model(model, cfg)
     wrapped.peft_config["default"].base_model_name_or_path = where

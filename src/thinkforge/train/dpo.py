@@ -27,7 +27,7 @@ import torch
 from thinkforge import format as fmt
 from thinkforge.config import ConfigError, check, option, save_config
 from thinkforge.metrics import paired_bootstrap
-from thinkforge.models import base_only, is_lora, load_model, resolve_device
+from thinkforge.models import base_only, is_lora, is_sharded, load_model, resolve_device
 from thinkforge.preferences import gold_scores, prompt_text, read_preferences
 from thinkforge.scorers import pad_rows
 from thinkforge.tasks import get_task
@@ -163,7 +163,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
                  amp=autocast_dtype(cfg.dtype, device),
                  describe=lambda m: f"loss {m['loss']:.3f} acc {m.get('rewards/accuracies', 0):.2f}")
     if cfg.task and cfg.eval_problems and os.environ.get("RANK", "0") == "0":
-        report = compare_by_gold(cfg.model, model, tok, get_task(cfg.task, **cfg.task_options), cfg.eval_problems,
+        trained = load_model(str(run / "model"), device=str(device))[0] if is_sharded(model) else model
+        report = compare_by_gold(cfg.model, trained, tok, get_task(cfg.task, **cfg.task_options), cfg.eval_problems,
                                  cfg.eval_samples, cfg.max_new_tokens, cfg.seed, device)
         (run / "eval.json").write_text(json.dumps({"pairs": len(pairs), **report}, indent=2))
     return run

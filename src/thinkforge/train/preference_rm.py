@@ -29,13 +29,13 @@ import torch
 
 from thinkforge.config import ConfigError, save_config
 from thinkforge.metrics import bootstrap_ci
-from thinkforge.models import resolve_device
+from thinkforge.models import is_sharded, resolve_device
 from thinkforge.preferences import Ranking, agreement, prompt_text, read_preferences
 from thinkforge.scorers import RewardModel, pad_rows, preference_ids
 from thinkforge.tasks import hash_fraction
-from thinkforge.train.loop import ItemBatcher, LoopSettings, distributed, run_training, start_run
+from thinkforge.train.loop import ItemBatcher, LoopSettings, autocast_dtype, distributed, run_training, start_run
 from thinkforge.train.losses import bradley_terry_loss
-from thinkforge.train.reward_model import RMConfig, _backbone
+from thinkforge.train.reward_model import RMConfig, load_rm
 
 
 def held_out(prompt: str, share: float) -> bool:
@@ -82,16 +82,15 @@ def make_loss_fn(center: float, pad_id: int, device):
 def _freeze_offset(model) -> None:
     """The Bradley-Terry loss cannot see a constant added to every reward, so the head's bias gets only
     rounding noise as gradient (which Adam would scale up into a random walk): keep it at 0, untrained."""
-    head = getattr(model, "score", None)
-    if head is not None and getattr(head, "bias", None) is not None:
-        with torch.no_grad():
-            head.bias.zero_()
-        head.bias.requires_grad_(False)
+    for name, head in model.named_modules():  # the head, and under LoRA its trained copy too
+        if "score" in name.split(".") and isinstance(head, torch.nn.Linear) and head.bias is not None:
+            with torch.no_grad():
+                head.bias.zero_()
+            head.bias.requires_grad_(False)
 
 
 def train_preference_rm(cfg: RMConfig) -> Path:
     """Read the preferences, hold out ``eval_share`` of the prompts, train, write ``model/`` and ``eval.json``."""
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     run = start_run(cfg.out, cfg)
     device = resolve_device(cfg.device)
@@ -103,12 +102,7 @@ def train_preference_rm(cfg: RMConfig) -> Path:
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         save_config(cfg, run / "config.toml")
-    if cfg.resume:
-        model = AutoModelForTokenClassification.from_pretrained(str(run / "checkpoint")).to(device)
-        tok = AutoTokenizer.from_pretrained(str(run / "checkpoint"))  # saved with every checkpoint
-    else:
-        torch.manual_seed(cfg.seed)  # the new head's initial weights
-        model, tok = _backbone(cfg.model or cfg.policy, device, cfg.extra_layers, dropout=0.0)
+    model, tok = load_rm(cfg, run, device, dropout=0.0)
     _freeze_offset(model)
     model.config.thinkforge_rm = {"kind": "preference", "step_delimiter": "\n"}
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
@@ -116,9 +110,12 @@ def train_preference_rm(cfg: RMConfig) -> Path:
     batcher = ItemBatcher([encode_ranking(tok, r) for r in train], cfg.batch_size, cfg.seed, "rankings",
                           lambda r: sum(len(x) for x in r["ids"]), cfg.micro_batch_size)
     run_training(model, tok, run, settings, batcher, make_loss_fn(cfg.center_rewards, tok.pad_token_id, device),
-                 resume=cfg.resume, describe=lambda m: f"loss {m['loss']:.3f} acc {m['accuracy']:.2f}")
+                 resume=cfg.resume, amp=autocast_dtype(cfg.dtype, device),  # (run/model: merged, what rm: loads)
+                 describe=lambda m: f"loss {m['loss']:.3f} acc {m['accuracy']:.2f}")
     if rank0 and test:
-        report = evaluate_preference_rm(RewardModel(model.eval(), tok, "preference"), test, cfg.seed)
+        sharded = is_sharded(model)  # (then rank 0 reads the saved model: a sharded forward needs every rank)
+        rm = RewardModel.load(str(run / "model"), str(device)) if sharded else RewardModel(model.eval(), tok, "preference")
+        report = evaluate_preference_rm(rm, test, cfg.seed)
         report.update(train_rankings=len(train), data=cfg.data)
         (run / "eval.json").write_text(json.dumps(report, indent=2))
     return run

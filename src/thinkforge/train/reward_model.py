@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from thinkforge import format as fmt
 from thinkforge.config import ConfigError, check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
-from thinkforge.models import load_model, resolve_device
+from thinkforge.models import add_lora, is_sharded, load_model, resolve_device
 from thinkforge.sampling import sample_and_grade
 from thinkforge.scorers import (
     AGGREGATES,
@@ -56,14 +56,22 @@ from thinkforge.scorers import (
 )
 from thinkforge.tasks import Problem, Task, get_task
 from thinkforge.tasks.files import write_jsonl
-from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, run_training, start_run
+from thinkforge.train.loop import (
+    EpochStream,
+    LoopSettings,
+    ModelOptions,
+    autocast_dtype,
+    prepare,
+    run_training,
+    start_run,
+)
 
 LABEL_SOURCES = ("gold", "judge", "mc")
 REFLECTION = re.compile(r"^\W*(wait|hmm|let me|check|so far|ok(ay)?)\b[^0-9=]*$", re.IGNORECASE)
 
 
 @dataclass
-class RMConfig(RunOptions):
+class RMConfig(ModelOptions):
     kind: str = option("prm", "prm: a score per step; orm: one score per completion; preference: a Bradley-Terry "
                                "reward learned from --data pairs / rankings (thinkforge preferences)")
     policy: str = option("runs/demo/grpo/model", "model whose sampled completions are labelled (and the default backbone)")
@@ -339,9 +347,33 @@ def _backbone(path: str, device, extra_layers: int = 0, dropout: float | None = 
     return model.to(device), tok
 
 
+def load_rm(cfg: RMConfig, run: Path, device, dropout: float | None = None):
+    """(model, tokenizer) the reward-model trainers start from: the backbone with a fresh head (seeded), with
+    LoRA adapters (the head trained whole) when ``cfg.lora_r``; on resume, ``run/checkpoint`` (a LoRA checkpoint
+    goes back on the same backbone). Activation checkpointing and FSDP2 as ``cfg`` asks."""
+    from peft import PeftModel
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    if cfg.lora_r and cfg.extra_layers:
+        raise ConfigError("LoRA freezes the backbone, so fresh --extra-layers would stay random: use one or the other")
+    path, ck = cfg.model or cfg.policy, run / "checkpoint"
+    torch.manual_seed(cfg.seed)  # the new head's initial weights
+    if cfg.resume and (ck / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(_backbone(path, device, 0, dropout)[0], str(ck), is_trainable=True)
+        tok = AutoTokenizer.from_pretrained(str(ck))
+    elif cfg.resume:
+        model = AutoModelForTokenClassification.from_pretrained(str(ck)).to(device)
+        tok = AutoTokenizer.from_pretrained(str(ck))  # saved with every checkpoint
+    else:
+        model, tok = _backbone(path, device, cfg.extra_layers, dropout)
+        if cfg.lora_r:
+            model = add_lora(model, path, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout,
+                             keep=("score",), task_type="TOKEN_CLS")
+    return prepare(model, cfg), tok
+
+
 def train_reward_model(cfg: RMConfig) -> Path:
     """Label (or read) the data, train the ORM/PRM, write ``model/``, ``labels.jsonl`` and ``eval.json``."""
-    from transformers import AutoModelForTokenClassification
 
     if cfg.kind == "preference":
         from thinkforge.train.preference_rm import train_preference_rm
@@ -365,11 +397,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
         rows = label_completions(cfg, task, policy, tok, problems, cfg.labels, cfg.seed, add_gold=cfg.gold_traces)
         if rank0:
             write_jsonl(rows, run / "labels.jsonl")
-    if cfg.resume:
-        model = AutoModelForTokenClassification.from_pretrained(str(run / "checkpoint")).to(device)
-    else:
-        torch.manual_seed(cfg.seed)  # the new head's initial weights
-        model, tok = _backbone(cfg.model or cfg.policy, device, cfg.extra_layers)
+    model, tok = load_rm(cfg, run, device)
     model.config.thinkforge_rm = {"kind": cfg.kind, "step_delimiter": task.step_delimiter}
     examples = examples_of(rows, tok, cfg.kind, task.step_delimiter)
     if not examples:
@@ -377,10 +405,12 @@ def train_reward_model(cfg: RMConfig) -> Path:
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)
     run_training(model, tok, run, settings, RMBatcher(examples, cfg.batch_size, tok.pad_token_id, cfg.seed, device),
-                 rm_loss, resume=cfg.resume, describe=lambda m: f"loss {m['loss']:.3f} acc {m['label_accuracy']:.2f}")
+                 rm_loss, resume=cfg.resume, amp=autocast_dtype(cfg.dtype, device),
+                 describe=lambda m: f"loss {m['loss']:.3f} acc {m['label_accuracy']:.2f}")
     if rank0 and cfg.eval_problems:
-        report = evaluate_reward_model(RewardModel(model.eval(), tok, cfg.kind, task.step_delimiter), cfg, task,
-                                       policy, tok, rows)
+        rm = (RewardModel.load(str(run / "model"), str(device)) if is_sharded(model)  # (a sharded forward needs
+              else RewardModel(model.eval(), tok, cfg.kind, task.step_delimiter))  # every rank: read the saved one)
+        report = evaluate_reward_model(rm, cfg, task, policy, tok, rows)
         (run / "eval.json").write_text(json.dumps(report, indent=2))
     return run
 
