@@ -102,6 +102,14 @@ CATALOGUE = [
     ("mismatched-vocab", ["eval", "--model", "{vocab}"], "but the model's embedding has 50"),
     ("non-causal-architecture", ["eval", "--model", "{t5}"], "not a causal language model"),
     ("offline-hub-id", ["generate", "--model", "no-such-org/no-such-model"], "cannot load it from the Hugging Face hub"),
+    # bigger models: LoRA, precision, sharding
+    ("lora-on-random-model", ["train", "sft", "--lora-r", "8"], "LoRA adapts a trained model"),
+    ("lora-unknown-target", ["train", "sft", "--model", "{causal}", "--lora-r", "4", "--lora-targets", "q_proj,qq_proj",
+                             "--trace", "direct", "--out", "{dir}/r16"], "['qq_proj'] not among this model's modules"),
+    ("fsdp-with-lora", ["train", "grpo", "--fsdp", "true", "--lora-r", "4"], "fsdp shards full fine-tuning"),
+    ("bad-dtype", ["train", "dpo", "--dtype", "fp8"], "dtype must be one of auto, fp32, bf16, fp16"),
+    ("rm-lora-with-extra-layers", ["train", "rm", "--kind", "preference", "--data", "{pairs}", "--policy", "{causal}",
+                                   "--lora-r", "4", "--extra-layers", "1", "--out", "{dir}/r17"], "use one or the other"),
     # command line and runs
     ("unknown-command", ["frobnicate"], "usage"),
     ("positional-junk", ["train", "sft", "steps", "3"], "unexpected argument 'steps'"),

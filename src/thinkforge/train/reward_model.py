@@ -110,6 +110,8 @@ class RMConfig(ModelOptions):
         super().__post_init__()
         check(self.kind in RM_KINDS, f"kind must be one of {RM_KINDS}, got {self.kind!r}")
         check(self.labels in LABEL_SOURCES, f"labels must be one of {LABEL_SOURCES}, got {self.labels!r}")
+        check(not (self.lora_r and self.extra_layers), "LoRA freezes the backbone, so fresh --extra-layers would stay "
+                                                       "random: use one or the other")
         for name in ("problems", "samples", "max_new_tokens", "mc_rollouts", "steps", "batch_size", "batch_rows"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.eval_problems >= 0 and self.temperature > 0 and self.lr > 0, "need eval_problems >= 0, temperature > 0, lr > 0")
@@ -354,8 +356,6 @@ def load_rm(cfg: RMConfig, run: Path, device, dropout: float | None = None):
     from peft import PeftModel
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    if cfg.lora_r and cfg.extra_layers:
-        raise ConfigError("LoRA freezes the backbone, so fresh --extra-layers would stay random: use one or the other")
     path, ck = cfg.model or cfg.policy, run / "checkpoint"
     torch.manual_seed(cfg.seed)  # the new head's initial weights
     if cfg.resume and (ck / "adapter_config.json").is_file():
