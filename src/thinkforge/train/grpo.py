@@ -135,10 +135,19 @@ def _tensors(comps, pad: int, mask_truncated: bool, device):
     return ids.to(device), mask.to(device), old.to(device)
 
 
-LOGIT_ROWS = 1024  # token positions whose float32 logits exist at once (a (1024, V) block, not (N, L, V))
+LOGIT_BLOCK_BYTES = 64 * 2**20  # float32 logits that exist at once: a (rows, V) block of 64 MB, not (N, L, V)
 
 
-def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: bool = False, rows: int = LOGIT_ROWS):
+def logit_rows(vocab: int) -> int:
+    """Token positions per block of logits: 110 at a 151,936-token vocabulary, the whole batch at a small one.
+
+    >>> logit_rows(151_936), logit_rows(108)
+    (110, 155344)
+    """
+    return max(16, LOGIT_BLOCK_BYTES // (4 * vocab))
+
+
+def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: bool = False, rows: int | None = None):
     """log π(ids[t+1] | ids[:t+1]) for every t under logits / temperature: (N, L-1) (and the entropy).
 
     The (N, L, V) float32 logits are never built: the model returns its last hidden states (and the logits
@@ -155,6 +164,7 @@ def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: b
     hidden = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]  # (N, L-1, H)
     N, L, H = hidden.shape
     entropy = torch.empty(N * L, device=hidden.device) if with_entropy else None
+    rows = rows or logit_rows(head.weight.shape[0])
     logp = _HeadLogprob.apply(hidden.reshape(N * L, H), head.weight, ids[:, 1:].reshape(-1), temperature, rows, entropy)
     return logp.view(N, L), (entropy.view(N, L) if with_entropy else None)
 
