@@ -105,6 +105,7 @@ def _commands():
     from thinkforge.train.reward_model import RMConfig
     from thinkforge.train.sft import SFTConfig
     from thinkforge.train.verifier import VerifierConfig
+    from thinkforge.ui import ExportConfig, UIConfig
 
     return {
         "train sft": (SFTConfig, "supervised fine-tuning on reasoning traces", _train_sft),
@@ -122,6 +123,8 @@ def _commands():
         "generate": (GenerateConfig, "complete one prompt (thinking budget, budget forcing)", _generate),
         "serve": (ServeConfig, "OpenAI-compatible server: /v1/responses, /v1/chat/completions, /v1/models", _serve),
         "demo": (DemoConfig, "train direct vs chain-of-thought models at equal compute and compare", _demo),
+        "ui": (UIConfig, "the browser app: rank model outputs (labels in SQLite) for reward models and DPO", _ui),
+        "labels export": (ExportConfig, "write a queue's labels as preference rankings or pairs (JSONL)", _export),
     }
 
 
@@ -228,6 +231,18 @@ def _pipeline(argv: list[str]) -> None:
     res = run_recipe(args.recipe, args.out)
     print(format_rows(res["rows"]))
     print(f"{len(res['stages'])} stages in {res['seconds']:.0f} s; results in {res['out']}/results.json")
+
+
+def _ui(cfg) -> None:
+    from thinkforge.ui import serve
+
+    serve(cfg)
+
+
+def _export(cfg) -> None:
+    from thinkforge.ui import export
+
+    print(export(cfg))
 
 
 def _serve(cfg) -> None:

@@ -1,0 +1,232 @@
+"""The labelling app and its SQLite store: rankings in, the trainers' files out; one label per labeller per
+item; concurrent labellers; kill -9 loses no acknowledged label; model output escaped; the token."""
+import json
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from thinkforge.preferences import read_preferences
+from thinkforge.ui import ExportConfig, UIConfig, create_app, export
+from thinkforge.ui.store import LabelError, LabelStore
+
+ITEMS = [{"prompt": f"{a}*3", "completions": [f"<think>\n{a}*3={3 * a}\n</think>\n<answer>{3 * a}</answer>",
+                                                f"<answer>{3 * a + 1}</answer>", f"<answer>{3 * a - 1}</answer>",
+                                                "<answer>?</answer>"]} for a in range(11, 17)]
+
+
+@pytest.fixture
+def client(tmp_path):
+    app = create_app(UIConfig(db=str(tmp_path / "labels.sqlite")))
+    app.state.store.add_items("q", ITEMS)
+    return TestClient(app)
+
+
+def test_rankings_round_trip_into_the_trainers_files(client, tmp_path):
+    store = client.app.state.store
+    done = []
+    for _ in ITEMS[:3]:
+        item = client.get("/api/next/q", params={"labeller": "ana"}).json()
+        r = client.post("/api/label", json={"item_id": item["item_id"], "labeller": "ana", "ranking": [0, 1, 2, 3]})
+        assert r.status_code == 200, r.text
+        done.append(item["item_id"])
+    for item_id in done:  # bo ranks the same three items
+        r = client.post("/api/label", json={"item_id": item_id, "labeller": "bo", "ranking": [0, 2, 1, 3]})
+        assert r.status_code == 200, r.text
+    item = client.get("/api/next/q", params={"labeller": "ana"}).json()
+    assert client.post("/api/label", json={"item_id": item["item_id"], "labeller": "ana", "skip": True}).status_code == 200
+    # the next item for bo is one nobody has touched: labellers spread over the queue
+    assert client.get("/api/next/q", params={"labeller": "bo"}).json()["item_id"] not in done + [item["item_id"]]
+    assert store.counts("q") == {"items": 6, "rankings": 6, "skips": 1, "items_unranked": 3}
+    # ana and bo agree on the pairs (0,1), (0,2), (0,3), (1,3), (2,3) and disagree on (1,2): 5 of 6 per item
+    agree = store.agreement("q")
+    assert agree["pairs_compared"] == 18 and agree["agreement"] == pytest.approx(15 / 18)
+    out = tmp_path / "rankings.jsonl"
+    msg = export(ExportConfig(db=str(tmp_path / "labels.sqlite"), queue="q", format="rankings", out=str(out)))
+    assert "6 rankings rows" in msg and "1 skips" in msg and "3 items nobody ranked" in msg
+    rankings = read_preferences(out)
+    assert len(rankings) == 6 and rankings[0].ranks == [0, 1, 2, 3] and rankings[0].completions == ITEMS[0]["completions"]
+    pairs = tmp_path / "pairs.jsonl"
+    export(ExportConfig(db=str(tmp_path / "labels.sqlite"), queue="q", format="pairs", out=str(pairs)))
+    rows = [json.loads(x) for x in pairs.read_text().splitlines()]
+    assert len(rows) == 6 * 6 and len(read_preferences(pairs)) == 36
+    assert rows[0] == {"prompt": ITEMS[0]["prompt"], "chosen": ITEMS[0]["completions"][0],
+                       "rejected": ITEMS[0]["completions"][1], "labeller": "ana"}
+    ties = client.app.state.store
+    ties.add_items("t", ITEMS[:1])
+    item = ties.next_item("t", "cy")
+    ties.submit(item.id, "cy", [0, 0, 1, 1])  # two ties: 4 ordered pairs
+    assert len(ties.export("t", "pairs")) == 4
+
+
+def test_trains_a_reward_model_from_the_export(client, tmp_path):
+    from thinkforge.models import char_tokenizer, save_model, tiny_model
+    from thinkforge.train.reward_model import RMConfig, train_reward_model
+
+    store = client.app.state.store
+    for who in ("ana", "bo"):
+        while (item := store.next_item("q", who)) is not None:
+            store.submit(item.id, who, [0, 1, 2, 3] if who == "ana" else [0, 2, 1, 3])
+    out = tmp_path / "prefs.jsonl"
+    export(ExportConfig(db=str(tmp_path / "labels.sqlite"), queue="q", out=str(out)))
+    tok = char_tokenizer()
+    policy = save_model(tiny_model(tok, "micro"), tok, tmp_path / "policy")
+    run = train_reward_model(RMConfig(kind="preference", data=str(out), policy=str(policy), steps=2, batch_size=4,
+                                      out=str(tmp_path / "rm"), save_every=2, warmup=1, eval_share=0.3))
+    report = json.loads((run / "eval.json").read_text())
+    assert report["train_rankings"] + report["held_out_rankings"] == 12  # 6 items x 2 labellers, none dropped
+    assert report["held_out_pairs"] == 6 * report["held_out_rankings"]
+
+
+def test_one_label_per_labeller_per_item_and_undo(client):
+    item = client.get("/api/next/q", params={"labeller": "ana"}).json()
+    ok = client.post("/api/label", json={"item_id": item["item_id"], "labeller": "ana", "ranking": [1, 0, 2, 3]})
+    assert ok.status_code == 200
+    again = client.post("/api/label", json={"item_id": item["item_id"], "labeller": "ana", "ranking": [0, 1, 2, 3]})
+    assert again.status_code == 409 and "undo" in again.json()["error"]["message"]
+    assert client.get("/api/next/q", params={"labeller": "ana"}).json()["item_id"] != item["item_id"]
+    assert client.post("/api/undo", json={"queue": "q", "labeller": "ana"}).json() == {"item_id": item["item_id"]}
+    assert client.get("/api/next/q", params={"labeller": "ana"}).json()["item_id"] == item["item_id"]
+    assert client.post("/api/label", json={"item_id": item["item_id"], "labeller": "ana", "ranking": [0, 1, 2, 3]}).status_code == 200
+    assert client.post("/api/undo", json={"queue": "q", "labeller": "nobody"}).json() == {"item_id": None}
+
+
+@pytest.mark.parametrize("body,status,phrase", [
+    ({"item_id": 1, "labeller": "ana", "ranking": [0, 1]}, 400, "'ranking' must be a list of 4 ranks"),
+    ({"item_id": 1, "labeller": "ana", "ranking": [0, 1, 2, 9]}, 400, "integers from 0 (best) to 3"),
+    ({"item_id": 1, "labeller": "ana", "ranking": [2, 2, 2, 2]}, 400, "ties every completion"),
+    ({"item_id": 1, "labeller": "ana", "ranking": ["0", 1, 2, 3]}, 400, "'ranking' must be a list"),
+    ({"item_id": 999, "labeller": "ana", "ranking": [0, 1, 2, 3]}, 404, "no item 999"),
+    ({"item_id": "1", "labeller": "ana", "ranking": [0, 1, 2, 3]}, 400, "'item_id' must be an integer"),
+    ({"item_id": 1, "labeller": "", "ranking": [0, 1, 2, 3]}, 400, "'labeller' must be a name"),
+    ({"item_id": 1, "labeller": "ana"}, 400, "either 'ranking' or"),
+    ({"item_id": 1, "labeller": "ana", "ranking": [0, 1, 2, 3], "skip": True}, 400, "either 'ranking' or"),
+    ([1, 2], 400, "must be a JSON object"),
+])
+def test_bad_labels_are_4xx_with_a_message(client, body, status, phrase):
+    r = client.post("/api/label", json=body)
+    assert r.status_code == status and phrase in r.json()["error"]["message"], r.text
+    assert "Traceback" not in r.text
+
+
+def test_bad_queue_rows_add_nothing(tmp_path):
+    store = LabelStore(tmp_path / "l.sqlite")
+    with pytest.raises(LabelError, match=r"rows\[1\]: field 'completions' must be a list of 2 to 16"):
+        store.add_items("q", [ITEMS[0], {"prompt": "p", "completions": ["only one"]}])
+    assert store.queues() == []
+    assert store.add_items("q", [ITEMS[0], {"prompt": "p", "chosen": "a", "rejected": "b"}]) == {"added": 2, "already_queued": 0}
+    assert store.add_items("q", [ITEMS[0]]) == {"added": 0, "already_queued": 1}
+
+
+def test_model_output_is_shown_escaped(tmp_path):
+    app = create_app(UIConfig(db=str(tmp_path / "l.sqlite")))
+    evil = "<script>alert('x')</script><img src=x onerror=alert(1)>"
+    app.state.store.add_items("evil", [{"prompt": f"p {evil}", "completions": [f"<think>{evil}</think>{evil}", "fine"]}])
+    page = TestClient(app).get("/label/evil", params={"labeller": "ana"}).text
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert page.count("&lt;img src=x onerror=alert(1)&gt;") == 3  # prompt, thinking, answer
+    index = TestClient(app).get("/").text
+    assert "evil" in index
+
+
+def test_token_guards_every_route(tmp_path):
+    app = create_app(UIConfig(db=str(tmp_path / "l.sqlite"), token="s3cret"))
+    c = TestClient(app)
+    assert c.get("/").status_code == 401 and c.get("/api/queues").status_code == 401
+    assert c.post("/api/label", json={}).status_code == 401
+    assert c.get("/api/queues", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    first = c.get("/", params={"token": "s3cret"})  # the browser's way: once in the URL, then a cookie
+    assert first.status_code == 200 and "tf_token" in first.cookies
+    assert c.get("/api/queues").status_code == 200
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(db, tmp_path, queue_file=None):
+    port = _free_port()
+    args = [sys.executable, "-m", "thinkforge", "ui", "--db", str(db), "--port", str(port)]
+    if queue_file:
+        args += ["--queue-file", str(queue_file), "--queue", "q"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            httpx.get(url + "/api/queues", timeout=1)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(proc.stderr.read().decode()[-2000:])
+
+
+@pytest.mark.timeout(120)
+def test_twenty_labellers_at_once_and_kill_9_lose_nothing(tmp_path):
+    queue = tmp_path / "items.jsonl"
+    many = [{"prompt": f"{a}+{b}", "completions": [str(a + b), str(a + b + 1), str(a - b)]} for a in range(10) for b in range(4)]
+    queue.write_text("".join(json.dumps(r) + "\n" for r in many))
+    db = tmp_path / "labels.sqlite"
+    proc, url = _start(db, tmp_path, queue)
+    acknowledged: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def labeller(name):
+        with httpx.Client(base_url=url, timeout=30) as h:
+            while not stop.is_set():
+                item = h.get("/api/next/q", params={"labeller": name}).json()
+                if item is None:
+                    return
+                r = h.post("/api/label", json={"item_id": item["item_id"], "labeller": name, "ranking": [0, 1, 2]})
+                if r.status_code == 200:
+                    with lock:
+                        acknowledged.append((name, item["item_id"]))
+                else:
+                    raise AssertionError(r.text)
+
+    def run(names, seconds=None):
+        threads = [threading.Thread(target=_swallow, args=(labeller, n)) for n in names]
+        for t in threads:
+            t.start()
+        if seconds is not None:
+            time.sleep(seconds)
+            proc.send_signal(signal.SIGKILL)  # kill -9 while 20 people are writing
+            stop.set()
+        for t in threads:
+            t.join(60)
+
+    run([f"p{i}" for i in range(20)], seconds=1.5)
+    proc.wait(10)
+    with sqlite3.connect(db) as con:
+        stored = set(con.execute("SELECT labeller, item_id FROM labels").fetchall())
+    assert acknowledged and set(acknowledged) <= stored  # every acknowledged label survived the kill
+    assert len(stored) == len(set(stored))
+    # restart and finish: every labeller labels every item exactly once
+    proc, url = _start(db, tmp_path)
+    stop.clear()
+    try:
+        run([f"p{i}" for i in range(20)])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT labeller, item_id FROM labels").fetchall()
+    assert len(rows) == len(set(rows)) == 20 * len(many)
+
+
+def _swallow(fn, *args):
+    try:
+        fn(*args)
+    except httpx.HTTPError:  # the server was killed under this labeller: expected in the first round
+        pass
