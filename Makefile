@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup bench clean sandbox-tool
+.PHONY: demo test setup bench clean sandbox-tool browser
 
 # Checked on every run (cheap), so an existing venv on a machine without bubblewrap still gets it.
 sandbox-tool:
@@ -17,6 +17,13 @@ sandbox-tool:
 		echo "installing bubblewrap (the code sandbox's OS boundary)"; \
 		apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
 	else echo "bubblewrap is missing: code rewards will refuse to run (sudo apt-get install bubblewrap)"; fi; }
+
+# The UI's browser tests drive Debian's chromium through selenium; installed here when missing (as root).
+browser:
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { if [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium and chromedriver (the UI's browser tests)"; \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "chromium/chromedriver missing: the browser tests will be skipped (sudo apt-get install chromium chromium-driver)"; fi; }
 
 $(STAMP): pyproject.toml
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -32,7 +39,7 @@ setup: $(STAMP) sandbox-tool
 demo: $(STAMP) sandbox-tool
 	HF_HUB_OFFLINE=1 $(VENV)/bin/thinkforge demo
 
-test: $(STAMP) sandbox-tool
+test: $(STAMP) sandbox-tool browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 bench: $(STAMP)

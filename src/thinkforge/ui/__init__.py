@@ -20,6 +20,7 @@ status, never a stack trace.
 import html
 import json
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from thinkforge.config import check, option
 from thinkforge.ui.store import Item, LabelError, LabelStore, check_labeller
@@ -127,12 +128,15 @@ def create_app(cfg: UIConfig):
         rows = "".join(
             f"<tr><td>{html.escape(q['queue'])}</td><td>{q['items']}</td><td>{q['labels']}</td><td>{q['labellers']}</td>"
             f"<td>{_pct(store.agreement(q['queue'])['agreement'])}</td>"
-            f"<td><a class='open' href='#' data-queue='{html.escape(q['queue'], quote=True)}'>label</a></td></tr>"
+            f"<td><a class='open' href='#' data-queue='{html.escape(q['queue'], quote=True)}'>label</a></td>"
+            f"<td><a href='/api/export/{quote(q['queue'])}?format=rankings'>rankings</a> · "
+            f"<a href='/api/export/{quote(q['queue'])}?format=pairs'>pairs</a></td></tr>"
             for q in store.queues())
         return _page("thinkforge · labelling", f"""
 <h1>Labelling</h1>
 <p><label>your name <input id="labeller" maxlength="64" autocomplete="name"></label></p>
-<table><tr><th>queue</th><th>items</th><th>labels</th><th>labellers</th><th>agreement</th><th></th></tr>{rows}</table>
+<table><tr><th>queue</th><th>items</th><th>labels</th><th>labellers</th><th>agreement</th><th></th><th>export</th></tr>
+{rows}</table>
 <script>
 const who = document.getElementById('labeller');
 who.value = localStorage.getItem('tf_labeller') || '';
@@ -189,7 +193,9 @@ for (const a of document.querySelectorAll('a.open')) a.onclick = (ev) => {{
     @app.get("/api/export/{queue}")
     async def export(queue: str, format: str = "rankings"):
         rows = store.export(queue, format)
-        return PlainTextResponse("".join(json.dumps(r) + "\n" for r in rows), media_type="application/x-ndjson")
+        name = f"{queue}-{format}.jsonl".replace("/", "_").replace('"', "_")
+        return PlainTextResponse("".join(json.dumps(r) + "\n" for r in rows), media_type="application/x-ndjson",
+                                 headers={"content-disposition": f'attachment; filename="{name}"'})
 
     return app
 

@@ -1,0 +1,110 @@
+"""The labelling app in a real browser (Debian's chromium, headless, through selenium): name yourself, open a
+queue, rank 4 completions with the keyboard (a tie included), undo, rank again, export, and read the export
+as a preference file. UPDATE_SCREENSHOTS=1 writes the screenshots the README shows (docs/ui-*.png)."""
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from serve_helpers import free_port
+
+from thinkforge.preferences import read_preferences
+from thinkforge.ui import UIConfig, create_app
+
+# make test installs chromium when it can (as root); on CI a missing browser is a failure, not a skip
+pytestmark = pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")) and not os.environ.get("CI"),
+                                reason="needs chromium and chromedriver (make test installs them as root)")
+EVIL = "<script>document.title='pwned'</script>"
+ITEMS = [{"prompt": f"What is {a}*3?", "completions": [
+    f"<think>\n{a}*3 = {3 * a}\n</think>\n<answer>{3 * a}</answer>", f"<answer>{3 * a + 1}</answer>",
+    f"<think>\n{a} times 3 {EVIL}\n</think>\n<answer>{3 * a}</answer>", "<answer>no idea</answer>"]} for a in (12, 47)]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    import uvicorn
+
+    db = tmp_path_factory.mktemp("ui") / "labels.sqlite"
+    app = create_app(UIConfig(db=str(db)))
+    app.state.store.add_items("mul", ITEMS)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app.state.store
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1300"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    yield driver
+    driver.quit()
+
+
+def shot(driver, name, tmp_path):
+    folder = Path(__file__).parent.parent / "docs" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path
+    driver.save_screenshot(str(folder / f"ui-{name}.png"))
+
+
+def wait_for(driver, css, timeout=10):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
+
+
+def test_rank_with_the_keyboard_undo_and_export(site, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, store = site
+    browser.get(url + "/")
+    wait_for(browser, "#labeller").send_keys("ana")
+    shot(browser, "queues", tmp_path)
+    browser.find_element(By.CSS_SELECTOR, "a.open").click()
+    wait_for(browser, "#item")
+    first = int(browser.find_element(By.ID, "item").get_attribute("data-item"))
+    assert browser.title != "pwned"  # the completion's <script> is text on the page, not a script
+    assert EVIL in browser.find_element(By.CSS_SELECTOR, ".card[data-k='2'] details").get_attribute("textContent")
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("1", "3", "=", "2", "4")  # 1 best, then 3 and 2 tied, then 4
+    assert browser.find_element(By.ID, "order-text").text == "1 > 3=2 > 4"
+    shot(browser, "ranking", tmp_path)
+    body.send_keys(Keys.ENTER)
+    wait_for(browser, f"#item:not([data-item='{first}'])")
+    labels = store.labels("mul")
+    assert [(x["labeller"], x["item_id"], x["ranking"]) for x in labels] == [("ana", first, [0, 1, 1, 2])]
+    browser.find_element(By.TAG_NAME, "body").send_keys("u")  # undo: back to the first item, label gone
+    wait_for(browser, f"#item[data-item='{first}']")
+    assert store.labels("mul") == []
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("2", "1", "3", "4", Keys.BACKSPACE, Keys.BACKSPACE, "4", "3")  # 2 > 1 > 4 > 3
+    assert browser.find_element(By.ID, "order-text").text == "2 > 1 > 4 > 3"
+    body.send_keys(Keys.ENTER)
+    wait_for(browser, f"#item:not([data-item='{first}'])")
+    browser.find_element(By.TAG_NAME, "body").send_keys("s")  # skip the second item
+    wait_for(browser, "#done")
+    browser.get(url + "/")
+    link = wait_for(browser, "a[href*='format=rankings']").get_attribute("href")  # a download: fetch it as the page would
+    text = browser.execute_async_script("fetch(arguments[0]).then(r => r.text()).then(arguments[1])", link)
+    rows = [json.loads(x) for x in text.splitlines()]
+    assert rows == [{"prompt": ITEMS[0]["prompt"], "completions": ITEMS[0]["completions"], "ranking": [1, 0, 3, 2],
+                     "labeller": "ana"}]
+    path = tmp_path / "export.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_preferences(path)[0].ranks == [1, 0, 3, 2]
