@@ -230,3 +230,40 @@ def _swallow(fn, *args):
         fn(*args)
     except httpx.HTTPError:  # the server was killed under this labeller: expected in the first round
         pass
+
+
+@pytest.fixture
+def runs_client(tmp_path):
+    root = tmp_path / "runs"
+    (root / "demo" / "grpo").mkdir(parents=True)
+    rows = [{"step": i, "loss": 1.0 / (i + 1), "reward": 0.1 * i, "seen_tokens": 100, "step_time": 0.5} for i in range(5)]
+    (root / "demo" / "grpo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
+    (root / "demo" / "grpo" / "config.toml").write_text('model = "<script>x</script>"\n')
+    (root / "demo" / "results.json").write_text(json.dumps({"rows": [
+        {"stage": "grpo", "method": "greedy", "metric": "pass@1", "value": 0.42, "ci_low": 0.37, "ci_high": 0.47, "n": 300}]}))
+    (root / "demo" / "accuracy.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (root / "rm").mkdir()
+    (root / "rm" / "eval.json").write_text(json.dumps({"accuracy": {"mean": 0.6, "ci_low": 0.5, "ci_high": 0.7}}))
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "eval.json").write_text("{}")  # a run, but not under the runs root
+    return TestClient(create_app(UIConfig(runs=str(root), db=str(tmp_path / "l.sqlite")))), root
+
+
+def test_runs_are_listed_and_shown(runs_client):
+    c, root = runs_client
+    page = c.get("/runs").text
+    assert all(f"/run/{n}" in page for n in ("demo", "demo/grpo", "rm"))
+    m = c.get("/api/metrics/demo/grpo").json()
+    assert [r["step"] for r in m["rows"]] == [0, 1, 2, 3, 4]  # the half-written 6th line waits for its end
+    run = c.get("/run/demo/grpo").text
+    assert "&lt;script&gt;x&lt;/script&gt;" in run and "<script>x</script>" not in run  # config shown as text
+    demo = c.get("/run/demo").text
+    assert "pass@1" in demo and "0.42" in demo and "/file/demo/accuracy.png" in demo
+    assert "accuracy" in c.get("/run/rm").text and "0.6" in c.get("/run/rm").text
+    assert c.get("/file/demo/accuracy.png").status_code == 200
+    for bad in ("/file/%2e%2e/secret.png", "/run/%2e%2e/outside", "/run/nope", "/api/metrics/%2e%2e/%2e%2e", "/file/demo/grpo/config.toml"):
+        r = c.get(bad)
+        assert r.status_code == 404, bad
+    assert c.get("/compare", params={"run": ["demo/grpo", "rm"]}).status_code == 200
+    assert c.get("/compare").status_code == 400

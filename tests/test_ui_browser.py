@@ -27,8 +27,14 @@ ITEMS = [{"prompt": f"What is {a}*3?", "completions": [
 def site(tmp_path_factory):
     import uvicorn
 
-    db = tmp_path_factory.mktemp("ui") / "labels.sqlite"
-    app = create_app(UIConfig(db=str(db)))
+    base = tmp_path_factory.mktemp("ui")
+    db, runs = base / "labels.sqlite", base / "runs"
+    (runs / "grpo").mkdir(parents=True)
+    (runs / "grpo" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i, "reward": 0.1 * i, "loss": 1 / (i + 1), "seen_tokens": 512, "step_time": 1.0}) + "\n"
+        for i in range(5)))
+    app = create_app(UIConfig(db=str(db), runs=str(runs)))
+    app.state.runs = runs
     app.state.store.add_items("mul", ITEMS)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
@@ -36,7 +42,7 @@ def site(tmp_path_factory):
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app.state.store
+    yield f"http://127.0.0.1:{port}", app.state.store, runs
     server.should_exit = True
     thread.join(10)
 
@@ -72,7 +78,7 @@ def test_rank_with_the_keyboard_undo_and_export(site, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    url, store = site
+    url, store, _ = site
     browser.get(url + "/")
     wait_for(browser, "#labeller").send_keys("ana")
     shot(browser, "queues", tmp_path)
@@ -108,3 +114,22 @@ def test_rank_with_the_keyboard_undo_and_export(site, browser, tmp_path):
     path = tmp_path / "export.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_preferences(path)[0].ranks == [1, 0, 3, 2]
+
+
+def test_a_run_curve_updates_live(site, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _, runs = site
+    browser.get(url + "/runs")
+    wait_for(browser, "a[href='/run/grpo']").click()
+    curve = wait_for(browser, "polyline.curve")
+    assert browser.find_element(By.ID, "metric").get_attribute("value") == "reward"
+    assert len(curve.get_attribute("points").split()) == 5
+    shot(browser, "run", tmp_path)
+    with (runs / "grpo" / "metrics.jsonl").open("a") as f:  # the run goes on: two more steps
+        for i in (5, 6):
+            f.write(json.dumps({"step": i, "reward": 0.1 * i, "loss": 1 / (i + 1), "seen_tokens": 512, "step_time": 1.0}) + "\n")
+    WebDriverWait(browser, 15).until(
+        lambda d: len(d.find_element(By.CSS_SELECTOR, "polyline.curve").get_attribute("points").split()) == 7)
+    assert browser.find_element(By.ID, "live").text == "live"

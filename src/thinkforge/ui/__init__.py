@@ -20,9 +20,11 @@ status, never a stack trace.
 import html
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote
 
 from thinkforge.config import check, option
+from thinkforge.ui import runs as runs_mod
 from thinkforge.ui.store import Item, LabelError, LabelStore, check_labeller
 
 MAX_BODY = 1_000_000  # bytes of one JSON request
@@ -30,6 +32,7 @@ MAX_BODY = 1_000_000  # bytes of one JSON request
 
 @dataclass
 class UIConfig:
+    runs: str = option("runs", "folder whose run folders (metrics.jsonl, results.json, eval.json) are shown")
     db: str = option("labels.sqlite", "the SQLite label store (created when missing)")
     queue_file: str | None = option(None, "JSONL of {prompt, completions} (or {prompt, chosen, rejected}) to queue at start")
     queue: str = option("default", "queue the --queue-file rows go to")
@@ -71,9 +74,9 @@ def export(cfg: ExportConfig) -> str:
 
 
 def create_app(cfg: UIConfig):
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 
     store = LabelStore(cfg.db)
     app = FastAPI(title="thinkforge ui", docs_url=None, redoc_url=None)
@@ -98,6 +101,55 @@ def create_app(cfg: UIConfig):
         if cfg.token is not None and request.query_params.get("token") == cfg.token:
             response.set_cookie("tf_token", cfg.token, httponly=True, samesite="strict")
         return response
+
+    root = Path(cfg.runs)
+
+    @app.exception_handler(runs_mod.NotFound)
+    async def not_found(request, e):
+        return error(404, str(e))
+
+    @app.get("/runs", response_class=HTMLResponse)
+    async def runs_page():
+        rows = []
+        for r in runs_mod.find_runs(root):
+            last = (runs_mod.metrics(r) or [{}])[-1]
+            shown = " · ".join(f"{k} {last[k]:.3g}" for k in ("reward", "accuracy", "loss") if k in last)
+            rows.append(f"<tr><td><input type='checkbox' class='pick' value='{html.escape(r.name, quote=True)}'></td>"
+                        f"<td><a href='/run/{quote(r.name)}'>{html.escape(r.name)}</a></td>"
+                        f"<td>{last.get('step', '')}</td><td>{html.escape(shown)}</td></tr>")
+        return _page("thinkforge · runs", f"""<h1>Runs in {html.escape(str(root))}</h1><p><a href="/">labelling</a></p>
+<table><tr><th></th><th>run</th><th>last step</th><th>last values</th></tr>{''.join(rows)}</table>
+<p><button id="compare">compare the ticked runs</button></p>
+<script>document.getElementById('compare').onclick = () => {{
+  const q = [...document.querySelectorAll('input.pick:checked')].map(x => 'run=' + encodeURIComponent(x.value)).join('&');
+  if (q) location.href = '/compare?' + q; }};</script>""")
+
+    @app.get("/run/{name:path}", response_class=HTMLResponse)
+    async def run_page(name: str):
+        run = runs_mod.resolve(root, name)
+        table = _results_table(runs_mod.results(run))
+        plots = "".join(f"<figure><img src='/file/{quote(p)}' alt='{html.escape(p, quote=True)}'></figure>"
+                        for p in runs_mod.images(run, root))
+        config = runs_mod.config_text(run)
+        return _page(f"{run.name} · run", f"""<h1>{html.escape(run.name)}</h1><p><a href="/runs">runs</a></p>
+{_chart([run.name])}{('<h2>Results</h2>' + table) if table else ''}{('<h2>Plots</h2>' + plots) if plots else ''}
+{('<h2>Config</h2><pre id="config">' + html.escape(config) + '</pre>') if config else ''}""")
+
+    @app.get("/compare", response_class=HTMLResponse)
+    async def compare(run: list[str] = Query(default=[])):
+        found = [runs_mod.resolve(root, r).name for r in run[:12]]
+        if not found:
+            raise LabelError("tick at least one run to compare", "run")
+        return _page("compare runs", f"<h1>Compare</h1><p><a href='/runs'>runs</a></p>{_chart(found)}")
+
+    @app.get("/api/metrics/{name:path}")
+    async def metrics_api(name: str):
+        run = runs_mod.resolve(root, name)
+        return {"run": run.name, "rows": runs_mod.metrics(run), "modified": run.modified}
+
+    @app.get("/file/{name:path}")
+    async def file(name: str):
+        return FileResponse(runs_mod.file_in(root, name))
 
     @app.exception_handler(LabelError)
     async def label_error(request, e: LabelError):
@@ -133,7 +185,7 @@ def create_app(cfg: UIConfig):
             f"<a href='/api/export/{quote(q['queue'])}?format=pairs'>pairs</a></td></tr>"
             for q in store.queues())
         return _page("thinkforge · labelling", f"""
-<h1>Labelling</h1>
+<p><a href="/runs">runs</a></p><h1>Labelling</h1>
 <p><label>your name <input id="labeller" maxlength="64" autocomplete="name"></label></p>
 <table><tr><th>queue</th><th>items</th><th>labels</th><th>labellers</th><th>agreement</th><th></th><th>export</th></tr>
 {rows}</table>
@@ -198,6 +250,86 @@ for (const a of document.querySelectorAll('a.open')) a.onclick = (ev) => {{
                                  headers={"content-disposition": f'attachment; filename="{name}"'})
 
     return app
+
+
+def _results_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = [k for k in ("stage", "method", "metric", "value", "ci_low", "ci_high", "n", "tokens") if any(k in r for r in rows)]
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else html.escape(str(v if v is not None else ""))  # noqa: E731
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(k))}</td>" for k in keys) + "</tr>" for r in rows)
+    return f"<table class='results'><tr>{''.join(f'<th>{k}</th>' for k in keys)}</tr>{body}</table>"
+
+
+def _chart(names: list[str]) -> str:
+    """Curves of one metric for the runs ``names`` (overlaid), drawn as SVG by a little JavaScript from
+    /api/metrics; x = step, tokens seen or seconds; EMA smoothing as TensorBoard's; a zoom range; live: the
+    runs are polled every 3 s while their metrics file keeps changing."""
+    return f"""<div id="chart-box"><p>metric <select id="metric"></select> x <select id="xaxis">
+<option value="step">step</option><option value="seen_tokens">tokens</option><option value="step_time">seconds</option>
+</select> smoothing <input id="smooth" type="range" min="0" max="0.99" step="0.01" value="0">
+zoom x from <input id="xmin" size="6"> to <input id="xmax" size="6"> <span id="live"></span></p>
+<svg id="chart" width="900" height="320" viewBox="0 0 900 320" role="img"></svg><div id="legend"></div></div>
+<script>
+const names = {json.dumps(names)}, data = {{}}, colors = ['#1f77b4','#d62728','#2ca02c','#9467bd','#ff7f0e','#8c564b'];
+const $ = (id) => document.getElementById(id);
+async function load() {{
+  let changed = false;
+  for (const n of names) {{
+    const r = await fetch('/api/metrics/' + n.split('/').map(encodeURIComponent).join('/'));
+    if (!r.ok) continue;
+    const got = await r.json();
+    if (!data[n] || got.rows.length !== data[n].rows.length) changed = true;
+    data[n] = got;
+  }}
+  const keys = new Set(); Object.values(data).forEach(d => d.rows.forEach(row => Object.keys(row).forEach(k => keys.add(k))));
+  const sel = $('metric'), had = sel.value;
+  if (sel.options.length !== keys.size) {{
+    sel.innerHTML = '';
+    [...keys].filter(k => k !== 'step').sort().forEach(k => sel.add(new Option(k, k)));
+    sel.value = had || (keys.has('reward') ? 'reward' : keys.has('loss') ? 'loss' : sel.options[0]?.value);
+  }}
+  const fresh = Object.values(data).some(d => Date.now() / 1000 - d.modified < 60);
+  $('live').textContent = fresh ? 'live' : '';
+  if (changed) draw();
+  if (fresh) setTimeout(load, 3000);
+}}
+function series(rows, metric, xkey) {{
+  let acc = 0, sm = null; const a = Number($('smooth').value), out = [];
+  for (const row of rows) {{
+    const x = xkey === 'step' ? row.step : (acc += (row[xkey] || 0));
+    if (!(metric in row)) continue;
+    sm = sm === null ? row[metric] : a * sm + (1 - a) * row[metric];
+    out.push([x, sm]);
+  }}
+  const lo = parseFloat($('xmin').value), hi = parseFloat($('xmax').value);
+  return out.filter(([x]) => !(x < lo) && !(x > hi));
+}}
+function draw() {{
+  const metric = $('metric').value, xkey = $('xaxis').value, svg = $('chart');
+  const all = names.map(n => data[n] ? series(data[n].rows, metric, xkey) : []);
+  const pts = all.flat();
+  svg.innerHTML = ''; $('legend').innerHTML = '';
+  if (!pts.length) return;
+  const [x0, x1] = [Math.min(...pts.map(p => p[0])), Math.max(...pts.map(p => p[0]))];
+  const [y0, y1] = [Math.min(...pts.map(p => p[1])), Math.max(...pts.map(p => p[1]))];
+  const X = (x) => 50 + 830 * (x - x0) / ((x1 - x0) || 1), Y = (y) => 300 - 280 * (y - y0) / ((y1 - y0) || 1);
+  const ns = 'http://www.w3.org/2000/svg', el = (t, at) => {{ const e = document.createElementNS(ns, t);
+    for (const k in at) e.setAttribute(k, at[k]); svg.appendChild(e); return e; }};
+  el('line', {{x1: 50, y1: 300, x2: 880, y2: 300, stroke: '#999'}}); el('line', {{x1: 50, y1: 20, x2: 50, y2: 300, stroke: '#999'}});
+  for (const [v, y] of [[y0, 300], [y1, 20]]) el('text', {{x: 2, y: y + 4, 'font-size': 11}}).textContent = v.toPrecision(3);
+  for (const [v, x] of [[x0, 50], [x1, 850]]) el('text', {{x: x, y: 316, 'font-size': 11}}).textContent = v.toPrecision(4);
+  all.forEach((s, i) => {{
+    if (!s.length) return;
+    el('polyline', {{points: s.map(p => X(p[0]) + ',' + Y(p[1])).join(' '), fill: 'none', stroke: colors[i % 6],
+                     'stroke-width': 1.5, class: 'curve', 'data-run': names[i]}});
+    const item = document.createElement('span'); item.style.color = colors[i % 6];
+    item.textContent = '■ ' + names[i] + '  '; $('legend').appendChild(item);
+  }});
+}}
+for (const id of ['metric', 'xaxis', 'smooth', 'xmin', 'xmax']) $(id).oninput = draw;
+load();
+</script>"""
 
 
 def _pct(x) -> str:

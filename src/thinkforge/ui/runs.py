@@ -1,0 +1,123 @@
+"""Run folders as the browser shows them: found under ``--runs``, read without ever writing.
+
+A run is a folder holding ``metrics.jsonl`` (a trainer: one row per step), ``results.json`` (an evaluation
+or a recipe: rows of method, metric, value and 95% CI) or ``eval.json`` (a trainer's evaluation). Paths
+in URLs are relative to the runs root and must stay inside it (anything else is a 404, as is a missing
+run). A metrics file being written by a live run may end in half a line: that line is left for the next
+read, never shown half.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKERS = ("metrics.jsonl", "results.json", "eval.json")
+MAX_DEPTH = 4  # folder levels searched under the root
+MAX_ROWS = 100_000  # metric rows read from one run
+
+
+class NotFound(LookupError):
+    pass
+
+
+@dataclass
+class Run:
+    name: str  # path relative to the runs root, "/"-separated
+    path: Path
+
+    @property
+    def modified(self) -> float:
+        return max((self.path / m).stat().st_mtime for m in MARKERS if (self.path / m).is_file())
+
+
+def find_runs(root: Path) -> list[Run]:
+    root = root.resolve()
+    found = []
+
+    def walk(folder: Path, depth: int) -> None:
+        if any((folder / m).is_file() for m in MARKERS):
+            found.append(Run(folder.relative_to(root).as_posix() or ".", folder))
+        if depth < MAX_DEPTH:
+            for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                                and p.name not in ("checkpoint", "model", "adapter")):
+                walk(child, depth + 1)
+
+    if root.is_dir():
+        walk(root, 0)
+    return found
+
+
+def resolve(root: Path, name: str) -> Run:
+    """The run ``name`` under ``root``; :class:`NotFound` for anything outside it or not a run."""
+    root = root.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or not any((path / m).is_file() for m in MARKERS):
+        raise NotFound(f"no run {name!r}")
+    return Run(path.relative_to(root).as_posix() or ".", path)
+
+
+def file_in(root: Path, name: str) -> Path:
+    """A file of a run (a plot) by its path under ``root``; :class:`NotFound` outside it."""
+    root = root.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or not path.is_file() or path.suffix.lower() not in (".png", ".svg"):
+        raise NotFound(f"no image {name!r}")
+    return path
+
+
+def metrics(run: Run) -> list[dict]:
+    path = run.path / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open("rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):  # being written right now: next time
+                break
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line that is not JSON is not a metric row (shown nowhere, counted in the page)
+            if isinstance(row, dict):
+                rows.append({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            if len(rows) >= MAX_ROWS:
+                break
+    return rows
+
+
+def results(run: Run) -> list[dict]:
+    """Evaluation rows: ``results.json``'s rows, and ``eval.json`` flattened to (metric, value, CI) rows."""
+    out = []
+    path = run.path / "results.json"
+    if path.is_file():
+        try:
+            out += [r for r in json.loads(path.read_text()).get("rows", []) if isinstance(r, dict)]
+        except (ValueError, AttributeError):
+            pass
+    path = run.path / "eval.json"
+    if path.is_file():
+        try:
+            out += list(_flatten(json.loads(path.read_text())))
+        except ValueError:
+            pass
+    return out
+
+
+def _flatten(data, prefix: str = ""):
+    if isinstance(data, dict) and "mean" in data and isinstance(data["mean"], (int, float)):
+        yield {"metric": prefix, "value": data["mean"], "ci_low": data.get("ci_low"), "ci_high": data.get("ci_high")}
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        yield {"metric": prefix, "value": data}
+
+
+def config_text(run: Run) -> str:
+    path = run.path / "config.toml"
+    return path.read_text(errors="replace")[:200_000] if path.is_file() else ""
+
+
+def images(run: Run, root: Path) -> list[str]:
+    return [p.relative_to(root.resolve()).as_posix() for p in sorted(run.path.glob("*.png"))]
