@@ -30,3 +30,5 @@ def crash_then_resume(monkeypatch, module, make, cfg_of, tmp_path):
     got = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in ("step_time", "tokens_per_s", "gen_time")} for r in rows]
     assert strip(got) == strip(expected)
+    if (full / "traces.jsonl").exists():  # what the UI shows: the roll-outs of every batch, once
+        assert (tmp_path / "b" / "traces.jsonl").read_text() == (full / "traces.jsonl").read_text()

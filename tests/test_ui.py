@@ -267,3 +267,47 @@ def test_runs_are_listed_and_shown(runs_client):
         assert r.status_code == 404, bad
     assert c.get("/compare", params={"run": ["demo/grpo", "rm"]}).status_code == 200
     assert c.get("/compare").status_code == 400
+
+
+def _trace(pid, sample, completion, answer, correct, **kw):
+    return {"problem_id": pid, "question": f"q{pid} <b>bold</b>", "gold": "7", "sample": sample, "completion": completion,
+            "thinking": "t", "answer": answer, "correct": correct, "majority": "7", "finish_reason": "stop", "tokens": 5,
+            "thinking_tokens": 2, "forced_tokens": 0, **kw}
+
+
+def test_traces_filters_search_and_side_by_side(runs_client):
+    c, root = runs_client
+    evil = "<script>alert(1)</script>"
+    rows = [_trace("a", 0, "<think>t</think><answer>7</answer>", "7", True),
+            _trace("a", 1, f"<think>{evil}</think><answer>8</answer>", "8", False, finish_reason="length"),
+            _trace("b", 0, "<answer>7</answer>", "7", True),
+            _trace("c", 0, "<think>x</think><answer>5</answer>", "5", False, rewards={"format": 0.1, "accuracy": 0.0},
+                   reward=0.01, batch=3)]
+    (root / "demo" / "grpo" / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "rm" / "results.traces.jsonl").write_text(json.dumps(_trace("a", 0, "other run's answer", "7", True)) + "\n")
+    ids = lambda html: [x.split("problem=")[1].split("'")[0] for x in html.split("class='problem' href='")[1:]]  # noqa: E731
+    assert ids(c.get("/traces/demo/grpo").text) == ["a", "b", "c"]
+    assert ids(c.get("/traces/demo/grpo", params={"filter": "wrong"}).text) == ["a", "c"]
+    assert ids(c.get("/traces/demo/grpo", params={"filter": "truncated"}).text) == ["a"]
+    assert ids(c.get("/traces/demo/grpo", params={"filter": "format_only"}).text) == ["c"]
+    assert ids(c.get("/traces/demo/grpo", params={"filter": "disagree"}).text) == ["a", "c"]
+    assert ids(c.get("/traces/demo/grpo", params={"q": "SCRIPT"}).text) == ["a"]
+    assert c.get("/traces/demo/grpo", params={"filter": "nonsense"}).status_code == 404
+    page = c.get("/trace/demo/grpo", params={"problem": "a", "vs": "rm"}).text
+    assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<b>bold</b>" not in page
+    assert "other run&#x27;s answer" in page and page.count("class='card") == 3  # 2 here, 1 in the other run
+    assert "reward 0.01 (format 0.1, accuracy 0)" in c.get("/trace/demo/grpo", params={"problem": "c"}).text
+    assert "/traces/demo/grpo" in c.get("/run/demo/grpo").text
+
+
+def test_eval_writes_every_sample_as_a_trace(tmp_path, char_tok):
+    from thinkforge.evaluate import EvalConfig, run_eval
+    from thinkforge.models import save_model, tiny_model
+
+    model = save_model(tiny_model(char_tok, "micro"), char_tok, tmp_path / "m")
+    run_eval(EvalConfig(model=str(model), task="add", task_options={"digits": 2}, problems=3, samples=2,
+                        max_new_tokens=8, out=str(tmp_path / "ev" / "results.json")))
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "results.traces.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * (1 + 2) and {r["method"] for r in rows} == {"greedy", "sample"}
+    assert all(set(r) >= {"problem_id", "question", "gold", "completion", "answer", "correct", "finish_reason", "tokens",
+                          "thinking_tokens", "forced_tokens", "majority", "well_formed"} for r in rows)

@@ -33,6 +33,13 @@ def site(tmp_path_factory):
     (runs / "grpo" / "metrics.jsonl").write_text("".join(
         json.dumps({"step": i, "reward": 0.1 * i, "loss": 1 / (i + 1), "seen_tokens": 512, "step_time": 1.0}) + "\n"
         for i in range(5)))
+    (runs / "grpo" / "traces.jsonl").write_text("".join(json.dumps({
+        "batch": 0, "problem_id": "p1", "question": "What is 12*3?", "gold": "36", "sample": i, "completion": c,
+        "thinking": c.split("</think>")[0].removeprefix("<think>\n") if "</think>" in c else None,
+        "answer": c.split("<answer>")[1].split("</answer>")[0], "correct": i in (0, 2), "majority": "36",
+        "finish_reason": "stop", "tokens": 20, "thinking_tokens": 8, "forced_tokens": 0,
+        "reward": float(i in (0, 2)), "rewards": {"accuracy": float(i in (0, 2))}}) + "\n"
+        for i, c in enumerate(ITEMS[0]["completions"])))
     app = create_app(UIConfig(db=str(db), runs=str(runs)))
     app.state.runs = runs
     app.state.store.add_items("mul", ITEMS)
@@ -133,3 +140,19 @@ def test_a_run_curve_updates_live(site, browser, tmp_path):
     WebDriverWait(browser, 15).until(
         lambda d: len(d.find_element(By.CSS_SELECTOR, "polyline.curve").get_attribute("points").split()) == 7)
     assert browser.find_element(By.ID, "live").text == "live"
+
+
+def test_a_trace_page_folds_thinking_and_shows_scripts_as_text(site, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, _, _ = site
+    browser.get(url + "/run/grpo")
+    wait_for(browser, "a[href='/traces/grpo']").click()
+    wait_for(browser, "a.problem").click()
+    cards = wait_for(browser, ".card") and browser.find_elements(By.CSS_SELECTOR, ".card")
+    assert len(cards) == 4 and [("right" in c.get_attribute("class")) for c in cards] == [True, False, True, False]
+    thinking = cards[2].find_element(By.CSS_SELECTOR, "pre.thinking")
+    assert not thinking.is_displayed()  # folded until asked
+    cards[2].find_element(By.TAG_NAME, "summary").click()
+    assert thinking.is_displayed() and EVIL in thinking.text and browser.title != "pwned"
+    shot(browser, "trace", tmp_path)

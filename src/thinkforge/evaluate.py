@@ -34,7 +34,7 @@ import torch
 from thinkforge.config import check, option
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.metrics import bootstrap_ci, maj_correct, pass_at_k
-from thinkforge.sampling import Graded, sample_and_grade
+from thinkforge.sampling import Graded, sample_and_grade, trace_rows
 from thinkforge.tasks import Problem, Task, get_task
 
 
@@ -62,7 +62,7 @@ class EvalConfig:
     prompt_style: str = option("chat", "chat, cot (zero-shot 'think step by step') or few-shot")
     shots: int = option(2, "solved examples in a few-shot prompt")
     plot: str | None = option(None, "draw accuracy vs tokens of the sweep into this PNG")
-    out: str | None = option(None, "write the rows as JSON here")
+    out: str | None = option(None, "write the rows as JSON here (and, without --method, every sample to <out>.traces.jsonl)")
     device: str = option("auto", "auto, cpu or cuda")
 
     def __post_init__(self):
@@ -96,14 +96,18 @@ def mean_tokens(graded: list[Graded]) -> float:
 
 def evaluate_model(model, tok, task: Task, problems: list[Problem], stage: str, samples: int = 8,
                    temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
-                   thinking_budget: int | None = None, seed: int = 0, batch_rows: int = 256) -> tuple[list[dict], dict]:
+                   thinking_budget: int | None = None, seed: int = 0, batch_rows: int = 256,
+                   traces: list | None = None) -> tuple[list[dict], dict]:
     """Greedy pass@1, sampled pass@1, pass@k and maj@k rows for one model (see the module table), and the
-    per-problem values behind them (``{"greedy": [...], "sample": [...], "maj": [...]}``, for paired tests)."""
+    per-problem values behind them (``{"greedy": [...], "sample": [...], "maj": [...]}``, for paired tests).
+    ``traces``: a list that receives every completion's trace row (``sampling.trace_rows``)."""
     engine = Engine(model, tok)
     common = dict(max_new_tokens=max_new_tokens, thinking_budget=thinking_budget, seed=seed)
     greedy = sample_and_grade(engine, task, problems, SamplingParams(temperature=0, **common), batch_rows)
     sampled = sample_and_grade(engine, task, problems, SamplingParams(
         temperature=temperature, top_p=top_p, n=samples, **common), batch_rows)
+    if traces is not None:
+        traces += trace_rows(greedy, stage=stage, method="greedy") + trace_rows(sampled, stage=stage, method="sample")
     k = samples
     think = sum(c.thinking_tokens for g in sampled for c in g.completions) / max(1, len(sampled) * k)
     values = {
@@ -174,8 +178,15 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
                             orm=RewardModel.load(cfg.orm, cfg.device) if cfg.orm else None)
             rows = sweep(search, problems, [(m, cfg.n) for m in cfg.method], stage, cfg.seed, log=None)
         else:
+            traces: list[dict] = []
             rows, _ = evaluate_model(model, tok, task, problems, stage, cfg.samples, cfg.temperature,
-                                     cfg.top_p, cfg.max_new_tokens, cfg.thinking_budget, cfg.seed, cfg.batch_rows)
+                                     cfg.top_p, cfg.max_new_tokens, cfg.thinking_budget, cfg.seed, cfg.batch_rows,
+                                     traces=traces)
     if cfg.out:
+        from thinkforge.tasks.files import write_jsonl
+
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps({"task": cfg.task, "model": cfg.model, "rows": rows}, indent=2))
+        if not cfg.method:  # every sample, beside the results (sampling.trace_rows documents the fields)
+            write_jsonl(traces, Path(cfg.out).with_suffix(".traces.jsonl"))
     return rows

@@ -10,8 +10,10 @@ with its own seed, and every completion is graded on ``format.parse_completion``
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
+from thinkforge import format as fmt
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.tasks import Problem, Task
 
@@ -49,3 +51,26 @@ def sample_and_grade(engine: Engine, task: Task, problems: list[Problem], params
     return graded
 
 
+
+
+def trace_rows(graded: list[Graded], **tags) -> list[dict]:
+    """One documented trace row per completion (what evaluation and training save and ``thinkforge ui``
+    shows), with ``tags`` (e.g. ``method``, ``step``) on every row:
+
+    ``problem_id``, ``question``, ``gold`` (the reference answer), ``sample`` (index within the problem),
+    ``completion`` (the text as generated), ``thinking`` (``format.parse_completion``'s, None without a think
+    block), ``answer`` (what the grader extracted; None if nothing), ``correct``, ``well_formed``, ``majority``
+    (the problem's most common extracted answer), ``finish_reason``, ``tokens``, ``thinking_tokens``,
+    ``forced_tokens`` (tokens the engine forced: a thinking budget's close, a template's opener)."""
+    out = []
+    for g in graded:
+        votes = Counter(a for a in g.answers if a is not None)
+        majority = votes.most_common(1)[0][0] if votes else None
+        for i, (c, a, ok) in enumerate(zip(g.completions, g.answers, g.correct)):
+            p = fmt.parse_completion(c.text)
+            out.append({**tags, "problem_id": g.problem.id, "question": g.problem.question, "gold": g.problem.answer,
+                        "sample": i, "completion": c.text, "thinking": p.thinking, "answer": a, "correct": bool(ok),
+                        "well_formed": p.well_formed, "majority": majority, "finish_reason": c.finish_reason,
+                        "tokens": len(c.ids), "thinking_tokens": c.thinking_tokens,
+                        "forced_tokens": len(c.mask) - sum(c.mask)})
+    return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import re
 import sys
 import time
@@ -39,6 +40,7 @@ from thinkforge.config import check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.models import base_only, is_lora, is_sharded, load_model, resolve_device
 from thinkforge.rewards import RM_PREFIX, RM_SCOPES, compute_rewards
+from thinkforge.sampling import Graded, trace_rows
 from thinkforge.tasks import get_task
 from thinkforge.train.loop import (
     EpochStream,
@@ -46,10 +48,12 @@ from thinkforge.train.loop import (
     ModelOptions,
     autocast_dtype,
     distributed,
+    load_checkpoint,
     load_trainee,
     run_training,
     shard_model,
     start_run,
+    trim_jsonl,
 )
 from thinkforge.train.losses import LOSSES, group_advantages, k3_kl, shard_weight
 from thinkforge.verify import STATS
@@ -91,6 +95,7 @@ class GRPOConfig(ModelOptions):
     micro_batch_size: int = option(0, "rows per forward/backward (0: a process's whole roll-out batch at once); "
                                       "the update is the same, only peak memory changes")
     train_problems: int = option(5000, "distinct training problems")
+    trace_groups: int = option(2, "groups of each roll-out batch saved to traces.jsonl (for thinkforge ui; 0: none)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -238,6 +243,7 @@ class RolloutSource:
         self.engine = Engine(model, tok)
         self.stream = EpochStream(problems, cfg.seed)
         self.rank, self.world = distributed()
+        self.trace_path: Path | None = None  # set by train_grpo: run/traces.jsonl
 
     def _draw(self, state: dict, n: int) -> list:
         return [self.stream.next(state) for _ in range(n)]
@@ -287,6 +293,8 @@ class RolloutSource:
                     dropped += 1
                     continue
                 kept.append(group)
+        if self.trace_path is not None and self.rank == 0 and cfg.trace_groups:
+            self._trace(all_groups[: cfg.trace_groups], state["batches"])
         state["batches"] += 1
         stats = self._stats(all_groups, dropped, audit)
         proxies = [n for n in cfg.rewards if n.startswith(RM_PREFIX)]
@@ -303,6 +311,17 @@ class RolloutSource:
         adv = group_advantages(rewards, G, cfg.scale_rewards).to(self.device)
         ids, mask, old = _tensors(comps, self.tok.pad_token_id, cfg.mask_truncated, self.device)
         return Rollouts(ids, mask, old, adv, stats)
+
+    def _trace(self, groups, batch: int) -> None:
+        """Append these groups' completions to traces.jsonl (``sampling.trace_rows`` plus the reward and its
+        parts); ``batch`` is the roll-out batch's index."""
+        graded = [Graded(g[1][0], list(g[0]), [self.task.extract(c.text) for c in g[0]], [a >= 1.0 for a in g[3]])
+                  for g in groups]
+        rows = trace_rows(graded, batch=batch)
+        parts = [(r, {n: v[i] for n, v in g[4].items()}) for g in groups for i, r in enumerate(g[2])]
+        with self.trace_path.open("a") as f:
+            for row, (total, components) in zip(rows, parts):
+                f.write(json.dumps({**row, "reward": total, "rewards": components}) + "\n")
 
     def _stats(self, groups, dropped: int, audit: dict) -> dict:
         comps = [c for g in groups for c in g[0]]
@@ -459,6 +478,10 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     save_config(cfg, run / "config.toml")
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, 1.0, cfg.weight_decay, cfg.grad_clip, cfg.save_every, cfg.seed)
     source = RolloutSource(cfg, model, tok, task, problems, device)
+    source.trace_path = run / "traces.jsonl"
+    if distributed()[0] == 0:  # a resumed run samples again from its checkpoint's batch: drop later traces
+        keep = load_checkpoint(run)["data"].get("batches", 0) if cfg.resume else 0
+        trim_jsonl(source.trace_path, lambda row: row.get("batch", 0) < keep)
     run_training(model, tok, run, settings, source, make_loss_fn(cfg, ref), resume=cfg.resume, merge=cfg.merge,
                  amp=autocast_dtype(cfg.dtype, device), describe=lambda m: f"reward {m.get('reward', 0):.2f} acc {m.get('accuracy', 0):.2f}")
     return run

@@ -380,9 +380,16 @@ def load_checkpoint(run: Path) -> dict:
 
 def _trim_metrics(path: Path, step: int) -> None:
     """Keep only rows of steps before ``step`` (rows after the last checkpoint are recomputed on resume)."""
+    trim_jsonl(path, lambda row: row["step"] < step)
+
+
+def trim_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Keep only the rows of a JSONL file that ``keep`` accepts (rewritten atomically; none: emptied)."""
     if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
-        path.write_text("".join(r + "\n" for r in rows))
+        rows = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        tmp.replace(path)
 
 
 def run_training(

@@ -131,7 +131,9 @@ def create_app(cfg: UIConfig):
         plots = "".join(f"<figure><img src='/file/{quote(p)}' alt='{html.escape(p, quote=True)}'></figure>"
                         for p in runs_mod.images(run, root))
         config = runs_mod.config_text(run)
-        return _page(f"{run.name} · run", f"""<h1>{html.escape(run.name)}</h1><p><a href="/runs">runs</a></p>
+        has_traces = any(run.path.glob("*traces.jsonl"))
+        link = f" · <a href='/traces/{quote(run.name)}'>traces</a>" if has_traces else ""
+        return _page(f"{run.name} · run", f"""<h1>{html.escape(run.name)}</h1><p><a href="/runs">runs</a>{link}</p>
 {_chart([run.name])}{('<h2>Results</h2>' + table) if table else ''}{('<h2>Plots</h2>' + plots) if plots else ''}
 {('<h2>Config</h2><pre id="config">' + html.escape(config) + '</pre>') if config else ''}""")
 
@@ -141,6 +143,36 @@ def create_app(cfg: UIConfig):
         if not found:
             raise LabelError("tick at least one run to compare", "run")
         return _page("compare runs", f"<h1>Compare</h1><p><a href='/runs'>runs</a></p>{_chart(found)}")
+
+    @app.get("/traces/{name:path}", response_class=HTMLResponse)
+    async def traces_page(name: str, filter: str | None = None, q: str = "", page: int = 0):
+        run = runs_mod.resolve(root, name)
+        probs = runs_mod.problems(runs_mod.traces(run), filter or None, q)
+        shown = probs[page * 50 : (page + 1) * 50]
+        rows = "".join(
+            f"<tr><td><a class='problem' href='/trace/{quote(run.name)}?problem={quote(p['id'])}'>{html.escape(p['id'])}</a></td>"
+            f"<td><pre>{html.escape(str(p['question'])[:300])}</pre></td><td>{sum(bool(r.get('correct')) for r in p['rows'])}"
+            f"/{len(p['rows'])}</td></tr>" for p in shown)
+        options = "".join(f"<option value='{k}' {'selected' if k == filter else ''}>{k}</option>" for k in runs_mod.FILTERS)
+        more = f"<a href='?filter={quote(filter or '')}&q={quote(q)}&page={page + 1}'>next page</a>" if len(probs) > (page + 1) * 50 else ""
+        return _page(f"{run.name} · traces", f"""<h1>Traces of {html.escape(run.name)}</h1><p><a href="/run/{quote(run.name)}">run</a></p>
+<form><select name="filter"><option value="">all</option>{options}</select> <input name="q" value="{html.escape(q, quote=True)}"
+placeholder="search"> <button>show</button></form><p>{len(probs)} problems</p>
+<table id="problems"><tr><th>problem</th><th>question</th><th>correct</th></tr>{rows}</table>{more}""")
+
+    @app.get("/trace/{name:path}", response_class=HTMLResponse)
+    async def trace_page(name: str, problem: str, vs: str | None = None):
+        sides = [runs_mod.resolve(root, name)] + ([runs_mod.resolve(root, vs)] if vs else [])
+        cols = []
+        for run in sides:
+            found = [p for p in runs_mod.problems(runs_mod.traces(run)) if p["id"] == problem]
+            cols.append(f"<div class='side'><h2>{html.escape(run.name)}</h2>"
+                        + (_trace_html(found[0]) if found else "<p>this run has no traces of this problem</p>") + "</div>")
+        others = "".join(f"<option>{html.escape(r.name)}</option>" for r in runs_mod.find_runs(root) if r.name != name)
+        return _page(f"{problem} · trace", f"""<h1>Problem {html.escape(problem)}</h1><p><a href="/traces/{quote(name)}">traces</a></p>
+<form><input type="hidden" name="problem" value="{html.escape(problem, quote=True)}">side by side with
+<select name="vs"><option value="">—</option>{others}</select> <button>compare</button></form>
+<div style="display:flex;gap:1rem">{''.join(cols)}</div>""")
 
     @app.get("/api/metrics/{name:path}")
     async def metrics_api(name: str):
@@ -250,6 +282,28 @@ for (const a of document.querySelectorAll('a.open')) a.onclick = (ev) => {{
                                  headers={"content-disposition": f'attachment; filename="{name}"'})
 
     return app
+
+
+def _trace_html(problem: dict) -> str:
+    """One problem's completions: verdict, answer, reward parts, token counts; thinking folded; all text escaped."""
+    esc = html.escape
+    cards = []
+    for r in problem["rows"]:
+        tags = " · ".join(f"{k} {esc(str(r[k]))}" for k in ("file", "stage", "method", "batch", "sample") if k in r)
+        parts = ", ".join(f"{esc(k)} {v:.3g}" for k, v in (r.get("rewards") or {}).items() if isinstance(v, (int, float)))
+        flags = [name for name, holds in runs_mod.FILTERS.items() if holds(r)]
+        think = r.get("thinking")
+        fold = (f"<details><summary>thinking ({r.get('thinking_tokens', '?')} tokens)</summary><pre class='thinking'>"
+                f"{esc(str(think))}</pre></details>") if think is not None else ""
+        cards.append(
+            f"<div class='card {'right' if r.get('correct') else 'wrong'}'><p>{'✓' if r.get('correct') else '✗'} "
+            f"answer <b class='answer'>{esc(str(r.get('answer')))}</b> · {tags}</p>{fold}"
+            f"<pre class='completion'>{esc(str(r.get('completion', '')))}</pre><p class='meta'>{r.get('tokens', '?')} tokens, "
+            f"{r.get('forced_tokens', 0)} forced, finish {esc(str(r.get('finish_reason')))}"
+            + (f" · reward {r['reward']:.3g} ({parts})" if isinstance(r.get("reward"), (int, float)) else "")
+            + (f" · {', '.join(flags)}" if flags else "") + "</p></div>")
+    return (f"<pre class='question'>{esc(str(problem['question']))}</pre><p>gold answer <b>{esc(str(problem['gold']))}</b></p>"
+            + "".join(cards))
 
 
 def _results_table(rows: list[dict]) -> str:
@@ -413,7 +467,7 @@ def _page(title: str, body: str) -> str:
 <style>body{{font:15px/1.4 system-ui,sans-serif;max-width:60rem;margin:1.5rem auto;padding:0 1rem}}
 table{{border-collapse:collapse}}td,th{{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:left}}
 .card{{border:1px solid #ccc;border-radius:6px;padding:.5rem;margin:.5rem 0}}pre{{white-space:pre-wrap;margin:.3rem 0}}
-.rank{{font-weight:bold;color:#064}}button.pick{{min-width:2rem}}#status{{color:#a00}}</style></head>
+.rank{{font-weight:bold;color:#064}}.card.wrong{{border-color:#d99}}.card.right{{border-color:#8c8}}.side{{flex:1;min-width:0}}button.pick{{min-width:2rem}}#status{{color:#a00}}</style></head>
 <body>{body}</body></html>"""
 
 

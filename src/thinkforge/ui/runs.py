@@ -12,7 +12,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-MARKERS = ("metrics.jsonl", "results.json", "eval.json")
+MARKERS = ("metrics.jsonl", "results.json", "eval.json", "traces.jsonl")
+MAX_TRACES = 200_000  # trace rows read from one run
+FILTERS = {  # trace filters: a completion is shown when the filter holds for it
+    "wrong": lambda t: not t.get("correct"),
+    "truncated": lambda t: t.get("finish_reason") == "length",
+    "format_only": lambda t: not t.get("correct") and (t.get("rewards") or {}).get("format", 0) > 0,
+    "disagree": lambda t: t.get("answer") != t.get("majority"),
+}
 MAX_DEPTH = 4  # folder levels searched under the root
 MAX_ROWS = 100_000  # metric rows read from one run
 
@@ -112,6 +119,41 @@ def _flatten(data, prefix: str = ""):
             yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(data, (int, float)) and not isinstance(data, bool):
         yield {"metric": prefix, "value": data}
+
+
+def traces(run: Run) -> list[dict]:
+    """The run's trace rows (``traces.jsonl`` and any ``*.traces.jsonl``; ``sampling.trace_rows`` documents
+    them), each tagged with the file it came from."""
+    out = []
+    for path in sorted(run.path.glob("*traces.jsonl")):
+        with path.open("rb") as f:
+            for line in f:
+                if not line.endswith(b"\n") or len(out) >= MAX_TRACES:
+                    break
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and "problem_id" in row:
+                    out.append({**row, "file": path.name})
+    return out
+
+
+def problems(rows: list[dict], flt: str | None = None, query: str = "") -> list[dict]:
+    """Problems of the trace rows, in order of first appearance, each with its completions; ``flt`` keeps the
+    problems with at least one completion it holds for, ``query`` those whose question or a completion
+    contains it (case-insensitive)."""
+    if flt is not None and flt not in FILTERS:
+        raise NotFound(f"no filter {flt!r}: choose from {sorted(FILTERS)}")
+    by: dict[str, dict] = {}
+    for r in rows:
+        p = by.setdefault(str(r["problem_id"]), {"id": str(r["problem_id"]), "question": r.get("question", ""),
+                                                  "gold": r.get("gold"), "rows": []})
+        p["rows"].append(r)
+    q = query.lower()
+    return [p for p in by.values()
+            if (flt is None or any(FILTERS[flt](r) for r in p["rows"]))
+            and (not q or q in str(p["question"]).lower() or any(q in str(r.get("completion", "")).lower() for r in p["rows"]))]
 
 
 def config_text(run: Run) -> str:
