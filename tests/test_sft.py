@@ -222,3 +222,16 @@ def test_mixed_precision_keeps_fp32_weights_and_tracks_fp32(tmp_path, dtype):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert (state["scaler"] is not None) == (dtype == "fp16")  # fp16 keeps its loss scale for an exact resume
+
+
+def test_tensorboard_events_hold_the_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train_sft(small(tmp_path, steps=3, save_every=3, report_to="tensorboard"))
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"loss", "grad_norm", "lr", "token_accuracy"} <= set(events.Tags()["scalars"])
+    got = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [s for s, _ in got] == [0, 1, 2]
+    assert [v for _, v in got] == pytest.approx([r["loss"] for r in rows], rel=1e-6)  # float32 in the event file

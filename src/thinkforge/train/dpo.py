@@ -159,7 +159,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     batcher = ItemBatcher(pairs, cfg.batch_size, cfg.seed, "pairs", lambda p: len(p["better"]) + len(p["worse"]),
                           cfg.micro_batch_size)
     run_training(model, tok, run, settings, batcher,
-                 make_loss_fn(cfg, tok.pad_token_id, device), resume=cfg.resume, merge=cfg.merge,
+                 make_loss_fn(cfg, tok.pad_token_id, device), report_to=cfg.report_to, resume=cfg.resume, merge=cfg.merge,
                  amp=autocast_dtype(cfg.dtype, device),
                  describe=lambda m: f"loss {m['loss']:.3f} acc {m.get('rewards/accuracies', 0):.2f}")
     if cfg.task and cfg.eval_problems and os.environ.get("RANK", "0") == "0":

@@ -482,6 +482,6 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     if distributed()[0] == 0:  # a resumed run samples again from its checkpoint's batch: drop later traces
         keep = load_checkpoint(run)["data"].get("batches", 0) if cfg.resume else 0
         trim_jsonl(source.trace_path, lambda row: row.get("batch", 0) < keep)
-    run_training(model, tok, run, settings, source, make_loss_fn(cfg, ref), resume=cfg.resume, merge=cfg.merge,
+    run_training(model, tok, run, settings, source, make_loss_fn(cfg, ref), report_to=cfg.report_to, resume=cfg.resume, merge=cfg.merge,
                  amp=autocast_dtype(cfg.dtype, device), describe=lambda m: f"reward {m.get('reward', 0):.2f} acc {m.get('accuracy', 0):.2f}")
     return run

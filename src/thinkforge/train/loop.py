@@ -48,9 +48,12 @@ class RunOptions:
     overwrite: bool = option(False, "start afresh even if --out holds a checkpoint")
     device: str = option("auto", "auto, cpu or cuda")
     threads: int = option(0, "torch CPU threads (0 = torch's default)")
+    report_to: str = option("none", "also write the metrics to: tensorboard (event files in <out>/tensorboard, "
+                                    "the names of metrics.jsonl; `tensorboard --logdir runs`) or none")
 
     def __post_init__(self):
         check(self.save_every >= 1 and self.threads >= 0, "save_every must be >= 1 and threads >= 0")
+        check(self.report_to in ("none", "tensorboard"), f"report_to must be none or tensorboard, got {self.report_to!r}")
 
 
 @dataclass
@@ -404,6 +407,7 @@ def run_training(
     describe: Callable[[dict], str] = lambda m: f"loss {m['loss']:.3f}",
     merge: bool = True,
     amp: torch.dtype | None = None,
+    report_to: str = "none",
 ) -> list[dict]:
     """Train for ``settings.steps`` optimizer steps; returns the metric rows of this process.
 
@@ -444,6 +448,11 @@ def run_training(
             metrics_path.write_text("")
     rows = []
     params = [p for p in model.parameters() if p.requires_grad]
+    board = None
+    if report_to == "tensorboard" and rank == 0:  # a resumed run drops the events after its checkpoint, as metrics
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(str(run / "tensorboard"), purge_step=start if resume else None)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), transient=True, disable=rank != 0) as progress:
         bar = progress.add_task(run.name, total=settings.steps, completed=start)
@@ -504,12 +513,19 @@ def run_training(
             if rank == 0:  # one writer: rank 0 logs and checkpoints (every rank holds the same weights)
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+                if board is not None:
+                    for key, value in row.items():
+                        if key != "step" and isinstance(value, (int, float)):
+                            board.add_scalar(key, value, step)
+                    board.flush()
                 progress.update(bar, advance=1, description=f"{run.name} {describe(row)} {row['tokens_per_s']:.0f} tok/s")
             done = step + 1
             if done % settings.save_every == 0 or done == settings.steps:
                 full = full_state(model, optimizer) if sharded else None  # (collective: every rank gathers)
                 if rank == 0:
                     save_checkpoint(run, model, tokenizer, optimizer, done, data_state, scaler, full)
+    if board is not None:
+        board.close()
     model.eval()
     final = full_state(model)[0] if sharded else None
     if rank == 0:

@@ -228,5 +228,5 @@ def train_ppo(cfg: PPOConfig) -> Path:
     ac = ActorCritic(policy, value)
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, 1.0, cfg.weight_decay, cfg.grad_clip, cfg.save_every, cfg.seed)
     run_training(ac, tok, run, settings, PPOSource(cfg, ac, ref, tok, task, problems, device), make_loss_fn(cfg),
-                 resume=cfg.resume, describe=lambda m: f"score {m.get('score', 0):.2f} kl {m.get('kl', 0):.2f}")
+                 report_to=cfg.report_to, resume=cfg.resume, describe=lambda m: f"score {m.get('score', 0):.2f} kl {m.get('kl', 0):.2f}")
     return run

@@ -110,7 +110,7 @@ def train_preference_rm(cfg: RMConfig) -> Path:
     batcher = ItemBatcher([encode_ranking(tok, r) for r in train], cfg.batch_size, cfg.seed, "rankings",
                           lambda r: sum(len(x) for x in r["ids"]), cfg.micro_batch_size)
     run_training(model, tok, run, settings, batcher, make_loss_fn(cfg.center_rewards, tok.pad_token_id, device),
-                 resume=cfg.resume, amp=autocast_dtype(cfg.dtype, device),  # (run/model: merged, what rm: loads)
+                 report_to=cfg.report_to, resume=cfg.resume, amp=autocast_dtype(cfg.dtype, device),  # (run/model: merged, what rm: loads)
                  describe=lambda m: f"loss {m['loss']:.3f} acc {m['accuracy']:.2f}")
     if rank0 and test:
         sharded = is_sharded(model)  # (then rank 0 reads the saved model: a sharded forward needs every rank)

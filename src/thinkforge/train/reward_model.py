@@ -405,7 +405,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)
     run_training(model, tok, run, settings, RMBatcher(examples, cfg.batch_size, tok.pad_token_id, cfg.seed, device),
-                 rm_loss, resume=cfg.resume, amp=autocast_dtype(cfg.dtype, device),
+                 rm_loss, report_to=cfg.report_to, resume=cfg.resume, amp=autocast_dtype(cfg.dtype, device),
                  describe=lambda m: f"loss {m['loss']:.3f} acc {m['label_accuracy']:.2f}")
     if rank0 and cfg.eval_problems:
         rm = (RewardModel.load(str(run / "model"), str(device)) if is_sharded(model)  # (a sharded forward needs

@@ -216,5 +216,5 @@ def train_sft(cfg: SFTConfig) -> Path:
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)
     run_training(model, tok, run, settings, Batcher(examples, cfg, tok.pad_token_id, device), sft_loss,
-                 resume=cfg.resume, merge=cfg.merge, amp=autocast_dtype(cfg.dtype, device))
+                 report_to=cfg.report_to, resume=cfg.resume, merge=cfg.merge, amp=autocast_dtype(cfg.dtype, device))
     return run
