@@ -106,8 +106,9 @@ def test_one_label_per_labeller_per_item_and_undo(client):
     ({"item_id": 999, "labeller": "ana", "ranking": [0, 1, 2, 3]}, 404, "no item 999"),
     ({"item_id": "1", "labeller": "ana", "ranking": [0, 1, 2, 3]}, 400, "'item_id' must be an integer"),
     ({"item_id": 1, "labeller": "", "ranking": [0, 1, 2, 3]}, 400, "'labeller' must be a name"),
-    ({"item_id": 1, "labeller": "ana"}, 400, "either 'ranking' or"),
-    ({"item_id": 1, "labeller": "ana", "ranking": [0, 1, 2, 3], "skip": True}, 400, "either 'ranking' or"),
+    ({"item_id": 1, "labeller": "ana"}, 400, "send one of 'ranking', 'steps' or"),
+    ({"item_id": 1, "labeller": "ana", "ranking": [0, 1, 2, 3], "skip": True}, 400, "send one of 'ranking', 'steps' or"),
+    ({"item_id": 1, "labeller": "ana", "steps": [1, 1]}, 400, "item 1 is a ranking item: send 'ranking'"),
     ([1, 2], 400, "must be a JSON object"),
 ])
 def test_bad_labels_are_4xx_with_a_message(client, body, status, phrase):
@@ -311,3 +312,38 @@ def test_eval_writes_every_sample_as_a_trace(tmp_path, char_tok):
     assert len(rows) == 3 * (1 + 2) and {r["method"] for r in rows} == {"greedy", "sample"}
     assert all(set(r) >= {"problem_id", "question", "gold", "completion", "answer", "correct", "finish_reason", "tokens",
                           "thinking_tokens", "forced_tokens", "majority", "well_formed"} for r in rows)
+
+
+STEPS = [{"question": f"{a}*3", "completion": f"<think>\n{a}*3={3 * a + k}\n{3 * a + k}+0={3 * a + k}\n</think>\n"
+          f"<answer>{3 * a + k}</answer>"} for a in range(11, 15) for k in (0, 1)]
+
+
+def test_step_marks_export_as_prm_labels_and_train_a_prm(tmp_path):
+    from thinkforge.models import char_tokenizer, save_model, tiny_model
+    from thinkforge.train.reward_model import RMConfig, read_labels, train_reward_model
+
+    app = create_app(UIConfig(db=str(tmp_path / "l.sqlite")))
+    store = app.state.store
+    store.add_items("s", STEPS, mode="steps")
+    with pytest.raises(LabelError, match="holds steps items, not ranking"):
+        store.add_items("s", ITEMS)
+    c = TestClient(app)
+    page = c.get("/label/s", params={"labeller": "ana"}).text
+    assert page.count("class='step'") == 3  # two thinking steps and the answer step
+    while (item := c.get("/api/next/s", params={"labeller": "ana"}).json()) is not None:
+        wrong = item["completions"][0].count(str(3 * int(item["prompt"].split("*")[0]) + 1)) > 0
+        marks = [-1, -1, -1] if wrong else [1, 0, 1]
+        assert c.post("/api/label", json={"item_id": item["item_id"], "labeller": "ana", "steps": marks}).status_code == 200
+    bad = c.post("/api/label", json={"item_id": 1, "labeller": "bo", "steps": [1, 2, 1]})
+    assert bad.status_code == 400 and "1 (good), 0 (neutral) or -1 (bad)" in bad.json()["error"]["message"]
+    out = tmp_path / "steps.jsonl"
+    msg = export(ExportConfig(db=str(tmp_path / "l.sqlite"), queue="s", format="steps", out=str(out)))
+    assert "8 steps rows" in msg
+    rows = read_labels(str(out))  # the PRM trainer's own reader: steps and labels line up
+    assert len(rows) == 8 and sorted(tuple(r["labels"]) for r in rows)[0] == (0.0, 0.0, 0.0)
+    assert {r["first_error"] for r in rows} == {0, None} and (1.0, 0.5, 1.0) in {tuple(r["labels"]) for r in rows}
+    tok = char_tokenizer()
+    policy = save_model(tiny_model(tok, "micro"), tok, tmp_path / "policy")
+    run = train_reward_model(RMConfig(kind="prm", task="mul", data=str(out), policy=str(policy), steps=2, batch_size=4,
+                                      out=str(tmp_path / "prm"), save_every=2, warmup=1, eval_problems=0))
+    assert (run / "model" / "config.json").is_file()

@@ -43,6 +43,9 @@ def site(tmp_path_factory):
     app = create_app(UIConfig(db=str(db), runs=str(runs)))
     app.state.runs = runs
     app.state.store.add_items("mul", ITEMS)
+    app.state.store.add_items("steps", [{"question": "What is 47*3?", "completion":
+                                         "<think>\n47*3 = 40*3 + 7*3\n= 120 + 24\n= 144\n</think>\n<answer>144</answer>"}],
+                              mode="steps")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -156,3 +159,22 @@ def test_a_trace_page_folds_thinking_and_shows_scripts_as_text(site, browser, tm
     cards[2].find_element(By.TAG_NAME, "summary").click()
     assert thinking.is_displayed() and EVIL in thinking.text and browser.title != "pwned"
     shot(browser, "trace", tmp_path)
+
+
+def test_mark_steps_and_the_first_error(site, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, store, _ = site
+    browser.get(url + "/label/steps?labeller=bo")
+    wait_for(browser, ".step")
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".step")) == 4
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("g", "b", "b")  # 7*3 is 21, not 24: the second step is the first error
+    browser.find_element(By.CSS_SELECTOR, "button.m[data-i='3'][data-m='-1']").click()  # the answer, by mouse
+    assert browser.find_element(By.ID, "first-error").text == "step 2"
+    shot(browser, "steps", tmp_path)
+    body.send_keys(Keys.ENTER)
+    wait_for(browser, "#done")
+    (x,) = [x for x in store.labels("steps")]
+    assert (x["labeller"], x["kind"], x["ranking"]) == ("bo", "steps", [1, -1, -1, -1])

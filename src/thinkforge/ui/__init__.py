@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from thinkforge.config import check, option
 from thinkforge.ui import runs as runs_mod
-from thinkforge.ui.store import Item, LabelError, LabelStore, check_labeller
+from thinkforge.ui.store import MARKS, Item, LabelError, LabelStore, check_labeller
 
 MAX_BODY = 1_000_000  # bytes of one JSON request
 
@@ -36,23 +36,27 @@ class UIConfig:
     db: str = option("labels.sqlite", "the SQLite label store (created when missing)")
     queue_file: str | None = option(None, "JSONL of {prompt, completions} (or {prompt, chosen, rejected}) to queue at start")
     queue: str = option("default", "queue the --queue-file rows go to")
+    queue_mode: str = option("ranking", "what the --queue-file rows are for: ranking (K completions) or steps (one "
+                                        "completion, each step marked good / neutral / bad: PRM labels)")
     host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
     port: int = option(7860, "port")
     token: str | None = option(None, "require this token (Authorization: Bearer, or ?token= once in the browser)")
 
     def __post_init__(self):
         check(0 < self.port < 65536, f"need 0 < port < 65536, got {self.port}")
+        check(self.queue_mode in ("ranking", "steps"), f"queue_mode must be ranking or steps, got {self.queue_mode!r}")
 
 
 @dataclass
 class ExportConfig:
     db: str = option("labels.sqlite", "the SQLite label store")
     queue: str = option("default", "queue to export")
-    format: str = option("rankings", "rankings (K-wise, one row per labeller and item) or pairs (chosen / rejected)")
+    format: str = option("rankings", "rankings (K-wise, one row per labeller and item), pairs (chosen / rejected) "
+                                     "or steps (PRM labels of a steps queue)")
     out: str = option("labels.jsonl", "JSONL file to write (replaced atomically)")
 
     def __post_init__(self):
-        check(self.format in ("rankings", "pairs"), f"format must be 'rankings' or 'pairs', got {self.format!r}")
+        check(self.format in ("rankings", "pairs", "steps"), f"format must be rankings, pairs or steps, got {self.format!r}")
 
 
 def export(cfg: ExportConfig) -> str:
@@ -244,6 +248,8 @@ for (const a of document.querySelectorAll('a.open')) a.onclick = (ev) => {{
         if item is None:
             return _page(f"{queue} · done", head + "<p id='done'>Nothing left for you in this queue.</p>"
                          + _controls(queue, who, None))
+        if item.mode == "steps":
+            return _page(f"{queue} · item {item.id}", head + _steps_html(item) + _step_controls(queue, who, item))
         return _page(f"{queue} · item {item.id}", head + _item_html(item) + _controls(queue, who, item))
 
     @app.get("/api/queues")
@@ -264,9 +270,10 @@ for (const a of document.querySelectorAll('a.open')) a.onclick = (ev) => {{
         skip = data.get("skip", False)
         if skip is not False and skip is not True:
             raise LabelError(f"'skip' must be true or false; got {skip!r}", "skip")
-        if skip == ("ranking" in data):
-            raise LabelError("send either 'ranking' or \"skip\": true", "ranking")
-        label_id = store.submit(item_id, data.get("labeller"), None if skip else data.get("ranking"))
+        kind = "steps" if "steps" in data else "ranking"
+        if skip == (kind in data) or ("steps" in data and "ranking" in data):
+            raise LabelError("send one of 'ranking', 'steps' or \"skip\": true", kind)
+        label_id = store.submit(item_id, data.get("labeller"), None if skip else data.get(kind), kind)
         return {"id": label_id, "item_id": item_id}
 
     @app.post("/api/undo")
@@ -407,6 +414,61 @@ def _item_html(item: Item) -> str:
             + "".join(cards) + "</div>")
 
 
+def _steps_html(item: Item) -> str:
+    """A steps item: the prompt and the completion cut into the PRM's steps, each to be marked."""
+    rows = "".join(f"<div class='step' data-i='{i}'><span class='mark' id='mark-{i}'></span><pre>{html.escape(step)}</pre>"
+                   f"<span class='buttons'>" + "".join(f"<button class='m' data-i='{i}' data-m='{m}'>{name}</button>"
+                                                        for m, name in MARKS.items()) + "</span></div>"
+                   for i, step in enumerate(item.steps))
+    return (f"<div id='item' data-item='{item.id}' data-n='{len(item.steps)}'><h2>Prompt</h2><pre id='prompt'>"
+            f"{html.escape(item.prompt)}</pre><h2>Steps: mark each good (g), neutral (n) or bad (b)</h2>{rows}</div>"
+            "<p>first error: <b id='first-error'>none</b></p>")
+
+
+def _step_controls(queue: str, who: str, item: Item) -> str:
+    q, w = json.dumps(queue), json.dumps(who)
+    return f"""<p><button id="back">⌫ back</button> <button id="submit">submit ⏎</button> <button id="skip">skip (s)</button>
+<button id="undo">undo last label (u)</button></p><p id="status" role="status"></p>
+<script>
+const queue = {q}, labeller = {w}, box = document.getElementById('item');
+const N = Number(box.dataset.n), itemId = Number(box.dataset.item), names = {{'1': 'good', '0': 'neutral', '-1': 'bad'}};
+const marks = new Array(N).fill(null); let cursor = 0;
+function show() {{
+  marks.forEach((m, i) => {{
+    document.getElementById('mark-' + i).textContent = m === null ? (i === cursor ? '▶' : '') : names[m];
+    document.querySelector(`.step[data-i='${{i}}']`).className = 'step' + (m === -1 ? ' bad' : m === 1 ? ' good' : '');
+  }});
+  const first = marks.indexOf(-1);
+  document.getElementById('first-error').textContent = first < 0 ? 'none' : 'step ' + (first + 1);
+}}
+function mark(i, m) {{ marks[i] = m; cursor = Math.min(N, Math.max(cursor, i + 1)); show(); }}
+async function post(url, data) {{
+  const r = await fetch(url, {{method: 'POST', headers: {{'content-type': 'application/json'}}, body: JSON.stringify(data)}});
+  const out = await r.json();
+  if (!r.ok) {{ document.getElementById('status').textContent = out.error.message; return null; }}
+  return out;
+}}
+async function submit() {{
+  if (marks.includes(null)) {{ document.getElementById('status').textContent = 'mark every step first'; return; }}
+  if (await post('/api/label', {{item_id: itemId, labeller, steps: marks}})) location.reload();
+}}
+document.querySelectorAll('button.m').forEach(b => b.onclick = () => mark(Number(b.dataset.i), Number(b.dataset.m)));
+document.getElementById('back').onclick = () => {{ cursor = Math.max(0, cursor - 1); marks[cursor] = null; show(); }};
+document.getElementById('submit').onclick = submit;
+document.getElementById('skip').onclick = async () => {{ if (await post('/api/label', {{item_id: itemId, labeller, skip: true}})) location.reload(); }};
+document.getElementById('undo').onclick = async () => {{ if (await post('/api/undo', {{queue, labeller}})) location.reload(); }};
+document.addEventListener('keydown', (e) => {{
+  const m = {{g: 1, n: 0, b: -1}}[e.key];
+  if (m !== undefined && cursor < N) mark(cursor, m);
+  else if (e.key === 'Backspace') document.getElementById('back').click();
+  else if (e.key === 'Enter') submit();
+  else if (e.key === 's') document.getElementById('skip').click();
+  else if (e.key === 'u') document.getElementById('undo').click();
+}});
+show();
+</script>"""
+
+
 def _controls(queue: str, who: str, item: Item | None) -> str:
     q, w = json.dumps(queue), json.dumps(who)
     return f"""
@@ -467,7 +529,8 @@ def _page(title: str, body: str) -> str:
 <style>body{{font:15px/1.4 system-ui,sans-serif;max-width:60rem;margin:1.5rem auto;padding:0 1rem}}
 table{{border-collapse:collapse}}td,th{{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:left}}
 .card{{border:1px solid #ccc;border-radius:6px;padding:.5rem;margin:.5rem 0}}pre{{white-space:pre-wrap;margin:.3rem 0}}
-.rank{{font-weight:bold;color:#064}}.card.wrong{{border-color:#d99}}.card.right{{border-color:#8c8}}.side{{flex:1;min-width:0}}button.pick{{min-width:2rem}}#status{{color:#a00}}</style></head>
+.rank{{font-weight:bold;color:#064}}.card.wrong{{border-color:#d99}}.step{{display:flex;gap:.5rem;align-items:baseline}}.step pre{{flex:1}}
+.step.bad pre{{background:#fdd}}.step.good pre{{background:#efe}}.mark{{min-width:4rem;font-weight:bold}}.card.right{{border-color:#8c8}}.side{{flex:1;min-width:0}}button.pick{{min-width:2rem}}#status{{color:#a00}}</style></head>
 <body>{body}</body></html>"""
 
 
@@ -481,7 +544,7 @@ def serve(cfg: UIConfig) -> None:
         from thinkforge.tasks.files import iter_jsonl
 
         rows = [row for _, row in iter_jsonl(Path(cfg.queue_file))]
-        got = app.state.store.add_items(cfg.queue, rows, where=cfg.queue_file)
+        got = app.state.store.add_items(cfg.queue, rows, where=cfg.queue_file, mode=cfg.queue_mode)
         print(f"queue {cfg.queue!r}: {got['added']} items added, {got['already_queued']} already queued")
     print(f"thinkforge ui on http://{cfg.host}:{cfg.port}/")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

@@ -1,10 +1,14 @@
-"""The label store: human rankings of model outputs in SQLite, exported as the files the trainers read.
+"""The label store: human rankings of model outputs and step marks in SQLite, exported as the files the
+trainers read.
 
     store = LabelStore("labels.sqlite")
     store.add_items("mul-v1", [{"prompt": "347*89", "completions": ["…", "…", "…", "…"]}])
     item = store.next_item("mul-v1", "ana")           # the next item ana has not labelled
     store.submit(item.id, "ana", [0, 2, 1, 1])        # ranks: 0 is best, equal ranks are ties
     store.export("mul-v1", "rankings")                # rows for `thinkforge train rm --kind preference --data`
+    store.add_items("steps-v1", [{"prompt": "347*89", "completion": "<think>\n…\n</think>\n<answer>…"}], mode="steps")
+    store.submit(item.id, "ana", [1, 1, -1, 0], kind="steps")   # per step: good 1, neutral 0, bad -1
+    store.export("steps-v1", "steps")                # rows for `thinkforge train rm --kind prm --data`
 
 Durability: WAL journal with ``synchronous=FULL`` and one transaction per label, so a label is on disk
 before it is acknowledged and a kill -9 of the server loses none (tested). Integrity: the schema keeps one
@@ -16,7 +20,10 @@ instead of failing), so any number of server threads may write at once.
 Export formats (``preferences.read_preferences`` reads both): ``rankings`` — one row per (item, labeller):
 ``{"prompt", "completions", "ranking", "labeller"}``; ``pairs`` — one row per (better, worse) pair of each
 ranking: ``{"prompt", "chosen", "rejected", "labeller"}``. Skips are not exported; neither is an item
-nobody ranked; both are counted in :meth:`LabelStore.counts`.
+nobody ranked; both are counted in :meth:`LabelStore.counts`. ``steps`` (PRM800K-style step marks) — one row
+per (item, labeller): ``{"question", "completion", "labels", "marks", "first_error", "labeller"}`` where the
+steps are ``scorers.split_steps``'s (what ``train rm --kind prm`` reads), ``labels`` maps good to 1.0, neutral
+to 0.5 (undecided: a soft target) and bad to 0.0, and ``first_error`` is the first bad step (None: none).
 """
 from __future__ import annotations
 
@@ -31,15 +38,16 @@ CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY,
     queue TEXT NOT NULL,
     prompt TEXT NOT NULL,
-    completions TEXT NOT NULL,            -- a JSON list of 2-16 strings
+    completions TEXT NOT NULL,            -- a JSON list: 2-16 strings to rank, or the one completion to mark
+    mode TEXT NOT NULL DEFAULT 'ranking' CHECK (mode IN ('ranking', 'steps')),
     UNIQUE (queue, prompt, completions)
 );
 CREATE TABLE IF NOT EXISTS labels (
     id INTEGER PRIMARY KEY,
     item_id INTEGER NOT NULL REFERENCES items (id),
     labeller TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('ranking', 'skip')),
-    ranking TEXT,                         -- a JSON list of ranks (0 = best), NULL for a skip
+    kind TEXT NOT NULL CHECK (kind IN ('ranking', 'steps', 'skip')),
+    ranking TEXT,                         -- JSON: ranks (0 = best) or step marks (1, 0, -1); NULL for a skip
     created REAL NOT NULL,
     UNIQUE (item_id, labeller)
 );
@@ -64,6 +72,30 @@ class Item:
     queue: str
     prompt: str
     completions: list[str]
+    mode: str = "ranking"
+
+    @property
+    def steps(self) -> list[str]:
+        """A steps item's completion cut into the steps a PRM scores (head first if any, then the steps)."""
+        from thinkforge.scorers import split_steps
+
+        return split_steps(self.completions[0])[1]
+
+
+MARKS = {1: "good", 0: "neutral", -1: "bad"}
+MARK_LABEL = {1: 1.0, 0: 0.5, -1: 0.0}
+
+
+def check_marks(marks, n: int, field: str = "steps") -> list[int]:
+    """One mark per step: 1 good, 0 neutral, -1 bad.
+
+    >>> check_marks([1, 0, -1], 3)
+    [1, 0, -1]
+    """
+    if not isinstance(marks, list) or len(marks) != n or not all(type(m) is int and m in MARKS for m in marks):
+        raise LabelError(f"'{field}' must be a list of {n} marks, one per step: 1 (good), 0 (neutral) or -1 (bad); "
+                         f"got {marks!r}", field)
+    return marks
 
 
 def check_ranking(ranking, k: int, field: str = "ranking") -> list[int]:
@@ -103,21 +135,27 @@ class LabelStore:
 
     # ---- queues -------------------------------------------------------------------------------------
 
-    def add_items(self, queue: str, rows: list[dict], where: str = "rows") -> dict:
-        """Queue ``rows`` (``{"prompt", "completions"}``, or ``{"prompt", "chosen", "rejected"}``); every row is
-        checked first, so a bad row adds nothing. Returns {"added", "already_queued"} (the same prompt and
-        completions in the same queue are one item)."""
+    def add_items(self, queue: str, rows: list[dict], where: str = "rows", mode: str = "ranking") -> dict:
+        """Queue ``rows``: to rank, ``{"prompt", "completions"}`` or ``{"prompt", "chosen", "rejected"}``; to mark
+        step by step (``mode="steps"``), ``{"prompt" or "question", "completion"}``. Every row is checked first,
+        so a bad row adds nothing; a queue holds one mode. Returns {"added", "already_queued"} (the same prompt
+        and completions in the same queue are one item)."""
         if not queue or not isinstance(queue, str) or len(queue) > 100:
             raise LabelError(f"queue name must be 1 to 100 characters; got {queue!r}", "queue")
-        parsed = [_item_row(row, f"{where}[{i}]") for i, row in enumerate(rows)]
+        if mode not in ("ranking", "steps"):
+            raise LabelError(f"mode must be 'ranking' or 'steps'; got {mode!r}", "mode")
+        have = next((q["mode"] for q in self.queues() if q["queue"] == queue), mode)
+        if have != mode:
+            raise LabelError(f"queue {queue!r} holds {have} items, not {mode}: use another queue name", "queue")
+        parsed = [(_item_row if mode == "ranking" else _steps_row)(row, f"{where}[{i}]") for i, row in enumerate(rows)]
         if not parsed:
             raise LabelError(f"{where}: no items to queue", "rows")
         added = 0
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             for prompt, comps in parsed:
-                cur = db.execute("INSERT OR IGNORE INTO items (queue, prompt, completions) VALUES (?, ?, ?)",
-                                 (queue, prompt, json.dumps(comps)))
+                cur = db.execute("INSERT OR IGNORE INTO items (queue, prompt, completions, mode) VALUES (?, ?, ?, ?)",
+                                 (queue, prompt, json.dumps(comps), mode))
                 added += cur.rowcount
             db.execute("COMMIT")
         return {"added": added, "already_queued": len(parsed) - added}
@@ -125,16 +163,16 @@ class LabelStore:
     def queues(self) -> list[dict]:
         with self._db() as db:
             rows = db.execute(
-                "SELECT i.queue, COUNT(DISTINCT i.id), COUNT(l.id), COUNT(DISTINCT l.labeller) "
+                "SELECT i.queue, COUNT(DISTINCT i.id), COUNT(l.id), COUNT(DISTINCT l.labeller), MIN(i.mode) "
                 "FROM items i LEFT JOIN labels l ON l.item_id = i.id GROUP BY i.queue ORDER BY i.queue").fetchall()
-        return [{"queue": q, "items": n, "labels": m, "labellers": p} for q, n, m, p in rows]
+        return [{"queue": q, "items": n, "labels": m, "labellers": p, "mode": mode} for q, n, m, p, mode in rows]
 
     def item(self, item_id: int) -> Item:
         with self._db() as db:
-            row = db.execute("SELECT id, queue, prompt, completions FROM items WHERE id = ?", (item_id,)).fetchone()
+            row = db.execute("SELECT id, queue, prompt, completions, mode FROM items WHERE id = ?", (item_id,)).fetchone()
         if row is None:
             raise LabelError(f"no item {item_id}", "item_id", status=404)
-        return Item(row[0], row[1], row[2], json.loads(row[3]))
+        return Item(row[0], row[1], row[2], json.loads(row[3]), row[4])
 
     def next_item(self, queue: str, labeller: str) -> Item | None:
         """The item of ``queue`` that ``labeller`` has not labelled and that has the fewest labels (then the
@@ -142,26 +180,32 @@ class LabelStore:
         labeller = check_labeller(labeller)
         with self._db() as db:
             row = db.execute(
-                "SELECT i.id, i.queue, i.prompt, i.completions FROM items i "
+                "SELECT i.id, i.queue, i.prompt, i.completions, i.mode FROM items i "
                 "WHERE i.queue = ? AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.item_id = i.id AND l.labeller = ?) "
                 "ORDER BY (SELECT COUNT(*) FROM labels l WHERE l.item_id = i.id), i.id LIMIT 1",
                 (queue, labeller)).fetchone()
-        return None if row is None else Item(row[0], row[1], row[2], json.loads(row[3]))
+        return None if row is None else Item(row[0], row[1], row[2], json.loads(row[3]), row[4])
 
     # ---- labels -------------------------------------------------------------------------------------
 
-    def submit(self, item_id: int, labeller: str, ranking: list[int] | None) -> int:
-        """Store ``labeller``'s ranking of the item (None: a skip); returns the label's id once it is on disk.
-        A second label by the same person for the same item is refused (409): undo it first."""
+    def submit(self, item_id: int, labeller: str, ranking: list[int] | None, kind: str = "ranking") -> int:
+        """Store ``labeller``'s ranking of the item, or (``kind="steps"``) a mark per step; None: a skip. Returns
+        the label's id once it is on disk. A second label by the same person for the same item is refused (409):
+        undo it first."""
         labeller = check_labeller(labeller)
         item = self.item(item_id)
-        if ranking is not None:
+        if ranking is not None and item.mode != kind:
+            raise LabelError(f"item {item_id} is a {item.mode} item: send '{'ranking' if item.mode == 'ranking' else 'steps'}'",
+                             "ranking" if kind == "ranking" else "steps")
+        if ranking is not None and kind == "ranking":
             check_ranking(ranking, len(item.completions))
+        elif ranking is not None:
+            check_marks(ranking, len(item.steps))
         with self._db() as db:
             try:
                 db.execute("BEGIN IMMEDIATE")
                 cur = db.execute("INSERT INTO labels (item_id, labeller, kind, ranking, created) VALUES (?, ?, ?, ?, ?)",
-                                 (item_id, labeller, "skip" if ranking is None else "ranking",
+                                 (item_id, labeller, "skip" if ranking is None else kind,
                                   None if ranking is None else json.dumps(ranking), time.time()))
                 db.execute("COMMIT")
             except sqlite3.IntegrityError:
@@ -185,27 +229,32 @@ class LabelStore:
 
     def labels(self, queue: str) -> list[dict]:
         with self._db() as db:
-            rows = db.execute("SELECT l.id, l.item_id, l.labeller, l.kind, l.ranking, i.prompt, i.completions "
+            rows = db.execute("SELECT l.id, l.item_id, l.labeller, l.kind, l.ranking, i.prompt, i.completions, i.mode "
                               "FROM labels l JOIN items i ON i.id = l.item_id WHERE i.queue = ? ORDER BY l.id",
                               (queue,)).fetchall()
         return [{"id": a, "item_id": b, "labeller": c, "kind": d, "ranking": json.loads(e) if e else None,
-                 "prompt": f, "completions": json.loads(g)} for a, b, c, d, e, f, g in rows]
+                 "prompt": f, "completions": json.loads(g), "mode": m} for a, b, c, d, e, f, g, m in rows]
 
     def counts(self, queue: str) -> dict:
         labels = self.labels(queue)
-        ranked_items = {x["item_id"] for x in labels if x["kind"] == "ranking"}
+        ranked_items = {x["item_id"] for x in labels if x["kind"] != "skip"}
         items = next((q["items"] for q in self.queues() if q["queue"] == queue), 0)
-        return {"items": items, "rankings": sum(x["kind"] == "ranking" for x in labels),
+        return {"items": items, "rankings": sum(x["kind"] != "skip" for x in labels),
                 "skips": sum(x["kind"] == "skip" for x in labels), "items_unranked": items - len(ranked_items)}
 
     # ---- export and agreement -----------------------------------------------------------------------
 
     def export(self, queue: str, fmt: str = "rankings") -> list[dict]:
-        if fmt not in ("rankings", "pairs"):
-            raise LabelError(f"format must be 'rankings' or 'pairs'; got {fmt!r}", "format")
+        if fmt not in ("rankings", "pairs", "steps"):
+            raise LabelError(f"format must be 'rankings', 'pairs' or 'steps'; got {fmt!r}", "format")
         out = []
         for x in self.labels(queue):
-            if x["kind"] != "ranking":
+            if x["kind"] == "steps" and fmt == "steps":
+                marks = x["ranking"]
+                out.append({"question": x["prompt"], "completion": x["completions"][0],
+                            "labels": [MARK_LABEL[m] for m in marks], "marks": marks,
+                            "first_error": marks.index(-1) if -1 in marks else None, "labeller": x["labeller"]})
+            if x["kind"] != "ranking" or fmt == "steps":
                 continue
             if fmt == "rankings":
                 out.append({"prompt": x["prompt"], "completions": x["completions"], "ranking": x["ranking"],
@@ -264,3 +313,16 @@ def _item_row(row, where: str) -> tuple[str, list[str]]:
         raise LabelError(f"{where}: field 'completions' must be a list of 2 to {MAX_COMPLETIONS} non-empty strings "
                          f"of at most {MAX_TEXT} characters (or give 'chosen' and 'rejected')", "completions")
     return prompt, comps
+
+
+def _steps_row(row, where: str) -> tuple[str, list[str]]:
+    if not isinstance(row, dict):
+        raise LabelError(f"{where}: expected an object with 'prompt' (or 'question') and 'completion'")
+    prompt, completion = row.get("prompt", row.get("question")), row.get("completion")
+    if not isinstance(prompt, str) or not prompt or len(prompt) > MAX_TEXT:
+        raise LabelError(f"{where}: field 'prompt' (or 'question') must be a non-empty string of at most {MAX_TEXT} "
+                         "characters", "prompt")
+    if not isinstance(completion, str) or not completion or len(completion) > MAX_TEXT:
+        raise LabelError(f"{where}: field 'completion' must be a non-empty string of at most {MAX_TEXT} characters",
+                         "completion")
+    return prompt, [completion]
