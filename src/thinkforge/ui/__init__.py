@@ -414,6 +414,15 @@ def _item_html(item: Item) -> str:
             + "".join(cards) + "</div>")
 
 
+_JS_POST = """async function post(url, data) {
+  const r = await fetch(url, {method: 'POST', headers: {'content-type': 'application/json'}, body: JSON.stringify(data)});
+  const out = await r.json();
+  if (!r.ok) { document.getElementById('status').textContent = out.error.message; return null; }
+  return out;
+}
+"""  # POST JSON; a 4xx message goes to the page's status line
+
+
 def _steps_html(item: Item) -> str:
     """A steps item: the prompt and the completion cut into the PRM's steps, each to be marked."""
     rows = "".join(f"<div class='step' data-i='{i}'><span class='mark' id='mark-{i}'></span><pre>{html.escape(step)}</pre>"
@@ -442,13 +451,7 @@ function show() {{
   document.getElementById('first-error').textContent = first < 0 ? 'none' : 'step ' + (first + 1);
 }}
 function mark(i, m) {{ marks[i] = m; cursor = Math.min(N, Math.max(cursor, i + 1)); show(); }}
-async function post(url, data) {{
-  const r = await fetch(url, {{method: 'POST', headers: {{'content-type': 'application/json'}}, body: JSON.stringify(data)}});
-  const out = await r.json();
-  if (!r.ok) {{ document.getElementById('status').textContent = out.error.message; return null; }}
-  return out;
-}}
-async function submit() {{
+{_JS_POST}async function submit() {{
   if (marks.includes(null)) {{ document.getElementById('status').textContent = 'mark every step first'; return; }}
   if (await post('/api/label', {{item_id: itemId, labeller, steps: marks}})) location.reload();
 }}
@@ -491,13 +494,7 @@ function pick(k) {{
   tieNext = false; show();
 }}
 function back() {{ if (order.length) {{ const g = order[order.length - 1]; g.pop(); if (!g.length) order.pop(); }} show(); }}
-async function post(url, data) {{
-  const r = await fetch(url, {{method: 'POST', headers: {{'content-type': 'application/json'}}, body: JSON.stringify(data)}});
-  const out = await r.json();
-  if (!r.ok) {{ document.getElementById('status').textContent = out.error.message; return null; }}
-  return out;
-}}
-async function submit() {{
+{_JS_POST}async function submit() {{
   const seen = order.flat();
   if (seen.length < K - 1) {{ document.getElementById('status').textContent = 'order every completion first'; return; }}
   const ranking = new Array(K).fill(order.length);  // one left out is last
