@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -85,6 +86,13 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
+    try:
+        measure(tmp, a)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(tmp: Path, a) -> None:
     build(tmp / "start", a)
     from transformers import AutoConfig
 

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ def side_thinkforge(model: str, a) -> dict:
                           dynamic_sampling=False, lr=1e-6, save_every=10**6, train_problems=a.prompts, warmup=0,
                           micro_batch_size=a.micro, threads=a.threads, gradient_checkpointing=a.checkpointing))
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    shutil.rmtree(out.parent, ignore_errors=True)  # the final model and checkpoint: ~7 GB at this shape
     return {"tokens": round(row["completions/mean_length"] * a.prompts * a.group)}
 
 
@@ -93,7 +95,7 @@ def side_trl(model: str, a) -> dict:
         def on_log(self, args, state, control, logs=None, **kw):
             seen.update(logs or {})
 
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.prompts * a.group,
+    args = GRPOConfig(output_dir=(scratch := tempfile.mkdtemp()), per_device_train_batch_size=a.prompts * a.group,
                       num_generations=a.group, max_completion_length=a.new, beta=0.0, bf16=False, fp16=False,
                       gradient_checkpointing=a.checkpointing, use_cpu=True, learning_rate=1e-6, max_steps=1, report_to=[],
                       logging_steps=1, save_strategy="no", temperature=1.0, loss_type="dapo", disable_tqdm=True,
@@ -101,6 +103,7 @@ def side_trl(model: str, a) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
                           train_dataset=ds, processing_class=tok, callbacks=[Count()])
     trainer.train()
+    shutil.rmtree(scratch, ignore_errors=True)
     return {"tokens": round(seen.get("completions/mean_length", 0.0) * a.prompts * a.group)}
 
 
@@ -129,6 +132,13 @@ def main() -> None:
         return
     folder = Path(tempfile.mkdtemp()) / "qwen25-05b-shape"
     build(folder, a.layers)
+    try:
+        run_sides(folder, a)
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def run_sides(folder: Path, a) -> None:
     shape = (f"P={a.prompts} x G={a.group} x {a.new} new tokens, {a.layers} layers, vocab {QWEN25_05B['vocab_size']}, "
              f"gradient checkpointing {'on' if a.checkpointing else 'off'}")
     print(f"one GRPO step, {shape}; each side in its own process")
