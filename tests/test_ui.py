@@ -347,3 +347,24 @@ def test_step_marks_export_as_prm_labels_and_train_a_prm(tmp_path):
     run = train_reward_model(RMConfig(kind="prm", task="mul", data=str(out), policy=str(policy), steps=2, batch_size=4,
                                       out=str(tmp_path / "prm"), save_every=2, warmup=1, eval_problems=0))
     assert (run / "model" / "config.json").is_file()
+
+
+def test_two_evaluations_paired_problem_by_problem(runs_client):
+    from thinkforge.metrics import paired_bootstrap
+
+    c, root = runs_client
+    # A: problems p0..p3 with 2 samples each; B: the same problems, better on p1 and p2, plus a problem A lacks
+    a = [_trace(f"p{i}", s, "x", "7", ok, method="sample") for i, oks in enumerate([(1, 1), (0, 0), (0, 1), (1, 0)])
+         for s, ok in enumerate(oks)]
+    b = [_trace(f"p{i}", s, "x", "7", ok, method="sample") for i, oks in enumerate([(1, 1), (1, 1), (1, 1), (1, 0), (0, 0)])
+         for s, ok in enumerate(oks)]
+    for name, rows in (("evA", a), ("evB", b)):
+        (root / name).mkdir()
+        (root / name / "results.traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = c.get("/pair", params={"a": "evA", "b": "evB"}).text
+    expected = paired_bootstrap([1.0, 0.0, 0.5, 0.5], [1.0, 1.0, 1.0, 0.5])  # per-problem accuracy, A then B
+    row = page.split("<tr><td>sample</td>")[1].split("</tr>")[0]
+    assert "<td>4</td>" in row and "0.500" in row and "0.875" in row and f"{expected['diff']:+.3f}" in row
+    assert f"[{expected['ci_low']:+.3f}, {expected['ci_high']:+.3f}]" in row
+    assert row.count("/trace/evA?problem=") == 2  # p1 and p2 changed, each linked side by side
+    assert c.get("/pair", params={"a": "evA", "b": "rm"}).status_code == 400  # nothing in common

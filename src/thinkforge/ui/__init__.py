@@ -123,10 +123,31 @@ def create_app(cfg: UIConfig):
                         f"<td>{last.get('step', '')}</td><td>{html.escape(shown)}</td></tr>")
         return _page("thinkforge · runs", f"""<h1>Runs in {html.escape(str(root))}</h1><p><a href="/">labelling</a></p>
 <table><tr><th></th><th>run</th><th>last step</th><th>last values</th></tr>{''.join(rows)}</table>
-<p><button id="compare">compare the ticked runs</button></p>
-<script>document.getElementById('compare').onclick = () => {{
-  const q = [...document.querySelectorAll('input.pick:checked')].map(x => 'run=' + encodeURIComponent(x.value)).join('&');
-  if (q) location.href = '/compare?' + q; }};</script>""")
+<p><button id="compare">overlay the ticked runs' curves</button>
+<button id="pair">compare two ticked evaluations, problem by problem</button></p>
+<script>const ticked = () => [...document.querySelectorAll('input.pick:checked')].map(x => x.value);
+document.getElementById('compare').onclick = () => {{
+  const q = ticked().map(v => 'run=' + encodeURIComponent(v)).join('&'); if (q) location.href = '/compare?' + q; }};
+document.getElementById('pair').onclick = () => {{
+  const t = ticked(); if (t.length === 2) location.href = '/pair?a=' + encodeURIComponent(t[0]) + '&b=' + encodeURIComponent(t[1]); }};
+</script>""")
+
+    @app.get("/pair", response_class=HTMLResponse)
+    async def pair(a: str, b: str):
+        ra, rb = runs_mod.resolve(root, a), runs_mod.resolve(root, b)
+        rows = runs_mod.paired(runs_mod.traces(ra), runs_mod.traces(rb))
+        if not rows:
+            raise LabelError(f"{ra.name} and {rb.name} have no traces of the same problems with the same method", "b")
+        link = lambda p: f'<a href="/trace/{quote(ra.name)}?problem={quote(p)}&vs={quote(rb.name)}">{html.escape(p)}</a>'  # noqa: E731
+        body = "".join(
+            f"<tr><td>{html.escape(r['method'])}</td><td>{r['problems']}</td><td>{r['a']:.3f}</td><td>{r['b']:.3f}</td>"
+            f"<td class='diff'>{r['diff']:+.3f}</td><td>[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]</td><td>{r['p_value']:.3f}</td>"
+            f"<td>{' '.join(link(p) for p in r['changed'][:30])}</td></tr>" for r in rows)
+        return _page("paired comparison", f"""<h1>{html.escape(rb.name)} − {html.escape(ra.name)}</h1><p><a href="/runs">runs</a></p>
+<p>Per method, each problem's accuracy (the mean verdict of its samples) in both evaluations, on the problems both
+evaluated; the difference B − A with a paired-bootstrap 95% interval (problems resampled together) and the share of
+resamples with B ≤ A.</p><table id="paired"><tr><th>method</th><th>problems</th><th>A</th><th>B</th><th>B − A</th>
+<th>95% CI</th><th>p (B ≤ A)</th><th>problems that changed (side by side)</th></tr>{body}</table>""")
 
     @app.get("/run/{name:path}", response_class=HTMLResponse)
     async def run_page(name: str):

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-MARKERS = ("metrics.jsonl", "results.json", "eval.json", "traces.jsonl")
+MARKERS = ("metrics.jsonl", "results.json", "eval.json", "traces.jsonl")  # and any *.traces.jsonl
 MAX_TRACES = 200_000  # trace rows read from one run
 FILTERS = {  # trace filters: a completion is shown when the filter holds for it
     "wrong": lambda t: not t.get("correct"),
@@ -35,7 +35,12 @@ class Run:
 
     @property
     def modified(self) -> float:
-        return max((self.path / m).stat().st_mtime for m in MARKERS if (self.path / m).is_file())
+        return max(p.stat().st_mtime for p in _marked(self.path))
+
+
+def _marked(folder: Path) -> list[Path]:
+    """The files that make ``folder`` a run (empty: not a run)."""
+    return [folder / m for m in MARKERS if (folder / m).is_file()] + sorted(folder.glob("*.traces.jsonl"))
 
 
 def find_runs(root: Path) -> list[Run]:
@@ -43,7 +48,7 @@ def find_runs(root: Path) -> list[Run]:
     found = []
 
     def walk(folder: Path, depth: int) -> None:
-        if any((folder / m).is_file() for m in MARKERS):
+        if _marked(folder):
             found.append(Run(folder.relative_to(root).as_posix() or ".", folder))
         if depth < MAX_DEPTH:
             for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -59,7 +64,7 @@ def resolve(root: Path, name: str) -> Run:
     """The run ``name`` under ``root``; :class:`NotFound` for anything outside it or not a run."""
     root = root.resolve()
     path = (root / name).resolve()
-    if not path.is_relative_to(root) or not any((path / m).is_file() for m in MARKERS):
+    if not path.is_relative_to(root) or not path.is_dir() or not _marked(path):
         raise NotFound(f"no run {name!r}")
     return Run(path.relative_to(root).as_posix() or ".", path)
 
@@ -154,6 +159,30 @@ def problems(rows: list[dict], flt: str | None = None, query: str = "") -> list[
     return [p for p in by.values()
             if (flt is None or any(FILTERS[flt](r) for r in p["rows"]))
             and (not q or q in str(p["question"]).lower() or any(q in str(r.get("completion", "")).lower() for r in p["rows"]))]
+
+
+def paired(rows_a: list[dict], rows_b: list[dict]) -> list[dict]:
+    """Two evaluations of the same problems compared per method: each problem's accuracy (its samples' mean
+    verdict) in A and in B over the problems both evaluated, and B − A with its paired-bootstrap 95% interval
+    (``metrics.paired_bootstrap``: problems resampled together)."""
+    from thinkforge.metrics import paired_bootstrap
+
+    def per_problem(rows):
+        acc: dict[tuple, list] = {}
+        for r in rows:
+            acc.setdefault((str(r.get("method", r.get("batch", ""))), str(r["problem_id"])), []).append(float(bool(r.get("correct"))))
+        return {k: sum(v) / len(v) for k, v in acc.items()}
+
+    a, b = per_problem(rows_a), per_problem(rows_b)
+    out = []
+    for method in sorted({m for m, _ in a} & {m for m, _ in b}):
+        both = sorted(p for m, p in a if m == method and (m, p) in b)
+        if not both:
+            continue
+        xa, xb = [a[(method, p)] for p in both], [b[(method, p)] for p in both]
+        out.append({"method": method, "problems": len(both), "a": sum(xa) / len(xa), "b": sum(xb) / len(xb),
+                    **paired_bootstrap(xa, xb), "changed": [p for p, u, v in zip(both, xa, xb) if u != v]})
+    return out
 
 
 def config_text(run: Run) -> str:
