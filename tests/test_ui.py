@@ -368,3 +368,18 @@ def test_two_evaluations_paired_problem_by_problem(runs_client):
     assert f"[{expected['ci_low']:+.3f}, {expected['ci_high']:+.3f}]" in row
     assert row.count("/trace/evA?problem=") == 2  # p1 and p2 changed, each linked side by side
     assert c.get("/pair", params={"a": "evA", "b": "rm"}).status_code == 400  # nothing in common
+
+
+def test_a_queue_sampled_from_a_model_and_a_task(tmp_path, char_tok):
+    from thinkforge.models import save_model, tiny_model
+    from thinkforge.ui import sample_queue
+
+    model = save_model(tiny_model(char_tok, "micro"), char_tok, tmp_path / "m")
+    cfg = UIConfig(db=str(tmp_path / "l.sqlite"), queue_model=str(model), queue_task="add", queue_prompts=3, queue_k=3,
+                   queue_max_tokens=12)
+    rows = sample_queue(cfg)
+    assert len(rows) == 3 and all(len(r["completions"]) == 3 for r in rows)
+    store = LabelStore(tmp_path / "l.sqlite")
+    assert store.add_items("m", rows)["added"] == 3
+    steps = sample_queue(UIConfig(**{**cfg.__dict__, "queue_mode": "steps"}))
+    assert 1 <= len(steps) <= 9 and all(isinstance(r["completion"], str) for r in steps)

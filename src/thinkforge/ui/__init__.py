@@ -38,6 +38,12 @@ class UIConfig:
     queue: str = option("default", "queue the --queue-file rows go to")
     queue_mode: str = option("ranking", "what the --queue-file rows are for: ranking (K completions) or steps (one "
                                         "completion, each step marked good / neutral / bad: PRM labels)")
+    queue_model: str | None = option(None, "a model folder to sample a queue from at start (with --queue-task)")
+    queue_task: str = option("mul", "the task whose training problems --queue-model answers")
+    queue_prompts: int = option(20, "problems sampled into the queue")
+    queue_k: int = option(4, "completions per problem (ranking mode; step mode queues each one alone)")
+    queue_temperature: float = option(1.0, "sampling temperature of the queued completions")
+    queue_max_tokens: int = option(256, "length cap of the queued completions")
     host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
     port: int = option(7860, "port")
     token: str | None = option(None, "require this token (Authorization: Bearer, or ?token= once in the browser)")
@@ -45,6 +51,9 @@ class UIConfig:
     def __post_init__(self):
         check(0 < self.port < 65536, f"need 0 < port < 65536, got {self.port}")
         check(self.queue_mode in ("ranking", "steps"), f"queue_mode must be ranking or steps, got {self.queue_mode!r}")
+        check(self.queue_prompts >= 1 and 2 <= self.queue_k <= 16 and self.queue_temperature > 0
+              and self.queue_max_tokens >= 1,
+              "need queue_prompts >= 1, 2 <= queue_k <= 16, queue_temperature > 0 and queue_max_tokens >= 1")
 
 
 @dataclass
@@ -552,6 +561,24 @@ table{{border-collapse:collapse}}td,th{{padding:.2rem .6rem;border-bottom:1px so
 <body>{body}</body></html>"""
 
 
+def sample_queue(cfg: UIConfig) -> list[dict]:
+    """Queue rows sampled from ``cfg.queue_model`` on ``cfg.queue_task``'s training problems: K completions of
+    each prompt to rank, or (step mode) each completion on its own to mark."""
+    from thinkforge.generation import Engine, SamplingParams
+    from thinkforge.models import load_model
+    from thinkforge.sampling import sample_and_grade
+    from thinkforge.tasks import get_task
+
+    model, tok = load_model(cfg.queue_model, device="auto")
+    task = get_task(cfg.queue_task)
+    problems = task.problems(cfg.queue_prompts, "train", seed=0)
+    graded = sample_and_grade(Engine(model, tok), task, problems,
+                              SamplingParams(n=cfg.queue_k, temperature=cfg.queue_temperature, max_new_tokens=cfg.queue_max_tokens, seed=0))
+    if cfg.queue_mode == "steps":
+        return [{"prompt": g.problem.question, "completion": c.text} for g in graded for c in g.completions if c.text]
+    return [{"prompt": g.problem.question, "completions": [c.text or "(empty)" for c in g.completions]} for g in graded]
+
+
 def serve(cfg: UIConfig) -> None:
     import uvicorn
 
@@ -564,5 +591,8 @@ def serve(cfg: UIConfig) -> None:
         rows = [row for _, row in iter_jsonl(Path(cfg.queue_file))]
         got = app.state.store.add_items(cfg.queue, rows, where=cfg.queue_file, mode=cfg.queue_mode)
         print(f"queue {cfg.queue!r}: {got['added']} items added, {got['already_queued']} already queued")
+    if cfg.queue_model:
+        got = app.state.store.add_items(cfg.queue, sample_queue(cfg), where=cfg.queue_model, mode=cfg.queue_mode)
+        print(f"queue {cfg.queue!r}: {got['added']} items sampled from {cfg.queue_model}, {got['already_queued']} already queued")
     print(f"thinkforge ui on http://{cfg.host}:{cfg.port}/")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
