@@ -11,10 +11,17 @@ ARGS = ["train", "sft", "--task", "add", "--task-options", "digits=2", "--size",
         "--packing", "false"]
 
 
-@pytest.mark.timeout(240)
-def test_two_processes_match_one(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+@pytest.fixture(scope="module")
+def one_process_sft(tmp_path_factory):
+    """The 1-process SFT run both the DDP and the FSDP runs are held to."""
+    one = tmp_path_factory.mktemp("sft") / "one"
     subprocess.run([sys.executable, "-m", "thinkforge", *ARGS, "--out", str(one)], check=True, capture_output=True)
+    return one
+
+
+@pytest.mark.timeout(240)
+def test_two_processes_match_one(tmp_path, one_process_sft):
+    one, two = one_process_sft, tmp_path / "two"
     r = _torchrun([*ARGS, "--out", str(two)])
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
@@ -119,14 +126,13 @@ def test_preference_trainers_two_processes_match_one(tmp_path, trainer):
 
 
 @pytest.mark.timeout(240)
-def test_fsdp_two_processes_match_one_and_resume(tmp_path):
+def test_fsdp_two_processes_match_one_and_resume(tmp_path, one_process_sft):
     """FSDP2 (fully_shard per layer, gloo): 2 processes that stop after step 2 and resume to step 4 (optimizer
     state gathered, saved and re-sharded) end with the parameters and losses of 1 uninterrupted process; the
     saved model is a plain HF checkpoint (one copy of the tied embedding)."""
     import json
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "thinkforge", *ARGS, "--out", str(one)], check=True, capture_output=True)
+    one, two = one_process_sft, tmp_path / "two"
     half = [x if x != "4" else "2" for x in ARGS]
     r = _torchrun([*half, "--out", str(two), "--fsdp", "true"])
     assert r.returncode == 0, _ranks_said(r.stderr)
