@@ -123,8 +123,8 @@ def _commands():
         "generate": (GenerateConfig, "complete one prompt (thinking budget, budget forcing)", _generate),
         "serve": (ServeConfig, "OpenAI-compatible server: /v1/responses, /v1/chat/completions, /v1/models", _serve),
         "demo": (DemoConfig, "train direct vs chain-of-thought models at equal compute and compare", _demo),
-        "ui": (UIConfig, "the browser app: rank model outputs (labels in SQLite) for reward models and DPO", _ui),
-        "labels export": (ExportConfig, "write a queue's labels as preference rankings or pairs (JSONL)", _export),
+        "ui": (UIConfig, "the browser app: runs and their curves, traces, labelling (rankings, step marks) in SQLite", _ui),
+        "labels export": (ExportConfig, "write a queue's labels as rankings, pairs (preference RM, DPO) or steps (PRM)", _export),
     }
 
 

@@ -32,7 +32,7 @@ MAX_BODY = 1_000_000  # bytes of one JSON request
 
 @dataclass
 class UIConfig:
-    runs: str = option("runs", "folder whose run folders (metrics.jsonl, results.json, eval.json) are shown")
+    runs: str = option("runs", "folder whose run folders (metrics.jsonl, results.json, eval.json, traces) are shown")
     db: str = option("labels.sqlite", "the SQLite label store (created when missing)")
     queue_file: str | None = option(None, "JSONL of {prompt, completions} (or {prompt, chosen, rejected}) to queue at start")
     queue: str = option("default", "queue the --queue-file rows go to")
