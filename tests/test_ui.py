@@ -2,7 +2,6 @@
 item; concurrent labellers; kill -9 loses no acknowledged label; model output escaped; the token."""
 import json
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from serve_helpers import free_port
 
 from thinkforge.preferences import read_preferences
 from thinkforge.ui import ExportConfig, UIConfig, create_app, export
@@ -149,14 +149,8 @@ def test_token_guards_every_route(tmp_path):
     assert c.get("/api/queues").status_code == 200
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(db, tmp_path, queue_file=None):
-    port = _free_port()
+    port = free_port()
     args = [sys.executable, "-m", "thinkforge", "ui", "--db", str(db), "--port", str(port)]
     if queue_file:
         args += ["--queue-file", str(queue_file), "--queue", "q"]

@@ -225,6 +225,21 @@ def base_only(model):
     return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
+def adapted_weight(layer) -> torch.Tensor:
+    """A linear layer's effective weight: with LoRA adapters (peft), the base weight plus every active adapter's
+    delta s·BA, unless the adapters are disabled (the KL reference) or already merged into the base; the base
+    itself is never changed."""
+    if not hasattr(layer, "base_layer"):
+        return layer.weight
+    w = layer.base_layer.weight
+    if layer.disable_adapters or layer.merged:
+        return w
+    for a in layer.active_adapters:
+        if a in layer.lora_A:
+            w = w + layer.get_delta_weight(a).to(w.dtype)
+    return w
+
+
 def merged_state_dict(model) -> dict:
     """The plain model's weights with every LoRA delta added (W + s·BA), under the base model's own names;
     the adapter itself is left as it is (nothing merged in place)."""
@@ -236,11 +251,7 @@ def merged_state_dict(model) -> dict:
         out[key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")] = value
     for name, module in base.named_modules():
         if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
-            w = module.base_layer.weight.detach().clone()
-            for a in module.active_adapters:
-                if a in getattr(module, "lora_A", {}):
-                    w += module.get_delta_weight(a).to(w.dtype)
-            out[f"{name}.weight"] = w
+            out[f"{name}.weight"] = adapted_weight(module).detach()
     return out
 
 

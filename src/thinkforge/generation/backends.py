@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from thinkforge.models import adapted_weight as _weight
+
 FAST_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
 _CAUSAL = "causal"  # attention-mask sentinel: SDPA's own causal path (prefill without padding)
 
@@ -79,20 +81,6 @@ _PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def _unwrap(model):
     """The transformers model under a peft wrapper (its LoRA layers stay in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _weight(p) -> torch.Tensor:
-    """A projection's effective weight: with LoRA adapters (peft), the base weight plus every active adapter's
-    delta s·BA, unless the adapters are disabled (the KL reference) or already merged into the base."""
-    if not hasattr(p, "base_layer"):
-        return p.weight
-    w = p.base_layer.weight
-    if p.disable_adapters or p.merged:
-        return w
-    for a in p.active_adapters:
-        if a in p.lora_A:
-            w = w + p.get_delta_weight(a).to(w.dtype)
-    return w
 
 
 def _bias(p):
