@@ -306,9 +306,9 @@ def test_scheduler_under_churn_matches_the_engine(model, char_tok, monkeypatch):
         trim(self)
         seen["trim"] += self.k is not None and self.t < t
 
-    def counting_reshape(self, rows, slots, shift=0):
+    def counting_reshape(self, rows, slots, shift=0, start=0):
         seen["shift"] += shift > 0
-        reshape(self, rows, slots, shift)
+        reshape(self, rows, slots, shift, start)
 
     def counting_join(self, prompt_ids, n):
         seen["reuse"] += self.rows() > 0 and self.B < self.k[0].shape[0]

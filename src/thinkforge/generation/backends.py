@@ -30,6 +30,11 @@ from thinkforge.models import adapted_weight as _weight
 
 FAST_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
 _CAUSAL = "causal"  # attention-mask sentinel: SDPA's own causal path (prefill without padding)
+# The cache's time axis grows by max(GROW, capacity // 8) slots when full (nothing is preallocated for
+# max_new_tokens). A decode step attends over the whole capacity, unused slots masked: a contiguous read
+# of every row's (capacity, head_dim) block runs ~3x faster per byte on a CPU than the strided slice of the
+# used slots (measured: 0.15 vs 0.37 ms for 512 heads x 51 slots), and the capacity stays within ~1/8 of use.
+GROW = 16
 
 
 def make_backend(model, name: str = "auto"):
@@ -147,23 +152,26 @@ class FastBackend:
         """ids, pos: (B, T); writes k/v at cache slots [self.t, self.t + T); returns last hidden (B, H)."""
         B, T = ids.shape
         x = F.embedding(ids, self.embed)  # (B, T, H)
-        cos, sin = self.rotary(x, pos)  # (B, T, hd)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
-        nq, nk, hd = self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.head_dim
+        cos, sin = self._rotary(pos)  # (B, T, 1, hd)
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        nq = nh * hd
         t0, t1 = self.t, self.t + T
         for i, L in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), L["ln1"], self.eps)
-            qkv = F.linear(h, L["qkv"], L["qkv_bias"])  # (B, T, nq + 2nk)
-            q = qkv[..., :nq].view(B, T, self.n_heads, hd).transpose(1, 2)  # (B, nh, T, hd)
-            k = qkv[..., nq : nq + nk].view(B, T, self.n_kv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-            v = qkv[..., nq + nk :].view(B, T, self.n_kv, hd).transpose(1, 2)
+            heads = F.linear(h, L["qkv"], L["qkv_bias"]).view(B, T, nh + 2 * nkv, hd)
+            qk = heads[:, :, : nh + nkv]
             if L["q_norm"] is not None:
-                q = F.rms_norm(q, (hd,), L["q_norm"], self.eps)
-                k = F.rms_norm(k, (hd,), L["k_norm"], self.eps)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+                qk = torch.cat([F.rms_norm(qk[:, :, :nh], (hd,), L["q_norm"], self.eps),
+                                F.rms_norm(qk[:, :, nh:], (hd,), L["k_norm"], self.eps)], dim=2)
+            qk = _rotate(qk, cos, sin)  # queries and keys in one go: (B, T, nh + nkv, hd)
+            q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)  # (B, nh|nkv, T, hd)
+            v = heads[:, :, nh + nkv :].transpose(1, 2)
             self.k[i][:B, :, t0:t1] = k  # rows past B are free slots of the store
             self.v[i][:B, :, t0:t1] = v
-            att = self._attend(q, self.k[i][:B, :, :t1], self.v[i][:B, :, :t1], attn_mask, L["scale"])  # (B, nh, T, hd)
+            if t0 == 0:  # a prefill (the store is fresh): every key is in this call's k, v
+                att = self._attend(q, k, v, attn_mask, L["scale"])  # (B, nh, T, hd)
+            else:  # a decode step: the whole capacity, unused slots masked (see GROW)
+                att = self._attend(q, self.k[i][:B], self.v[i][:B], attn_mask, L["scale"])
             x = x + F.linear(att.transpose(1, 2).reshape(B, T, nq), L["o"], L["o_bias"])
             h = F.rms_norm(x, (x.shape[-1],), L["ln2"], self.eps)
             gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)  # (B, T, I) each
@@ -171,8 +179,23 @@ class FastBackend:
         self.t = t1
         return self.norm(x[:, -1])  # (B, H)
 
+    def _rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, T, 1, hd) for positions ``pos`` (B, T): rows of a table the model's own rotary module
+        computes once per length (doubling), instead of its ~6 kernels on every decode step."""
+        if "dynamic" in str(getattr(self.rotary, "rope_type", "")):  # its frequencies depend on the length seen
+            cos, sin = self.rotary(self.embed[:1, None], pos)
+            return cos[:, :, None], sin[:, :, None]
+        need = int(pos.max()) + 1
+        if getattr(self, "_rope_len", 0) < need:
+            n = max(need, 2 * getattr(self, "_rope_len", 0), 256)
+            at = torch.arange(n, device=pos.device)[None]
+            cos, sin = self.rotary(self.embed[:1, None], at)  # (1, n, hd)
+            self._cos, self._sin, self._rope_len = cos[0], sin[0], n
+        return self._cos[pos][:, :, None], self._sin[pos][:, :, None]
+
     def _attend(self, q, k, v, mask, scale):
-        """q: (B, nh, T, hd); k, v: (B, nkv, S, hd); mask: (B, 1, T|1, S) bool, None, or _CAUSAL."""
+        """q: (B, nh, T, hd); k, v: (B, nkv, S, hd); mask: (B, 1, T, S) bool, None, or _CAUSAL for a prefill;
+        None or an additive (B, 1, 1, S) bias (0 or -inf) for a decode step."""
         if mask is _CAUSAL and q.shape[2] == 1:  # a one-token prompt: nothing to mask
             mask = None
         if q.shape[2] > 1:  # prefill: SDPA's fused kernel
@@ -186,18 +209,19 @@ class FastBackend:
         q = q.reshape(B, self.n_kv, g, hd)  # (B, nkv, g, hd): the g query heads sharing one kv head
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, nkv, g, S)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores + mask
         return torch.matmul(torch.softmax(scores, -1), v).reshape(B, nh, 1, hd)
 
     def prefill(self, prompt_ids: list[list[int]], n: int, max_new: int) -> torch.Tensor:
         device, dtype = self.embed.device, self.embed.dtype
         ids, valid = _left_pad(prompt_ids, 0, device)  # (P, T)
         P, T = ids.shape
-        self.capacity = T + max_new
+        self.capacity = T + min(max_new, GROW)
         self.t = 0
         shape = (P, self.n_kv, self.capacity, self.head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in self.layers]
+        # zeros, not empty: a decode step reads unused slots too (masked, but 0 * NaN would still be NaN)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (P, T)
         self.padded = not bool(valid.all())
         mask = _CAUSAL
@@ -245,45 +269,51 @@ class FastBackend:
     def rows(self) -> int:
         return 0 if self.k is None else self.B
 
-    def _reshape(self, rows: int, slots: int, shift: int = 0) -> None:
-        """A zeroed store of ``rows`` × ``slots`` holding the active rows, moved ``shift`` slots right."""
+    def _reshape(self, rows: int, slots: int, shift: int = 0, start: int = 0) -> None:
+        """A zeroed store of ``rows`` × ``slots`` holding the active rows' slots [start, t), moved to begin at
+        slot ``shift``."""
+        n = self.t - start
+
         def move(c):
             shape = list(c.shape)
             shape[0], shape[-1 if c.dim() == 2 else 2] = rows, slots
-            out = c.new_zeros(shape)
+            out = c.new_zeros(shape) if c.dim() == 2 else c.new_empty(shape)
+            if c.dim() == 4:  # zero only what the copy below does not write (slots are read, masked)
+                out[self.B :].zero_()
+                out[: self.B, :, :shift].zero_()
+                out[: self.B, :, shift + n :].zero_()
             if c.dim() == 2:
-                out[: self.B, shift : shift + self.t] = c[: self.B, : self.t]
+                out[: self.B, shift : shift + n] = c[: self.B, start : self.t]
             else:
-                out[: self.B, :, shift : shift + self.t] = c[: self.B, :, : self.t]
+                out[: self.B, :, shift : shift + n] = c[: self.B, :, start : self.t]
             return out
 
         self.k, self.v, self.valid = [move(c) for c in self.k], [move(c) for c in self.v], move(self.valid)
         pos = self.next_pos.new_zeros(rows)
         pos[: self.B] = self.next_pos[: self.B]
-        self.next_pos, self.t, self.capacity = pos, self.t + shift, slots
+        self.next_pos, self.t, self.capacity = pos, shift + n, slots
 
     def trim(self) -> None:
-        """When the first half of the time axis is slots no active row uses, move the rows left by it
-        (a copy of the active rows, paid once per halving: constant per decoded token)."""
+        """When the first half of the time axis is slots no active row uses, drop them: the active rows move
+        left into a store sized to what they use (a copy paid once per halving: constant per decoded token)."""
         if not self.rows():
             self.k = None
             return
         used = self.valid[: self.B, : self.t].any(0)
         first = int(used.float().argmax()) if bool(used.any()) else self.t
         if first >= max(64, self.t // 2):
-            keep = self.t - first
-            for c in self.k + self.v:
-                c[: self.B, :, :keep] = c[: self.B, :, first : self.t].clone()
-            self.valid[: self.B, :keep] = self.valid[: self.B, first : self.t].clone()
-            self.valid[: self.B, keep:] = False
-            self.t = keep
+            self._reshape(self.k[0].shape[0], self.t - first + GROW, start=first)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.t >= self.capacity:
-            self._reshape(self.k[0].shape[0], self.capacity + max(16, self.capacity // 2))
+            self._reshape(self.k[0].shape[0], self.capacity + max(GROW, self.capacity // 8))
         B = self.B
         self.valid[:B, self.t] = True
-        mask = self.valid[:B, None, None, : self.t + 1] if self.padded else None  # (B, 1, 1, t+1)
+        full = not self.padded and self.t + 1 == self.capacity
+        mask = None
+        if not full:  # one additive bias for every layer: 0 where a slot is valid, -inf elsewhere
+            mask = torch.zeros(self.valid[:B].shape, dtype=self.embed.dtype, device=self.embed.device)
+            mask = mask.masked_fill_(~self.valid[:B], float("-inf"))[:, None, None]  # (B, 1, 1, capacity)
         h = self._forward(tokens[:, None], self.next_pos[:B, None], mask)
         self.next_pos[:B] += 1
         return F.linear(h, self.head)  # (B, V)
