@@ -9,8 +9,9 @@ prompt → completion example of exactly 96 tokens (completion-only loss on both
 on bf16 and gradient checkpointing by default; both are switched off (fp32 CPU).
 
 The sides alternate, ``--steps`` optimizer steps each per round; a round's first step is warm-up and
-is not timed. MFU = achieved model FLOP/s ÷ this machine's fp32 matmul peak measured here (best of
-1024² and 2048² matmuls); model FLOPs per token = 6 × (matmul parameters) + 12 × layers × T × hidden
+is not timed. MFU = achieved model FLOP/s ÷ this machine's fp32 matmul peak measured here (the best of
+repeated 1024² and 2048² matmuls and of the model's own GEMM shapes, measured before and between rounds; the
+bench stops if any step beats it, i.e. if the MFU could exceed 1); model FLOPs per token = 6 × (matmul parameters) + 12 × layers × T × hidden
 (PaLM, appendix B). Ends with: RESULT sft thinkforge_tok_s=… trl_tok_s=… ratio=… thinkforge_mfu=… trl_mfu=…
 """
 from __future__ import annotations
@@ -28,18 +29,29 @@ from thinkforge.models import char_tokenizer
 ROWS, T = 32, 96
 
 
-def matmul_peak() -> float:
+def matmul_peak(shapes: list[tuple[int, int, int]], seconds: float = 0.3) -> float:
+    """The best fp32 matmul FLOP/s measured here at the current thread count, over square 1024 and 2048
+    matmuls and the model's own GEMM shapes (M x K @ K x N): each repeated for ``seconds``, best of 3
+    trials. No training step can beat it, so an MFU above 1 means this peak is wrong (checked in main)."""
     best = 0.0
-    for n in (1024, 2048):
-        a, b = torch.randn(n, n), torch.randn(n, n)
+    for m, k, n in [(1024, 1024, 1024), (2048, 2048, 2048), *shapes]:
+        a, b = torch.randn(m, k), torch.randn(k, n)
         for _ in range(3):
             a @ b
-        reps = 10 if n == 1024 else 4
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+        for _ in range(3):
+            reps, t = 0, time.perf_counter()
+            while time.perf_counter() - t < seconds:
+                a @ b
+                reps += 1
+            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
     return best
+
+
+def gemm_shapes(model) -> list[tuple[int, int, int]]:
+    """(M, K, N) of the model's linear layers at one step's token count (forward; the backward's are transposes)."""
+    cfg = model.config
+    H, I, M = cfg.hidden_size, cfg.intermediate_size, ROWS * T
+    return [(M, H, H), (M, H, I), (M, I, H), (M, H, cfg.vocab_size)]
 
 
 def build(tok):
@@ -137,16 +149,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tok = char_tokenizer()
     pairs = examples(tok, ROWS * (args.steps + 1))
-    peak = matmul_peak()
-    fpt = flops_per_token(build(tok))
+    model = build(tok)
+    fpt, shapes = flops_per_token(model), gemm_shapes(model)
+    peak = matmul_peak(shapes)
     times = {"thinkforge": [], "trl": []}
     for r in range(args.rounds):
         order = [("thinkforge", run_thinkforge), ("trl", run_trl)]
         for name, fn in order if r % 2 == 0 else order[::-1]:
             times[name] += fn(tok, pairs, args.steps)
+        peak = max(peak, matmul_peak(shapes))  # measured between rounds too: the best the machine showed
     tf, trl = statistics.median(times["thinkforge"]), statistics.median(times["trl"])
     tokens = ROWS * T
     tf_tps, trl_tps = tokens / tf, tokens / trl
+    fastest = tokens / min(times["thinkforge"] + times["trl"])
+    if fastest * fpt > peak:  # the peak must bound every step, the fastest included
+        raise SystemExit(f"the fastest step ran at {fastest * fpt / 1e9:.0f} GFLOP/s, above the measured peak "
+                         f"{peak / 1e9:.0f}: the peak or the FLOP count is wrong; MFU would mean nothing")
     print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s; model FLOPs/token {fpt / 1e6:.1f} M; "
           f"{args.rounds} alternating rounds x {args.steps} steps (medians)")
     print(f"thinkforge SFT: {tf * 1000:6.0f} ms/step  {tf_tps:6.0f} tok/s  MFU {tf_tps * fpt / peak:.0%}")

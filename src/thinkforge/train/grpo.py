@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from thinkforge.config import check, option, save_config
+from thinkforge.config import ConfigError, check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.models import base_only, is_lora, is_sharded, load_model, resolve_device
 from thinkforge.rewards import RM_PREFIX, RM_SCOPES, compute_rewards
@@ -96,6 +96,11 @@ class GRPOConfig(ModelOptions):
                                       "the update is the same, only peak memory changes")
     train_problems: int = option(5000, "distinct training problems")
     trace_groups: int = option(2, "groups of each roll-out batch saved to traces.jsonl (for thinkforge ui; 0: none)")
+    async_rollouts: bool = option(False, "one-step-off: a second process samples the next batch while this one "
+                                         "trains (train.async_rollouts); one process, full model")
+    rollout_lag: int = option(1, "with async_rollouts: 1 = sample batch k+1 with the weights before batch k's "
+                                 "update; 0 = no overlap (the same results as synchronous GRPO)")
+    rollout_threads: int = option(1, "with async_rollouts: torch CPU threads of the sampling process")
 
     def __post_init__(self):
         super().__post_init__()
@@ -111,6 +116,10 @@ class GRPOConfig(ModelOptions):
         check(all(e is None or 0 < e < 1 for e in (self.epsilon, self.epsilon_high)),
               "epsilon and epsilon_high must be in (0, 1)")
         check(bool(self.rewards), "rewards must name at least one reward")
+        check(self.rollout_lag in (0, 1), f"rollout_lag must be 0 or 1, got {self.rollout_lag}")
+        check(self.rollout_threads >= 1, f"rollout_threads must be >= 1, got {self.rollout_threads}")
+        if self.async_rollouts:
+            check(self.lora_r == 0 and not self.fsdp, "async_rollouts needs a full model: not with LoRA (lora_r) or fsdp")
 
 
 @dataclass
@@ -482,6 +491,19 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     if distributed()[0] == 0:  # a resumed run samples again from its checkpoint's batch: drop later traces
         keep = load_checkpoint(run)["data"].get("batches", 0) if cfg.resume else 0
         trim_jsonl(source.trace_path, lambda row: row.get("batch", 0) < keep)
-    run_training(model, tok, run, settings, source, make_loss_fn(cfg, ref), report_to=cfg.report_to, resume=cfg.resume, merge=cfg.merge,
-                 amp=autocast_dtype(cfg.dtype, device), describe=lambda m: f"reward {m.get('reward', 0):.2f} acc {m.get('accuracy', 0):.2f}")
+    collector = None
+    if cfg.async_rollouts:
+        if distributed()[1] > 1:
+            raise ConfigError("async_rollouts runs in one process: not under torchrun")
+        from thinkforge.train.async_rollouts import AsyncCollector
+
+        collector = AsyncCollector(cfg, model, run, cfg.steps, cfg.save_every, device)
+        source.collect = collector.collect  # the sampler process makes every batch
+    try:
+        run_training(model, tok, run, settings, source, make_loss_fn(cfg, ref), report_to=cfg.report_to,
+                     resume=cfg.resume, merge=cfg.merge, amp=autocast_dtype(cfg.dtype, device),
+                     describe=lambda m: f"reward {m.get('reward', 0):.2f} acc {m.get('accuracy', 0):.2f}")
+    finally:
+        if collector is not None:
+            collector.close()
     return run
