@@ -140,6 +140,8 @@ def test_thinking_budget_forces_the_end_of_thinking(model, char_tok):
     forced = [char_tok.decode([i]) for i, m in zip(o.ids, o.mask) if m == 0]
     assert forced == ["\n", "</think>", "\n"]
     assert o.ids[o.mask.index(0) - 1] == char_tok.convert_tokens_to_ids("a")
+    assert [o.text[a:b] for a, b in o.forced_spans] == ["\n</think>\n"]  # where the UI marks them
+    assert o.forced_spans == [[len("<think>aaaaaa"), len("<think>aaaaaa\n</think>\n")]]
 
 
 def test_budget_forcing_appends_wait(model, char_tok):
@@ -148,6 +150,7 @@ def test_budget_forcing_appends_wait(model, char_tok):
     assert o.waits == 2 and o.text.count("Wait") == 2 and o.finish_reason == "stop"
     assert o.text.startswith("<think>aaa\nWait") and o.text.endswith("</think><answer>7</answer>")
     assert sum(1 for m in o.mask if m == 0) == 2 * len("\nWait")
+    assert "".join(o.text[a:b] for a, b in o.forced_spans) == "\nWait" * 2  # (back to back: one span here)
 
 
 def test_finished_rows_leave_the_batch(model, char_tok):

@@ -126,6 +126,7 @@ def test_engine_counts_budgets_and_stops_with_each_family(toks, name):
     assert o.text == "<think>\n1+2=3\n3+4=7\n7+1=8\n</think>\n<answer>8</answer>" and o.finish_reason == "stop"
     forced = len(eng.opener_ids)
     assert o.mask[:forced] == [0] * forced and all(o.mask[forced:])
+    assert [o.text[a:b] for a, b in o.forced_spans] == ([chat.opener] if chat.opener else [])
     cut = next(k for k in range(1, len(o.ids) + 1) if fmt.THINK_CLOSE in tok.decode(o.ids[:k]))
     assert (o.thinking_tokens, o.answer_tokens) == (cut, len(o.ids) - cut)
     assert o.ids[-1] == tok.convert_tokens_to_ids(chat.end)

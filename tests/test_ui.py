@@ -1,5 +1,6 @@
 """The labelling app and its SQLite store: rankings in, the trainers' files out; one label per labeller per
 item; concurrent labellers; kill -9 loses no acknowledged label; model output escaped; the token."""
+import html
 import json
 import signal
 import sqlite3
@@ -306,6 +307,60 @@ def test_eval_writes_every_sample_as_a_trace(tmp_path, char_tok):
     assert len(rows) == 3 * (1 + 2) and {r["method"] for r in rows} == {"greedy", "sample"}
     assert all(set(r) >= {"problem_id", "question", "gold", "completion", "answer", "correct", "finish_reason", "tokens",
                           "thinking_tokens", "forced_tokens", "majority", "well_formed"} for r in rows)
+
+
+def test_eval_method_traces_carry_prm_step_scores_and_the_choice(tmp_path, char_tok):
+    """`eval --method bon-prm`: every candidate of each pool, the chosen one flagged, each step with the PRM's
+    score (the PRM's own cut of the completion); the trace page colours the steps and marks forced text."""
+    from thinkforge.evaluate import EvalConfig, run_eval
+    from thinkforge.models import save_model, tiny_model
+    from thinkforge.scorers import RewardModel, split_steps
+
+    model = save_model(tiny_model(char_tok, "micro"), char_tok, tmp_path / "m")
+    from transformers import AutoModelForTokenClassification
+
+    base = save_model(tiny_model(char_tok, "micro", seed=1), char_tok, tmp_path / "base")
+    head = AutoModelForTokenClassification.from_pretrained(str(base), num_labels=1)
+    head.config.thinkforge_rm = {"kind": "prm", "step_delimiter": "\n"}
+    prm = tmp_path / "prm"
+    head.save_pretrained(str(prm))
+    char_tok.save_pretrained(str(prm))
+    out = tmp_path / "runs" / "ev" / "results.json"
+    run_eval(EvalConfig(model=str(model), task="add", task_options={"digits": 2}, problems=3, n=[3], method=["bon-prm"],
+                        prm=str(prm), max_new_tokens=12, out=str(out)))
+    rows = [json.loads(x) for x in out.with_suffix(".traces.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 3 and {r["method"] for r in rows} == {"bon-prm@3"}
+    for pid in {r["problem_id"] for r in rows}:
+        mine = [r for r in rows if r["problem_id"] == pid]
+        assert sum(r["chosen"] for r in mine) == 1
+        rm = RewardModel.load(str(prm), "cpu")
+        from thinkforge.tasks import get_task
+        task = get_task("add", digits=2)
+        q = next(p for p in task.problems(3, "test") if p.id == pid)
+        expect = rm.score([q.question] * 3, [r["completion"] for r in mine])
+        for r, sc in zip(mine, expect):
+            assert [s["text"] for s in r["steps"]] == split_steps(r["completion"])[1]
+            assert [s["score"] for s in r["steps"]] == pytest.approx(sc, abs=1e-6)
+        best = max(range(3), key=lambda k: (min(expect[k]), -k))  # bon-prm: the best min-aggregated score
+        assert mine[best]["chosen"]
+    c = TestClient(create_app(UIConfig(runs=str(tmp_path / "runs"), db=str(tmp_path / "l.sqlite"))))
+    page = c.get("/trace/ev", params={"problem": rows[0]["problem_id"]}).text
+    assert page.count("class='prm-step'") == sum(len(r["steps"]) for r in rows[:3]) and "class='chosen'" in page
+
+
+def test_forced_text_is_marked_and_escaped():
+    from thinkforge.ui import _completion_html
+
+    text = "<think>a<b>\n</think>\n<answer>7</answer>"
+    cut = text.index("\n</think>")
+    got = _completion_html(text, [[cut, cut + len("\n</think>\n")]])
+    assert got.count("<mark class='forced'") == 1 and "&lt;b&gt;" in got and "<b>" not in got
+    before, rest = got.split("<mark", 1)
+    inside, after = rest.split("'>", 1)[1].split("</mark>")
+    assert (html.unescape(before), html.unescape(inside), html.unescape(after)) == (
+        text[:cut], "\n</think>\n", text[cut + len("\n</think>\n") :])
+    bad = [[5, 2], [0, 10**6], "x", [1, 2, 3]]
+    assert "<mark" not in _completion_html(text, bad) and html.unescape(_completion_html(text, bad)) == text
 
 
 STEPS = [{"question": f"{a}*3", "completion": f"<think>\n{a}*3={3 * a + k}\n{3 * a + k}+0={3 * a + k}\n</think>\n"

@@ -126,6 +126,39 @@ def test_rank_with_the_keyboard_undo_and_export(site, browser, tmp_path):
     assert read_preferences(path)[0].ranks == [1, 0, 3, 2]
 
 
+def test_rank_by_dragging_cards(site, browser, tmp_path):
+    """Real pointer drags (selenium's mouse actions): onto the order line = next rank, onto a ranked card = a tie,
+    elsewhere = out of the order; the submitted ranking is what the line showed."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, store, _ = site
+    browser.get(url + "/label/mul?labeller=ben")
+    wait_for(browser, "#item")
+    first = int(browser.find_element(By.ID, "item").get_attribute("data-item"))
+    card = lambda k: browser.find_element(By.CSS_SELECTOR, f".card[data-k='{k}'] pre.answer")  # noqa: E731
+    line = lambda: browser.find_element(By.ID, "order-text").text  # noqa: E731
+
+    def drag(k, target):
+        ActionChains(browser).move_to_element(card(k)).click_and_hold().move_by_offset(0, 12) \
+            .move_to_element(target).release().perform()
+
+    drag(2, browser.find_element(By.ID, "order"))
+    assert line() == "3"
+    drag(0, browser.find_element(By.ID, "order"))
+    drag(3, card(0))  # onto a ranked card: tied with it
+    assert line() == "3 > 1=4"
+    drag(1, browser.find_element(By.ID, "order"))
+    drag(2, browser.find_element(By.ID, "prompt"))  # dropped outside: out of the order
+    assert line() == "1=4 > 2"
+    drag(2, browser.find_element(By.ID, "order"))
+    assert line() == "1=4 > 2 > 3"
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ENTER)
+    wait_for(browser, f"#item:not([data-item='{first}'])")
+    assert [x["ranking"] for x in store.labels("mul") if x["labeller"] == "ben"] == [[0, 1, 2, 0]]
+
+
 def test_a_run_curve_updates_live(site, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from thinkforge import format as fmt
 from thinkforge.config import check, option
 from thinkforge.generation import Engine, SamplingParams
 from thinkforge.metrics import bootstrap_ci, maj_correct, pass_at_k
@@ -62,7 +63,8 @@ class EvalConfig:
     prompt_style: str = option("chat", "chat, cot (zero-shot 'think step by step') or few-shot")
     shots: int = option(2, "solved examples in a few-shot prompt")
     plot: str | None = option(None, "draw accuracy vs tokens of the sweep into this PNG")
-    out: str | None = option(None, "write the rows as JSON here (and, without --method, every sample to <out>.traces.jsonl)")
+    out: str | None = option(None, "write the rows as JSON here, and every sample (with --method: every candidate a method chose "
+                                         "among, with its reward-model scores) to <out>.traces.jsonl")
     device: str = option("auto", "auto, cpu or cuda")
 
     def __post_init__(self):
@@ -137,10 +139,11 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def sweep(search, problems: list[Problem], plan: list[tuple[str, list[int]]], stage: str, seed: int = 0,
-          log=print) -> list[dict]:
+          log=print, traces: list | None = None) -> list[dict]:
     """One accuracy row per (method, n) of ``plan`` (``search.METHODS`` names, each with its compute levels);
     greedy and sample run once whatever their levels say. The sample pool is drawn once, at the largest n
-    any pool method asks for, and every smaller n reads its first samples."""
+    any pool method asks for, and every smaller n reads its first samples. ``traces`` receives a trace row
+    per candidate each method chose among (:func:`method_trace_rows`)."""
     from thinkforge.search import POOL_METHODS, run_method
 
     pooled = [n for m, ns in plan if m in POOL_METHODS for n in ns]
@@ -156,6 +159,36 @@ def sweep(search, problems: list[Problem], plan: list[tuple[str, list[int]]], st
                             rm_tokens=sum(o.rm_tokens for o in outs) / len(outs)))
             if log:
                 log(format_rows(rows[-1:]).splitlines()[-1])
+            if traces is not None:
+                traces += method_trace_rows(search, problems, outs, stage=stage, method=label)
+    return rows
+
+
+def method_trace_rows(search, problems: list[Problem], outcomes, **tags) -> list[dict]:
+    """Trace rows of a test-time method: per problem, every candidate it chose among (a pool's samples, step
+    search's finished traces), with ``chosen`` (the one it answered with) and, when a reward model scored
+    them, ``orm`` (its score) and ``steps``: ``[{"text", "score"}]``, the PRM's score of each step of the
+    completion as the PRM cut it (``scorers.split_steps``; the head before the first step is not scored).
+    Other fields as ``sampling.trace_rows`` (``problem_id``, ``question``, ``gold``, ``sample``,
+    ``completion``, ``thinking``, ``answer``, ``correct``, ``well_formed``, ``tokens``)."""
+    from thinkforge.scorers import split_steps
+    from thinkforge.search import Candidate
+
+    delimiter = getattr(search.prm, "delimiter", search.task.step_delimiter)
+    rows = []
+    for p, o in zip(problems, outcomes):
+        cands = o.candidates or [Candidate(o.text, o.answer, o.correct, o.tokens)]
+        for k, c in enumerate(cands):
+            parsed = fmt.parse_completion(c.text)
+            r = {**tags, "problem_id": p.id, "question": p.question, "gold": p.answer, "sample": k, "completion": c.text,
+                 "thinking": parsed.thinking, "answer": c.answer, "correct": bool(c.correct),
+                 "well_formed": parsed.well_formed, "tokens": c.tokens, "chosen": k == o.chosen or not o.candidates}
+            if "orm" in c.rm_scores and c.rm_scores["orm"]:
+                r["orm"] = c.rm_scores["orm"][0]
+            steps = split_steps(c.text, delimiter)[1]
+            if "prm" in c.rm_scores and len(c.rm_scores["prm"]) == len(steps):
+                r["steps"] = [{"text": t, "score": sc} for t, sc in zip(steps, c.rm_scores["prm"])]
+            rows.append(r)
     return rows
 
 
@@ -176,9 +209,10 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
                             prompt_style=cfg.prompt_style, shots=cfg.shots, seed=cfg.seed, batch_rows=cfg.batch_rows,
                             prm=RewardModel.load(cfg.prm, cfg.device) if cfg.prm else None,
                             orm=RewardModel.load(cfg.orm, cfg.device) if cfg.orm else None)
-            rows = sweep(search, problems, [(m, cfg.n) for m in cfg.method], stage, cfg.seed, log=None)
-        else:
             traces: list[dict] = []
+            rows = sweep(search, problems, [(m, cfg.n) for m in cfg.method], stage, cfg.seed, log=None, traces=traces)
+        else:
+            traces = []
             rows, _ = evaluate_model(model, tok, task, problems, stage, cfg.samples, cfg.temperature,
                                      cfg.top_p, cfg.max_new_tokens, cfg.thinking_budget, cfg.seed, cfg.batch_rows,
                                      traces=traces)
@@ -187,6 +221,7 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
 
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps({"task": cfg.task, "model": cfg.model, "rows": rows}, indent=2))
-        if not cfg.method:  # every sample, beside the results (sampling.trace_rows documents the fields)
-            write_jsonl(traces, Path(cfg.out).with_suffix(".traces.jsonl"))
+        # every sample (or every candidate a method chose among), beside the results (sampling.trace_rows and
+        # method_trace_rows document the fields)
+        write_jsonl(traces, Path(cfg.out).with_suffix(".traces.jsonl"))
     return rows

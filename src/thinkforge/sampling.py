@@ -61,7 +61,8 @@ def trace_rows(graded: list[Graded], **tags) -> list[dict]:
     ``completion`` (the text as generated), ``thinking`` (``format.parse_completion``'s, None without a think
     block), ``answer`` (what the grader extracted; None if nothing), ``correct``, ``well_formed``, ``majority``
     (the problem's most common extracted answer), ``finish_reason``, ``tokens``, ``thinking_tokens``,
-    ``forced_tokens`` (tokens the engine forced: a thinking budget's close, a template's opener)."""
+    ``forced_tokens`` (tokens the engine forced: a thinking budget's close, a template's opener),
+    ``forced_spans`` (``[start, end)`` character offsets in ``completion`` of the text those tokens make)."""
     out = []
     for g in graded:
         votes = Counter(a for a in g.answers if a is not None)
@@ -72,5 +73,5 @@ def trace_rows(graded: list[Graded], **tags) -> list[dict]:
                         "sample": i, "completion": c.text, "thinking": p.thinking, "answer": a, "correct": bool(ok),
                         "well_formed": p.well_formed, "majority": majority, "finish_reason": c.finish_reason,
                         "tokens": len(c.ids), "thinking_tokens": c.thinking_tokens,
-                        "forced_tokens": len(c.mask) - sum(c.mask)})
+                        "forced_tokens": len(c.mask) - sum(c.mask), "forced_spans": getattr(c, "forced_spans", [])})
     return out

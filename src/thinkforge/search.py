@@ -63,6 +63,8 @@ class Outcome:
     tokens: int  # policy tokens generated for this problem
     rm_tokens: int = 0  # tokens the reward model read for this problem
     text: str = ""
+    candidates: list = field(default_factory=list)  # what the method chose among (Candidates, with any RM scores)
+    chosen: int | None = None  # the index of its choice in candidates
 
 
 @dataclass
@@ -154,9 +156,9 @@ class Search:
 def _pick(problem_cands: list[Candidate], index: int | None, rm_tokens: int = 0) -> Outcome:
     tokens = sum(c.tokens for c in problem_cands)
     if index is None:
-        return Outcome(None, False, tokens, rm_tokens)
+        return Outcome(None, False, tokens, rm_tokens, candidates=problem_cands)
     c = problem_cands[index]
-    return Outcome(c.answer, c.correct, tokens, rm_tokens, c.text)
+    return Outcome(c.answer, c.correct, tokens, rm_tokens, c.text, problem_cands, index)
 
 
 def best_index(scores: list[float]) -> int | None:
@@ -231,6 +233,7 @@ class _Beam:
     score: float = 1.0
     done: bool = False
     length: int = 0  # tokens generated along this trace
+    steps: list = field(default_factory=list)  # the PRM's step scores at its last scoring
 
 
 def step_search(s: Search, problems: list[Problem], n: int, width: int) -> list[Outcome]:
@@ -260,7 +263,7 @@ def step_search(s: Search, problems: list[Problem], n: int, width: int) -> list[
         scores = prm.score([s.prompt(problems[i]) for i, _ in cands], [head + c.text for _, c in cands])
         by_problem: dict[int, list[_Beam]] = defaultdict(list)
         for (i, c), sc in zip(cands, scores):
-            c.score = aggregate(sc, s.aggregate)
+            c.score, c.steps = aggregate(sc, s.aggregate), sc
             (finished[i] if c.done else by_problem[i]).append(c)
         for i in beams:
             alive = sorted(by_problem.get(i, []), key=lambda c: -c.score)  # stable: ties keep sampling order
@@ -270,11 +273,14 @@ def step_search(s: Search, problems: list[Problem], n: int, width: int) -> list[
     outcomes = []
     for i, p in enumerate(problems):
         best = best_index([c.score for c in finished[i]])
+        graded = [s.grade(p, head + c.text, c.length) for c in finished[i]]
+        for g, c in zip(graded, finished[i]):
+            g.rm_scores["prm"] = c.steps
         if best is None:
             outcomes.append(Outcome(None, False, tokens[i], rm_tokens))
             continue
-        cand = s.grade(p, head + finished[i][best].text, tokens[i])
-        outcomes.append(Outcome(cand.answer, cand.correct, tokens[i], rm_tokens, cand.text))
+        cand = graded[best]
+        outcomes.append(Outcome(cand.answer, cand.correct, tokens[i], rm_tokens, cand.text, graded, best))
     return outcomes
 
 

@@ -36,7 +36,7 @@ template family (the server also matches its clients' ``stop`` strings on decode
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -90,6 +90,7 @@ class Completion:
     thinking_tokens: int
     answer_tokens: int
     waits: int = 0
+    forced_spans: list = field(default_factory=list)  # [start, end) character offsets in ``text`` of forced tokens
 
 
 class _Seq:
@@ -238,9 +239,23 @@ class Engine:
             cut = next((len(x) for x in stops if body[-len(x) :] == x), 1)
             body = body[:-cut]
         think, answer = count_reasoning_tokens(s.ids, self.tok)
-        return Completion(
-            prompt_ids, s.ids, s.logprobs, s.mask, self.tok.decode(body), s.done or "length", think, answer, s.waits
-        )
+        return Completion(prompt_ids, s.ids, s.logprobs, s.mask, self.tok.decode(body), s.done or "length", think,
+                          answer, s.waits, self._forced_spans(body, s.mask))
+
+    def _forced_spans(self, body: list[int], mask: list[int]) -> list[list[int]]:
+        """Character spans of the decoded ``body`` that runs of forced tokens (mask 0) produced: two prefix
+        decodes per run (runs are few: an opener, a budget's close, a wait)."""
+        spans, i = [], 0
+        while i < len(body):
+            if mask[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(body) and not mask[j]:
+                j += 1
+            spans.append([len(self.tok.decode(body[:i])), len(self.tok.decode(body[:j]))])
+            i = j
+        return spans
 
 
 def _prompt_uniforms(streams: list[torch.Generator], active: list[int], n: int, device) -> torch.Tensor:

@@ -332,15 +332,48 @@ def _trace_html(problem: dict) -> str:
         think = r.get("thinking")
         fold = (f"<details><summary>thinking ({r.get('thinking_tokens', '?')} tokens)</summary><pre class='thinking'>"
                 f"{esc(str(think))}</pre></details>") if think is not None else ""
+        chosen = " · <b class='chosen'>chosen</b>" if r.get("chosen") and "method" in r else ""
+        orm = f" · ORM {r['orm']:.3g}" if isinstance(r.get("orm"), (int, float)) else ""
+        body = (_scored_steps_html(r["steps"]) if _valid_steps(r.get("steps"))
+                else f"<pre class='completion'>{_completion_html(str(r.get('completion', '')), r.get('forced_spans'))}</pre>")
         cards.append(
             f"<div class='card {'right' if r.get('correct') else 'wrong'}'><p>{'✓' if r.get('correct') else '✗'} "
-            f"answer <b class='answer'>{esc(str(r.get('answer')))}</b> · {tags}</p>{fold}"
-            f"<pre class='completion'>{esc(str(r.get('completion', '')))}</pre><p class='meta'>{r.get('tokens', '?')} tokens, "
-            f"{r.get('forced_tokens', 0)} forced, finish {esc(str(r.get('finish_reason')))}"
+            f"answer <b class='answer'>{esc(str(r.get('answer')))}</b> · {tags}{chosen}</p>{fold}"
+            f"{body}<p class='meta'>{r.get('tokens', '?')} tokens, "
+            f"{r.get('forced_tokens', 0)} forced, finish {esc(str(r.get('finish_reason')))}{orm}"
             + (f" · reward {r['reward']:.3g} ({parts})" if isinstance(r.get("reward"), (int, float)) else "")
             + (f" · {', '.join(flags)}" if flags else "") + "</p></div>")
     return (f"<pre class='question'>{esc(str(problem['question']))}</pre><p>gold answer <b>{esc(str(problem['gold']))}</b></p>"
             + "".join(cards))
+
+
+def _completion_html(text: str, spans) -> str:
+    """The completion escaped, with the spans the engine forced (``forced_spans``) in ``<mark class='forced'>``;
+    spans that are not sorted, in-bounds ``[start, end)`` pairs are ignored (a hand-edited file)."""
+    out, at = [], 0
+    for span in spans if isinstance(spans, list) else []:
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) for x in span)
+                and at <= span[0] < span[1] <= len(text)):
+            continue
+        out += [html.escape(text[at : span[0]]), "<mark class='forced' title='forced by the engine: not sampled, not "
+                "trained on'>", html.escape(text[span[0] : span[1]]), "</mark>"]
+        at = span[1]
+    return "".join(out) + html.escape(text[at:])
+
+
+def _valid_steps(steps) -> bool:
+    return isinstance(steps, list) and bool(steps) and all(
+        isinstance(x, dict) and isinstance(x.get("text"), str) and isinstance(x.get("score"), (int, float)) for x in steps)
+
+
+def _scored_steps_html(steps: list[dict]) -> str:
+    """The completion cut into the PRM's steps, each coloured by its score (red 0 → green 1) with the score."""
+    rows = []
+    for st in steps:
+        score = min(1.0, max(0.0, float(st["score"])))
+        rows.append(f"<div class='prm-step' data-score='{score:.3f}' style='background:hsl({120 * score:.0f},70%,90%)'>"
+                    f"<span class='prm-score'>{score:.2f}</span><pre>{html.escape(st['text'])}</pre></div>")
+    return "<div class='prm-steps' title='PRM score of each step'>" + "".join(rows) + "</div>"
 
 
 def _results_table(rows: list[dict]) -> str:
@@ -440,7 +473,7 @@ def _item_html(item: Item) -> str:
         cards.append(f"<div class='card' data-k='{k}'><button class='pick' data-k='{k}'>{k + 1}</button>"
                      f"<span class='rank' id='rank-{k}'></span>{fold}<pre class='answer'>{html.escape(rest.strip())}</pre></div>")
     return (f"<div id='item' data-item='{item.id}' data-k='{len(item.completions)}'><h2>Prompt</h2>"
-            f"<pre id='prompt'>{html.escape(item.prompt)}</pre><h2>Completions: order them, best first</h2>"
+            f"<pre id='prompt'>{html.escape(item.prompt)}</pre><h2>Completions: order them, best first (keys 1–9, = for a tie; or drag)</h2>"
             + "".join(cards) + "</div>")
 
 
@@ -505,7 +538,7 @@ show();
 def _controls(queue: str, who: str, item: Item | None) -> str:
     q, w = json.dumps(queue), json.dumps(who)
     return f"""
-<p id="order">order: <span id="order-text">(none yet)</span></p>
+<p id="order" title="drop a card here to give it the next rank">order: <span id="order-text">(none yet)</span></p>
 <p><button id="tie" {'' if item else 'disabled'}>= tie next</button> <button id="back" {'' if item else 'disabled'}>⌫ back</button>
 <button id="submit" {'' if item else 'disabled'}>submit ⏎</button> <button id="skip" {'' if item else 'disabled'}>skip (s)</button>
 <button id="undo">undo last label (u)</button></p><p id="status" role="status"></p>
@@ -524,6 +557,33 @@ function pick(k) {{
   tieNext = false; show();
 }}
 function back() {{ if (order.length) {{ const g = order[order.length - 1]; g.pop(); if (!g.length) order.pop(); }} show(); }}
+// Drag a card (pointer events: mouse, pen, touch): onto the order line = the next rank; onto a ranked card = tied
+// with it; anywhere else = out of the order again.
+function unrank(k) {{ order.forEach(g => {{ const i = g.indexOf(k); if (i >= 0) g.splice(i, 1); }}); order = order.filter(g => g.length); }}
+function drop(k, el) {{
+  const card = el && el.closest('.card[data-k]'), onOrder = el && el.closest('#order');
+  const j = card ? Number(card.dataset.k) : null;
+  if (j === k) return;
+  unrank(k);
+  const group = j === null ? null : order.find(g => g.includes(j));
+  if (onOrder) order.push([k]); else if (group) group.push(k);
+  tieNext = false; show();
+}}
+let drag = null;
+document.querySelectorAll('.card[data-k]').forEach(c => c.addEventListener('pointerdown', e => {{
+  if (e.target.closest('button, summary')) return;
+  drag = {{k: Number(c.dataset.k), x: e.clientX, y: e.clientY, moved: false, card: c}};
+}}));
+document.addEventListener('pointermove', e => {{
+  if (drag && !drag.moved && Math.hypot(e.clientX - drag.x, e.clientY - drag.y) > 6) {{
+    drag.moved = true; drag.card.classList.add('dragging'); e.preventDefault();
+  }}
+}});
+document.addEventListener('pointerup', e => {{
+  if (!drag) return;
+  const d = drag; drag = null; d.card.classList.remove('dragging');
+  if (d.moved) {{ window.getSelection().removeAllRanges(); drop(d.k, document.elementFromPoint(e.clientX, e.clientY)); }}
+}});
 {_JS_POST}async function submit() {{
   const seen = order.flat();
   if (seen.length < K - 1) {{ document.getElementById('status').textContent = 'order every completion first'; return; }}
@@ -557,7 +617,7 @@ def _page(title: str, body: str) -> str:
 table{{border-collapse:collapse}}td,th{{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:left}}
 .card{{border:1px solid #ccc;border-radius:6px;padding:.5rem;margin:.5rem 0}}pre{{white-space:pre-wrap;margin:.3rem 0}}
 .rank{{font-weight:bold;color:#064}}.card.wrong{{border-color:#d99}}.step{{display:flex;gap:.5rem;align-items:baseline}}.step pre{{flex:1}}
-.step.bad pre{{background:#fdd}}.step.good pre{{background:#efe}}.mark{{min-width:4rem;font-weight:bold}}.card.right{{border-color:#8c8}}.side{{flex:1;min-width:0}}button.pick{{min-width:2rem}}#status{{color:#a00}}</style></head>
+.step.bad pre{{background:#fdd}}mark.forced{{background:#fe9;outline:1px dashed #b80}}.prm-step{{display:flex;gap:.5rem;align-items:baseline;padding:0 .3rem}}.prm-step pre{{flex:1;margin:0}}.prm-score{{font:12px monospace;min-width:2.5rem}}.step.good pre{{background:#efe}}.mark{{min-width:4rem;font-weight:bold}}.card.right{{border-color:#8c8}}.side{{flex:1;min-width:0}}button.pick{{min-width:2rem}}.card[data-k]{{cursor:grab}}.card.dragging{{opacity:.5;cursor:grabbing}}#order{{border:1px dashed #aaa;padding:.4rem;border-radius:6px}}#status{{color:#a00}}</style></head>
 <body>{body}</body></html>"""
 
 
