@@ -370,3 +370,26 @@ def test_scheduler_memory_is_bounded_by_rows_and_context(model, char_tok):
             assert len(sched.running) <= rows and b.k[0].shape[0] <= rows and b.t <= 2 * context
     assert all(r.done.is_set() and r.error is None for r in reqs)
     assert 0 < peak <= bound, (peak, bound)
+
+
+def test_a_model_with_mlp_biases_is_generated_by_its_own_forward(char_tok):
+    """The fast backend fuses the MLP without biases: a Llama with ``mlp_bias`` is refused by name and "auto"
+    falls back to the HF forward, so the tokens are the model's own."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from thinkforge.generation.backends import FastBackend, HFBackend, make_backend
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(char_tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, mlp_bias=True)).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.bias.fill_(3.0)  # large enough to change the greedy tokens
+    assert FastBackend.supports(model) == (False, "MLP biases")
+    assert isinstance(make_backend(model), HFBackend)
+    with pytest.raises(ValueError, match="MLP biases"):
+        make_backend(model, "fast")
+    ids = torch.tensor([char_tok.encode("abc", add_special_tokens=False)])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                         pad_token_id=char_tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    got = Engine(model, char_tok).generate(["abc"], SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))[0]
+    assert got.ids == ref

@@ -101,6 +101,8 @@ class FastBackend:
             return False, f"model type {cfg.model_type!r} is not one of {sorted(FAST_TYPES)}"
         if getattr(cfg, "hidden_act", "silu") != "silu":
             return False, f"activation {cfg.hidden_act!r}"
+        if getattr(cfg, "mlp_bias", False):
+            return False, "MLP biases"
         if getattr(cfg, "use_sliding_window", False) or (
             getattr(cfg, "sliding_window", None) and cfg.model_type == "mistral"
         ):
