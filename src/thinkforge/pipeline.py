@@ -31,7 +31,7 @@ from thinkforge.tasks import get_task
 @dataclass
 class DemoConfig:
     out: str = option("runs/demo", "output folder")
-    quick: bool = option(False, "a < 1 minute version (fewer steps and problems) for tests")
+    quick: bool = option(False, "a < 1 minute version (fewer steps, rows and problems) for tests")
     task: str = option("mul", "task with gold traces")
     task_options: dict = option({"digits_a": 3, "digits_b": 2}, "the task's knobs")
     size: str = option("small", "tiny model size (same for both models)")
@@ -58,6 +58,7 @@ class DemoConfig:
     def __post_init__(self):
         if self.quick:
             self.steps, self.eval_problems, self.samples = min(self.steps, 40), min(self.eval_problems, 40), 4
+            self.batch_size = min(self.batch_size, 16)
             self.train_problems = min(self.train_problems, 2000)
             self.grpo_steps = min(self.grpo_steps, 4)
             self.prm_problems, self.prm_steps = min(self.prm_problems, 60), min(self.prm_steps, 10)
