@@ -22,9 +22,12 @@ from pathlib import Path
 
 import torch
 
-from thinkforge.generation import Engine, SamplingParams
-from thinkforge.models import load_model
-from thinkforge.tasks import get_task
+sys.path.insert(0, str(Path(__file__).parent))
+from generation import logprob_error  # noqa: E402  (the engine-vs-full-forward check of bench/generation.py)
+
+from thinkforge.generation import Engine, SamplingParams  # noqa: E402
+from thinkforge.models import load_model  # noqa: E402
+from thinkforge.tasks import get_task  # noqa: E402
 
 
 def hf_batch(model, tok, prompts: list[str], n: int, max_new: int, stop_ids: list[int], greedy: bool = False):
@@ -47,12 +50,7 @@ def check(model, tok, engine, prompts, stop_ids) -> None:
     ref, ends = hf_batch(model, tok, prompts[:4], 1, 96, stop_ids, greedy=True)
     for o, r, e in zip(outs, ref.tolist(), ends):
         assert o.ids == r[:e], "greedy completions differ from HF generate"
-    o = engine.generate(prompts[:1], SamplingParams(temperature=1.0, max_new_tokens=96))[0]
-    with torch.no_grad():
-        lp = torch.log_softmax(model(torch.tensor([o.prompt_ids + o.ids])).logits[0, :-1].float(), -1)
-    ref_lp = lp[len(o.prompt_ids) - 1 :].gather(-1, torch.tensor(o.ids)[:, None])[:, 0]
-    err = float((ref_lp - torch.tensor(o.logprobs)).abs().max())
-    assert err < 1e-4, f"logprobs differ from a full forward by {err}"
+    err = logprob_error(model, engine, prompts[0], SamplingParams(temperature=1.0, max_new_tokens=96))
     print(f"checks: greedy identical to HF generate on 4 prompts; max logprob error {err:.1e}")
 
 
