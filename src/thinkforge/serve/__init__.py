@@ -126,7 +126,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
 
     from thinkforge.serve.protocol import ERRORS, ChatRequest, ResponsesRequest, error_body
     from thinkforge.serve.service import APIError, Limits, ReasoningService, model_context
-    from thinkforge.serve.streams import ChatStream, ResponsesStream
+    from thinkforge.serve.streams import ChatStream, IncrementalText, ResponsesStream
 
     if cfg.threads:
         import torch
@@ -234,17 +234,19 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
             kind, payload = item
             return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
 
-        ids: dict[int, list[int]] = {}
+        texts: dict[int, IncrementalText] = {}
         try:
             for item in s.start():
                 yield frame(item)
             while True:
                 kind, value = await queue.get()
                 if kind == "tokens":
+                    new: dict[int, list[int]] = {}
                     for sample, token in value:
-                        ids.setdefault(sample, []).append(token)
-                    for sample in dict.fromkeys(x for x, _ in value):
-                        for item in s.tokens(sample, svc.tok.decode(ids[sample])):
+                        new.setdefault(sample, []).append(token)
+                    for sample, tokens in new.items():
+                        text = texts.setdefault(sample, IncrementalText(svc.tok)).add(tokens)
+                        for item in s.tokens(sample, text):
                             yield frame(item)
                     continue
                 try:

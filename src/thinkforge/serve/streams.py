@@ -30,6 +30,34 @@ from __future__ import annotations
 from thinkforge.serve.service import APIError, Job, ReasoningService, Split, split_text, summarize
 
 
+class IncrementalText:
+    """A sample's decoded text as its tokens arrive, in constant work per token (not a decode of the whole
+    sequence each time, which made a long stream O(length²)): each step decodes only the tokens since the
+    last emitted boundary, with the token before it as context (how byte-level BPE and SentencePiece
+    detokenizers know whether a piece starts with a space), and emits the part past that context. Text
+    ending in an incomplete UTF-8 character (U+FFFD) is held back until the character completes. Where a
+    tokenizer's decoding of the window disagrees with its decoding of the context (it rewrote earlier
+    text), the whole sequence is decoded once and the window starts again from there."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.text = tok, [], ""
+        self.prefix = self.read = 0  # ids[prefix:read]: the context already in text; ids[read:]: not yet
+
+    def add(self, tokens: list[int]) -> str:
+        self.ids += tokens
+        context = self.tok.decode(self.ids[self.prefix : self.read])
+        window = self.tok.decode(self.ids[self.prefix :])
+        if not window.startswith(context):  # the tokenizer rewrote the context: decode it all once
+            whole = self.tok.decode(self.ids)
+            if not whole.endswith("\ufffd"):
+                self.text, self.prefix, self.read = whole, max(0, len(self.ids) - 1), len(self.ids)
+            return self.text
+        if len(window) > len(context) and not window.endswith("\ufffd"):
+            self.text += window[len(context) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self.text
+
+
 class ResponsesStream:
     def __init__(self, svc: ReasoningService, job: Job):
         self.svc, self.job = svc, job
