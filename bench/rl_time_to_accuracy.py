@@ -20,6 +20,9 @@ evaluator: greedy accuracy (max 128 new tokens, thinkforge's engine) on the same
 held-out problems. thinkforge's snapshots come from running ``train_grpo`` in segments of ``--every`` steps
 with ``resume`` (which continues exactly); TRL's from a callback.
 
+The two sides run one after the other (``--order``: which first), so run it on an idle machine, or twice
+with the order swapped: a busy neighbour during one side skews its clock.
+
 speedup = the training seconds TRL needs to reach its final accuracy / the seconds thinkforge needs to
 reach the same accuracy (its first snapshot at or above it). Prints both curves, writes them to
 ``--plot`` (PNG) and ends with:
@@ -160,6 +163,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="docs/rl-tta.png")
+    ap.add_argument("--order", default="trl-first", choices=["trl-first", "thinkforge-first"])
     args = ap.parse_args()
     if not (Path(args.start) / "config.json").exists():
         sys.exit(f"{args.start}: no model there; `make demo` trains it (or pass --start)")
@@ -174,10 +178,12 @@ def main() -> None:
     start_acc = evaluate(args.start, None, test, task)
     print(f"start model: greedy accuracy {start_acc:.3f} on {len(test)} held-out problems")
     snaps = {}
-    print("TRL GRPOTrainer:")
-    snaps["TRL"] = run_trl(args.start, args.budget, args.every, args.seed)
-    print("thinkforge GRPO:")
-    snaps["thinkforge"] = run_thinkforge(args.start, args.budget, args.every, args.dynamic_sampling, args.seed)
+    sides = [("TRL", lambda: run_trl(args.start, args.budget, args.every, args.seed)),
+             ("thinkforge", lambda: run_thinkforge(args.start, args.budget, args.every, args.dynamic_sampling, args.seed))]
+    for name, run in sides if args.order == "trl-first" else sides[::-1]:
+        print(f"{name}:")
+        snaps[name] = run()
+    snaps = {"TRL": snaps["TRL"], "thinkforge": snaps["thinkforge"]}
     curves = {}
     for name, rows in snaps.items():
         curves[name] = [(0.0, start_acc)] + [(clock, evaluate(args.start, state, test, task)) for _, clock, state in rows]
