@@ -185,9 +185,10 @@ def method_trace_rows(search, problems: list[Problem], outcomes, **tags) -> list
                  "well_formed": parsed.well_formed, "tokens": c.tokens, "chosen": k == o.chosen or not o.candidates}
             if "orm" in c.rm_scores and c.rm_scores["orm"]:
                 r["orm"] = c.rm_scores["orm"][0]
-            steps = split_steps(c.text, delimiter)[1]
-            if "prm" in c.rm_scores and len(c.rm_scores["prm"]) == len(steps):
-                r["steps"] = [{"text": t, "score": sc} for t, sc in zip(steps, c.rm_scores["prm"])]
+            if "prm" in c.rm_scores:
+                steps = split_steps(c.text, delimiter)[1]
+                if len(c.rm_scores["prm"]) == len(steps):
+                    r["steps"] = [{"text": t, "score": sc} for t, sc in zip(steps, c.rm_scores["prm"])]
             rows.append(r)
     return rows
 

@@ -279,15 +279,15 @@ class FastBackend:
         def move(c):
             shape = list(c.shape)
             shape[0], shape[-1 if c.dim() == 2 else 2] = rows, slots
-            out = c.new_zeros(shape) if c.dim() == 2 else c.new_empty(shape)
-            if c.dim() == 4:  # zero only what the copy below does not write (slots are read, masked)
-                out[self.B :].zero_()
-                out[: self.B, :, :shift].zero_()
-                out[: self.B, :, shift + n :].zero_()
-            if c.dim() == 2:
+            if c.dim() == 2:  # valid: (rows, slots)
+                out = c.new_zeros(shape)
                 out[: self.B, shift : shift + n] = c[: self.B, start : self.t]
-            else:
-                out[: self.B, :, shift : shift + n] = c[: self.B, :, start : self.t]
+                return out
+            out = c.new_empty(shape)  # k / v: zero only what the copy does not write (decode reads it, masked)
+            out[self.B :].zero_()
+            out[: self.B, :, :shift].zero_()
+            out[: self.B, :, shift + n :].zero_()
+            out[: self.B, :, shift : shift + n] = c[: self.B, :, start : self.t]
             return out
 
         self.k, self.v, self.valid = [move(c) for c in self.k], [move(c) for c in self.v], move(self.valid)

@@ -4,7 +4,7 @@ roll-out batch while the trainer updates on this one, as verl, prime-rl and SkyR
     trainer  | train on batch k (weights θ_k → θ_k+1)        | train on batch k+1 (θ_k+1 → θ_k+2) | …
     sampler  | sample batch k+1 with θ_k                      | sample batch k+2 with θ_k+1          | …
 
-The sampler is a spawned process holding its own copy of the model, an :class:`~thinkforge.generation.Engine`
+The sampler is a second process (started by a forkserver) holding its own copy of the model, an :class:`~thinkforge.generation.Engine`
 and the run's :class:`~thinkforge.train.grpo.RolloutSource` (problem stream, rewards, dynamic sampling,
 traces). Weights are handed over through one shared-memory copy of the state dict, written by the trainer
 only while the sampler is idle and read by the sampler at the start of each request. The data position
@@ -32,6 +32,8 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+from thinkforge.train.loop import saves_after
+
 HANDSHAKE_S = 600  # seconds to wait for the sampler to load its model before giving up
 POLL_S = 1.0  # how often a waiting trainer checks that the sampler is still alive
 
@@ -53,8 +55,7 @@ def _worker(cfg, shared: dict, run: str, device: str, requests, replies, threads
         source = RolloutSource(cfg, model, tok, task, problems, model.device)
         source.trace_path = Path(run) / "traces.jsonl"
         replies.put(("ready", None))
-        while (msg := requests.get()) is not None:
-            state = msg
+        while (state := requests.get()) is not None:
             with torch.no_grad():
                 for name, p in model.state_dict().items():
                     p.copy_(shared[name])
@@ -71,11 +72,11 @@ LOOP_KEYS = ("rollouts", "pass")
 class AsyncCollector:
     """The trainer's side: ``collect(state)`` returns the next roll-out batch (as ``RolloutSource.collect``)."""
 
-    def __init__(self, cfg, model, run, steps: int, save_every: int, device):
+    def __init__(self, cfg, model, run, settings, device):
         from thinkforge.train.grpo import Rollouts
 
         self.Rollouts, self.cfg, self.model, self.device = Rollouts, cfg, model, device
-        self.steps, self.save_every = steps, save_every
+        self.settings = settings  # the loop's: when it checkpoints (loop.saves_after) and how many steps
         self.shared = {k: v.detach().to("cpu", copy=True).share_memory_() for k, v in model.state_dict().items()}
         # forkserver: a clean single-threaded server with the heavy imports done once per trainer process
         # (fork after torch has started threads is unsafe; spawn would import torch again per sampler)
@@ -120,8 +121,8 @@ class AsyncCollector:
         if self.cfg.rollout_lag == 0:
             return False
         nxt = step + self.cfg.mu
-        saves = any((j + 1) % self.save_every == 0 or j + 1 == self.steps for j in range(step, nxt))
-        return not saves and nxt < self.steps
+        saves = any(saves_after(j + 1, self.settings) for j in range(step, nxt))
+        return not saves and nxt < self.settings.steps
 
     def collect(self, state: dict):
         step = state.get("batches", 0) * self.cfg.mu  # the first optimizer step on the batch collected now

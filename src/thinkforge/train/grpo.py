@@ -497,7 +497,7 @@ def train_grpo(cfg: GRPOConfig) -> Path:
             raise ConfigError("async_rollouts runs in one process: not under torchrun")
         from thinkforge.train.async_rollouts import AsyncCollector
 
-        collector = AsyncCollector(cfg, model, run, cfg.steps, cfg.save_every, device)
+        collector = AsyncCollector(cfg, model, run, settings, device)
         source.collect = collector.collect  # the sampler process makes every batch
     try:
         run_training(model, tok, run, settings, source, make_loss_fn(cfg, ref), report_to=cfg.report_to,

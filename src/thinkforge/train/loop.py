@@ -316,6 +316,11 @@ def lr_at(step: int, s: LoopSettings) -> float:
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def saves_after(done: int, s: LoopSettings) -> bool:
+    """Whether the loop writes a checkpoint once ``done`` optimizer steps are done: every ``save_every``, and the last."""
+    return done % s.save_every == 0 or done == s.steps
+
+
 def make_optimizer(model, s: LoopSettings) -> torch.optim.Optimizer:
     """AdamW; no weight decay on norms, biases and embeddings (1-D tensors and the embedding matrix)."""
     emb = model.get_input_embeddings().weight
@@ -535,7 +540,7 @@ def run_training(
                     board.flush()
                 progress.update(bar, advance=1, description=f"{run.name} {describe(row)} {row['tokens_per_s']:.0f} tok/s")
             done = step + 1
-            if done % settings.save_every == 0 or done == settings.steps:
+            if saves_after(done, settings):
                 full = full_state(model, optimizer) if sharded else None  # (collective: every rank gathers)
                 if rank == 0:
                     save_checkpoint(run, model, tokenizer, optimizer, done, data_state, scaler, full)
