@@ -47,3 +47,26 @@ def test_scientific_notation_and_choice_letters():
     for pred in ("B", "(B)", "b", "B)", "B.", "\\text{(B)}", "$\\textbf{B}$"):
         assert is_equivalent(pred, "(B)") and is_equivalent("\\text{(B)}", pred), pred
     assert not is_equivalent("(C)", "B") and as_choice("Bob") is None and as_choice("AB") is None
+
+
+def test_huge_numerals_from_a_model_are_text_not_giant_integers():
+    """``1e999999999`` would be a billion-digit integer (minutes, GBs) and a 5,000-digit numeral makes ``str``/``int``
+    raise past Python's 4,300-digit limit; both are compared as text, and an answer of them is simply wrong."""
+    from thinkforge.metrics import answer_key, maj_correct
+    from thinkforge.tasks import get_task
+    from thinkforge.verify import as_number
+
+    big = "7" * 5000
+    assert as_number("1e999999999") is None and as_number(big) is None and as_number("1e-2000") is None
+    assert as_number("1e1000") == 10**1000 and as_number("-2.5e-1") == verify.Fraction(-1, 4)
+    assert answer_key("1e999999999") == "1e999999999" and answer_key(big) == big
+    assert maj_correct(["1e999999999", big, big, "5"], [False, False, False, True]) is False
+    add = get_task("add", digits=3, terms=2)
+    p = add.problems(1)[0]
+    assert add.score(p, big) == 0.0 and add.check_step(p, 0, f"{big}+1+0={big}") is False
+    mul = get_task("mul")
+    q = mul.problems(1)[0]
+    assert mul.check_step(q, 0, f"{big}*1={big}") is False
+    assert mul.gold_utility(q, f"<think>\n{big}*1={big}\n</think>\n<answer>{big}</answer>") == 0.0
+    arith = get_task("arith")
+    assert arith.check_step(arith.problems(1)[0], 0, f"{big}+1={big}") is False

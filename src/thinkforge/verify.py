@@ -80,9 +80,17 @@ def normalize(s: str) -> str:
     return s[:-1] if s.endswith(".") else s
 
 
+MAX_NUMBER_CHARS = 1000  # a longer numeral (or ``1e<huge>``) is compared as text: never a huge integer built
+MAX_EXPONENT = 1000
+
+
 def as_number(s: str) -> Fraction | None:
+    """The exact value of a numeral (``-4``, ``0.5``, ``1e3``, ``3/4``); ``None`` for anything else, including a
+    numeral of over :data:`MAX_NUMBER_CHARS` characters or an exponent beyond ±:data:`MAX_EXPONENT` — model-written
+    text such as ``1e999999999`` would otherwise make a billion-digit integer."""
     s = s.strip().replace(",", "")
-    if not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?(/\d+)?", s):
+    m = re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?(/\d+)?", s)
+    if not m or len(s) > MAX_NUMBER_CHARS or (m[3] and abs(int(m[3])) > MAX_EXPONENT):
         return None
     try:
         return Fraction(s)

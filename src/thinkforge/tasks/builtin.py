@@ -36,16 +36,21 @@ def _digits(rng: random.Random, n: int) -> int:
     return rng.randint(10 ** (n - 1), 10**n - 1)
 
 
-def _ints(step: str) -> list[int]:
-    return [int(x) for x in re.findall(r"-?\d+", step)]
+def _int(s: str) -> int | None:
+    """A model-written integer; ``None`` (equal to no gold value) past 1,000 digits, where ``int`` refuses."""
+    return int(s) if len(s) <= 1000 else None
+
+
+def _ints(step: str) -> list[int | None]:
+    return [_int(x) for x in re.findall(r"-?\d+", step)]
 
 
 def _rev(n: int) -> str:
     return str(n)[::-1]
 
 
-def _unrev(s: str) -> int:
-    return int(s[::-1])
+def _unrev(s: str) -> int | None:
+    return _int(s[::-1])
 
 
 @register("add")
@@ -187,7 +192,7 @@ class ArithTask(_IntegerAnswer, Task):
         if not 0 <= index < len(ops):
             return False
         m = re.fullmatch(r"\s*\(?(-?\d+)\)?([+\-*])\(?(-?\d+)\)?=(-?\d+)\s*", step)
-        return bool(m) and (int(m[1]), m[2], int(m[3]), int(m[4])) == tuple(ops[index])
+        return bool(m) and (_int(m[1]), m[2], _int(m[3]), _int(m[4])) == tuple(ops[index])
 
 
 def _replace(tree, path: list[int], new):

@@ -210,7 +210,7 @@ def judge_messages(problem: Problem, steps: list[str]) -> list[dict]:
 
 def parse_judgement(reply: str, n_steps: int) -> list[float]:
     """Labels from a judge's reply; raises ValueError if a step has no verdict."""
-    verdicts = {int(m[1]): m[2].lower() for m in re.finditer(r"(?m)^\s*(\d+)\s*[:.)-]\s*(correct|wrong)\b", reply, re.I)}
+    verdicts = {int(m[1]): m[2].lower() for m in re.finditer(r"(?m)^\s*(\d{1,6})\s*[:.)-]\s*(correct|wrong)\b", reply, re.I)}
     missing = [i + 1 for i in range(n_steps) if i + 1 not in verdicts]
     if missing:
         raise ValueError(f"judge reply has no verdict for step(s) {missing}: {reply[:200]!r}")
