@@ -128,6 +128,13 @@ CATALOGUE = [
     ("eval-method-unknown", ["eval", "--method", "mcts"], "unknown method(s) ['mcts']"),
     ("eval-method-needs-prm", ["eval", "--method", "prm-beam"], "method prm-beam needs a PRM"),
     ("eval-n-zero", ["eval", "--method", "maj", "--n", "0,4"], "n = 0 only makes sense for budget"),
+    ("grpo-rm-scope-unknown-reward", ["train", "grpo", "--rm-scopes", "rm:none=answer"],
+     "rm_scopes: 'rm:none' is not an rm:<folder> reward of rewards"),
+    ("grpo-families-without-mixed-task", ["train", "grpo", "--reward-families", "accuracy=[\"a\"]", "--out", "{dir}/g9"],
+     "reward_families needs a mixed task"),
+    ("overopt-sizes-not-increasing", ["overopt", "--data-sizes", "1500,150"], "data_sizes must be increasing"),
+    ("overopt-bon-n-not-power-of-2", ["overopt", "--bon-n", "100"], "bon_n must be a power of 2"),
+    ("overopt-task-without-gold-steps", ["overopt", "--task", "{plain}", "--task-options", "", "--out", "{dir}/o1"], "has no gold steps"),
     ("eval-policy-as-prm", ["eval", "--model", "{causal}", "--method", "bon-prm", "--prm", "{causal}"],
      "not a thinkforge reward model"),
 ]

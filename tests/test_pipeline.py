@@ -87,6 +87,10 @@ def test_recipe_runs_every_stage_and_records_lineage(tmp_path):
         ('\n[[stage]]\nname = "x"\nrun = "sft"\nlearning_rate = 1\n', "stage 'x': unknown field 'learning_rate'"),
         ('\n[[stage]]\nname = "x"\nrun = "grpo"\nrewards = {"rm:none" = 1.0}\n', "reward 'rm:none' does not name an earlier rm"),
         ('\n[[stage]]\nname = "x"\nrun = "dpo"\ndata = "cold"\n', "'data' = 'cold' is not an earlier sample or preferences"),
+        ('\n[[stage]]\nname = "x"\nrun = "grpo"\nreward_families = { accuracy = ["maths"] }\n',
+         "stage 'x': reward_families needs a mixed task"),
+        ('\n[[stage]]\nname = "x"\nrun = "grpo"\ntask = "mixed"\ntask_options = { parts = { a = { task = "add" } } }\n'
+         'reward_families = { accuracy = ["maths"] }\n', "unknown family \\['maths'\\]; the task's are \\['a'\\]"),
     ],
 )
 def test_bad_recipes_are_named_before_anything_long_runs(tmp_path, more, message):

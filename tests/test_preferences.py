@@ -2,6 +2,8 @@
 inside GRPO: losses against hand-computed values, bad rows, exact resume, and the trainers end to end."""
 import json
 import math
+
+import numpy as np
 import random
 
 import pyarrow as pa
@@ -248,7 +250,7 @@ def test_simulated_labeller_writes_readable_ranked_rows(policy, tmp_path):
         assert len(read_preferences(tmp_path / "p.jsonl")) == len(rows)
 
 
-def test_grpo_against_a_learned_reward_logs_proxy_and_gold(policy, tmp_path):
+def test_grpo_against_a_learned_reward_logs_proxy_and_gold(policy, tmp_path, monkeypatch):
     from thinkforge.rewards import reward_model_reward
     from thinkforge.tasks import get_task
     from thinkforge.train.grpo import GRPOConfig, train_grpo
@@ -267,10 +269,18 @@ def test_grpo_against_a_learned_reward_logs_proxy_and_gold(policy, tmp_path):
     for scope, same in (("answer", True), ("all", False)):
         total = compute_rewards(same_answer, [prob, prob], task, {f"rm:{rm}": 1.0}, rm_scope=scope).total
         assert (total[0] == pytest.approx(total[1])) == same, scope
+    own = compute_rewards(same_answer, [prob, prob], task, {f"rm:{rm}": 1.0}, rm_scope="all",
+                          options={f"rm:{rm}": {"scope": "answer"}}).total
+    assert own[0] == pytest.approx(own[1])  # a reward's own scope (GRPO's rm_scopes) wins over rm_scope
+    from thinkforge.train import grpo
+
+    seen = []
+    monkeypatch.setattr(grpo, "compute_rewards", lambda *a, **kw: seen.append(kw) or compute_rewards(*a, **kw))
     cfg = GRPOConfig(model=policy, task="add", task_options={"digits": 2}, out=str(tmp_path / "g"), steps=2,
                      prompts_per_step=2, group_size=4, max_new_tokens=24, rewards={f"rm:{rm}": 1.0},
-                     dynamic_sampling=False, train_problems=20, save_every=2, rm_scope="answer")
+                     dynamic_sampling=False, train_problems=20, save_every=2, rm_scopes={f"rm:{rm}": "answer"})
     rows = [json.loads(x) for x in (train_grpo(cfg) / "metrics.jsonl").read_text().splitlines()]
+    assert seen and all(kw["options"] == {f"rm:{rm}": {"scope": "answer"}} for kw in seen)
     assert all({"overopt/proxy", "overopt/gold", "overopt/warning"} <= set(r) for r in rows)
     assert all(0.0 <= r["overopt/gold"] <= 1.0 for r in rows)
     with pytest.raises(ConfigError, match="rm_scope"):
@@ -438,3 +448,63 @@ def test_ppo_micro_batches_train_the_same_policy_and_value(policy, tmp_path):
     for sub in ("model.safetensors", "value/model.safetensors"):
         a, b = (load_file(str(r / "model" / sub)) for r in runs)
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4, sub
+
+
+# ---- over-optimisation ------------------------------------------------------------------------------
+
+def test_best_of_n_expectation_is_the_mean_over_every_subset():
+    from itertools import combinations
+
+    from thinkforge.overopt import bon_expectation
+
+    rng = np.random.default_rng(0)
+    proxy, gold = rng.normal(size=7), rng.normal(size=7)
+    for n in range(1, 8):
+        picks = [gold[max(s, key=lambda i: proxy[i])] for s in combinations(range(7), n)]
+        assert abs(bon_expectation(proxy, gold, n) - np.mean(picks)) < 1e-12, n
+    assert abs(bon_expectation(proxy, gold, 1) - gold.mean()) < 1e-12
+    assert bon_expectation(proxy, gold, 7) == gold[np.argmax(proxy)]
+
+
+def test_gao_forms_are_recovered_with_their_peaks():
+    from thinkforge.overopt import fit_form, kl_bon
+
+    d = np.linspace(0.2, 3.0, 12)
+    rl = fit_form("rl", d, d * (0.3 - 0.2 * np.log(d)))
+    assert abs(rl["alpha"] - 0.3) < 1e-9 and abs(rl["beta"] - 0.2) < 1e-9
+    assert abs(rl["peak_sqrt_kl"] - np.exp(0.3 / 0.2 - 1)) < 1e-9  # d/dd d(a - b log d) = a - b - b log d = 0
+    bon = fit_form("bon", d, d * (0.5 - 0.1 * d))
+    assert abs(bon["peak_sqrt_kl"] - 2.5) < 1e-9 and abs(bon["peak_gain"] - 2.5 * (0.5 - 0.25)) < 1e-9
+    falling = fit_form("bon", d, -0.1 * d - 0.2 * d * d)
+    assert falling["alpha"] < 0 and falling["peak_sqrt_kl"] == 0.0 and falling["peak_gain"] == 0.0
+    rising = fit_form("bon", d, 0.4 * d)  # no downturn measured: no finite peak is invented
+    assert rising["peak_sqrt_kl"] == float("inf") or rising["beta"] <= 1e-12
+    assert kl_bon(1) == 0.0 and abs(kl_bon(4) - (np.log(4) - 0.75)) < 1e-15
+
+
+def test_overopt_command_measures_proxies_best_of_n_and_rl_and_continues(syllogism_model, tmp_path):
+    from thinkforge.config import ConfigError
+    from thinkforge.overopt import OveroptConfig, run_overopt
+
+    cfg = dict(task="syllogism", task_options={}, policy=syllogism_model[2], out=str(tmp_path / "o"),
+               data_sizes=[6, 16], k=3, rm_steps=3, rm_batch_size=4, bon_problems=3, bon_n=4, rl_steps=2, rl_every=1,
+               rl_lr=1e-3, prompts_per_step=2, group_size=2, eval_problems=3, eval_samples=2, max_new_tokens=64)
+    res = run_overopt(OveroptConfig(**cfg))
+    bon = res["best_of_n"]
+    assert bon["n"] == [1, 2, 3, 4] and bon["kl"][0] == 0.0
+    for size in ("6", "16"):
+        proxy = [p["mean"] for p in bon["proxies"][size]["proxy"]]
+        assert all(b >= a - 1e-12 for a, b in zip(proxy, proxy[1:]))  # the proxy's pick of more samples never scores lower
+        assert abs(proxy[0]) < 1e-9  # n = 1 is the mean of the standardised scores
+        pts = res["rl"][size]
+        assert [p["step"] for p in pts] == [0, 1, 2]
+        assert pts[0]["kl"] < 1e-3  # the start against itself (engine vs full-forward logprobs differ by ~1e-6)
+        assert pts[-1]["kl"] > pts[0]["kl"]  # training moved the policy
+        assert set(res["fits"]["rl"][size]) >= {"alpha", "beta", "peak_sqrt_kl", "best_measured"}
+        assert res["reward_models"][size]["train_rankings"] >= 1
+    assert (tmp_path / "o" / "overopt.png").stat().st_size > 10_000
+    before = (tmp_path / "o" / "rl-16" / "points.json").read_text()
+    again = run_overopt(OveroptConfig(**cfg))  # every part finished: nothing is recomputed
+    assert (tmp_path / "o" / "rl-16" / "points.json").read_text() == before and again["rl"] == res["rl"]
+    with pytest.raises(ConfigError, match="another config"):
+        run_overopt(OveroptConfig(**{**cfg, "rl_lr": 2e-3}))

@@ -7,6 +7,7 @@ BUILTIN = {
     "mul": [{}, {"digits_a": 4, "digits_b": 3}],
     "arith": [{}, {"ops": 5, "max_num": 20}],
     "syllogism": [{}, {"chain": 4, "distractors": 2}],
+    "mixed": [{"parts": {"r": {"task": "mul"}, "g": {"task": "add", "digits": 5}}}],
 }
 
 
@@ -86,3 +87,36 @@ def test_bad_task_names_and_options():
         get_task("add", width=3)
     with pytest.raises(ValueError, match="digits must be >= 1"):
         get_task("mul", digits_a=0)
+
+
+def test_mixed_task_interleaves_families_by_weight_and_delegates_to_each():
+    mixed = get_task("mixed", parts={"reasoning": {"task": "mul", "digits_a": 3, "digits_b": 2},
+                                     "general": {"task": "add", "digits": 5, "terms": 2}},
+                     weights={"reasoning": 3, "general": 1})
+    assert mixed.families == ["reasoning", "general"] and mixed.has_gold_steps
+    ps = mixed.problems(800, seed=1)
+    share = sum(p.meta["family"] == "reasoning" for p in ps) / len(ps)
+    assert 0.70 < share < 0.80  # weights 3:1
+    mul, add = get_task("mul"), get_task("add", digits=5, terms=2)
+    for p in ps[:40]:
+        own = mul if p.meta["family"] == "reasoning" else add
+        assert ("*" in p.question) == (own is mul)
+        assert mixed.score(p, p.answer) == 1.0 and mixed.score(p, str(int(p.answer) + 1)) == 0.0
+        wrong = f"<think>\n{p.steps[0]}\n1+1=3\n</think>\n<answer>{int(p.answer) + 1}</answer>"
+        assert mixed.gold_utility(p, wrong) == own.gold_utility(p, wrong)
+    assert [p.question for p in mixed.problems(20, seed=1)] == [p.question for p in ps[:20]]  # reproducible
+
+
+@pytest.mark.parametrize("options,message", [
+    ({}, "parts must be a table"),
+    ({"parts": {"a": {"digits": 3}}}, "parts.a must be a table with a task name"),
+    ({"parts": {"a": {"task": "mixed"}}}, "cannot itself be mixed"),
+    ({"parts": {"a": {"task": "add"}}, "weights": {"b": 1}}, "weights name unknown family ['b']"),
+    ({"parts": {"a": {"task": "add"}}, "weights": {"a": 0}}, "positive sum"),
+    ({"parts": {"a": {"task": "add", "digitz": 3}}}, "bad option for task 'add'"),
+    ({"parts": {"a": {"task": "code"}}}, "reads answers its own way"),
+])
+def test_mixed_task_bad_options(options, message):
+    with pytest.raises(ValueError) as e:
+        get_task("mixed", **options)
+    assert message in str(e.value)

@@ -10,6 +10,7 @@
     thinkforge generate --model runs/mul-cot/model --prompt "347*89" [--budget 16] [--temperature 0]
     thinkforge sample --model runs/mul-cot/model --task mul --problems 2000 --out runs/rs.jsonl
     thinkforge pipeline recipes/r1.toml
+    thinkforge overopt --out runs/overopt
     thinkforge serve --model runs/demo/grpo/model [--port 8000 --api-key KEY]
     thinkforge demo [--quick]
 
@@ -95,6 +96,7 @@ def _generate(cfg: GenerateConfig) -> None:
 
 def _commands():
     from thinkforge.evaluate import EvalConfig
+    from thinkforge.overopt import OveroptConfig
     from thinkforge.pipeline import DemoConfig
     from thinkforge.preferences import PreferencesConfig
     from thinkforge.rejection import SampleConfig
@@ -118,6 +120,8 @@ def _commands():
         "train dpo": (DPOConfig, "direct preference optimisation (DPO / IPO) from pairs or rankings", _train_dpo),
         "preferences": (PreferencesConfig, "simulated labeller: rank a policy's samples by the task's gold "
                                            "preference (+ noise) into a preference file", _preferences),
+        "overopt": (OveroptConfig, "reward over-optimisation measured: proxy RMs of two data sizes, best-of-n and RL "
+                                   "against each, gold vs proxy against sqrt(KL), Gao et al.'s fits", _overopt),
         "sample": (SampleConfig, "rejection sampling: verified, well-formed traces to JSONL (for SFT --data)", _sample),
         "eval": (EvalConfig, "pass@1 ± CI, pass@k, maj@k on held-out problems", _eval),
         "generate": (GenerateConfig, "complete one prompt (thinking budget, budget forcing)", _generate),
@@ -201,6 +205,14 @@ def _train_dpo(cfg) -> None:
             print(f"{k}: {ev[k]['start']:.3f} -> {ev[k]['trained']:.3f} (paired 95% CI of the change "
                   f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}])")
     print(f"model saved in {run / 'model'}")
+
+
+def _overopt(cfg) -> None:
+    from thinkforge.overopt import run_overopt, summary
+
+    results = run_overopt(cfg)
+    print(summary(results))
+    print(f"results in {cfg.out}/results.json, plot in {cfg.out}/overopt.png")
 
 
 def _preferences(cfg) -> None:

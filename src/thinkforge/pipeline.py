@@ -277,7 +277,15 @@ def _plan(recipe: dict, path: str, out_dir: Path, task_name: str, task_options: 
             fields.setdefault("task", task_name)
         if kind == "dpo":
             fields.setdefault("eval_problems", 0)  # the recipe evaluates every model stage itself
-        plan.append((name, kind, src, build_config(runners[kind][0], fields, where)))
+        cfg = build_config(runners[kind][0], fields, where)
+        if getattr(cfg, "reward_families", None):
+            from thinkforge.train.grpo import check_families
+
+            try:
+                check_families(cfg.reward_families, get_task(cfg.task, **cfg.task_options))
+            except (ConfigError, ValueError) as e:
+                raise ConfigError(f"{where}: {e}") from None
+        plan.append((name, kind, src, cfg))
         (made_data if kind in DATA_STAGES else made_rm if kind == "rm" else made_model).add(name)
     return plan
 
@@ -302,6 +310,14 @@ def gold_stage(model_path: str, name: str, task, test, recipe: dict, src: str | 
               + (f"  vs {src}: {r['vs_from']['diff']:+.3f} [{r['vs_from']['ci_low']:+.3f}, {r['vs_from']['ci_high']:+.3f}]"
                  if "vs_from" in r else ""), flush=True)
     return rows, g
+
+
+def _by_family(task, test: list) -> list[tuple[str | None, list]]:
+    """``[(None, test)]``, or for a mixed task ``[(family, its test problems), …]``."""
+    families = getattr(task, "families", None)
+    if not families:
+        return [(None, test)]
+    return [(f, [p for p in test if p.meta.get("family") == f]) for f in families]
 
 
 def run_recipe(path: str, out: str | None = None) -> dict:
@@ -349,6 +365,8 @@ def run_recipe(path: str, out: str | None = None) -> dict:
             cfg.data = data[cfg.data]
         if kind in ("grpo", "ppo"):
             cfg.rewards = _rm_rewards(cfg.rewards, rms)
+        if kind == "grpo":
+            cfg.rm_scopes, cfg.reward_families = _rm_rewards(cfg.rm_scopes, rms), _rm_rewards(cfg.reward_families, rms)
         if kind == "sample" and cfg.prm in rms:
             cfg.prm = rms[cfg.prm]
         t0 = time.perf_counter()
@@ -363,12 +381,15 @@ def run_recipe(path: str, out: str | None = None) -> dict:
                 entry["eval"] = json.loads((Path(result) / "eval.json").read_text())
         else:
             models[name] = str(Path(result) / "model")
-            stage_rows, _ = evaluate_stage(models[name], name, task, test, recipe.get("eval_samples", 4),
-                                           recipe.get("max_new_tokens", 128), recipe.get("seed", 0), **{"from": src})
-            rows += stage_rows
-            if recipe.get("gold"):
-                gold_rows, gold[name] = gold_stage(models[name], name, task, test, recipe, src, gold)
-                rows += gold_rows
+            for family, problems in _by_family(task, test):  # a mixed task: each family measured on its own
+                label, origin = (f"{name}:{family}", src and f"{src}:{family}") if family else (name, src)
+                stage_rows, _ = evaluate_stage(models[name], label, task, problems, recipe.get("eval_samples", 4),
+                                               recipe.get("max_new_tokens", 128), recipe.get("seed", 0),
+                                               **{"from": origin})
+                rows += stage_rows
+                if recipe.get("gold"):
+                    gold_rows, gold[label] = gold_stage(models[name], label, task, problems, recipe, origin, gold)
+                    rows += gold_rows
             if (Path(result) / "metrics.jsonl").exists():
                 entry["train_seconds"] = sum(json.loads(x)["step_time"] for x in
                                              (Path(result) / "metrics.jsonl").read_text().splitlines() if x.strip())

@@ -160,9 +160,20 @@ def compute_rewards(
     lengths: list[int] | None = None,
     options: dict[str, dict] | None = None,
     rm_scope: str = "all",
+    families: dict[str, list[str]] | None = None,
 ) -> Rewards:
     """The weighted sum of the named rewards, with every component kept for logging; ``rm_scope`` is the
-    ``scope`` of every ``rm:<folder>`` reward (what the learned reward model reads)."""
+    ``scope`` of every ``rm:<folder>`` reward (what the learned reward model reads) unless ``options`` gives
+    that reward its own. ``families`` limits a reward to the problems of some families of a mixed task
+    (``meta["family"]``): elsewhere it adds 0 to the total (its component is still computed and logged).
+
+    >>> from thinkforge.tasks import Problem, get_task
+    >>> ps = [Problem("a", "1+1", "2", meta={"family": "math"}), Problem("b", "hi", "2", meta={"family": "chat"})]
+    >>> r = compute_rewards(["<answer>2</answer>"] * 2, ps, get_task("add"), {"accuracy": 1.0},
+    ...                     families={"accuracy": ["math"]})
+    >>> r.total, r.components["accuracy"]
+    ([1.0, 0.0], [1.0, 1.0])
+    """
     if len(completions) != len(problems):
         raise ValueError(f"{len(completions)} completions for {len(problems)} problems")
     context = {"task": task, "lengths": lengths if lengths is not None else [len(c) for c in completions]}
@@ -173,5 +184,8 @@ def compute_rewards(
         if len(values) != len(completions):
             raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
         components[name] = values
-    total = [sum(weights.get(n, 0.0) * components[n][i] for n in components) for i in range(len(completions))]
+    applies = {n: [families is None or n not in families or p.meta.get("family") in families[n] for p in problems]
+               for n in components}
+    total = [sum((weights.get(n, 0.0) * components[n][i] for n in components if applies[n][i]), 0.0)
+             for i in range(len(completions))]
     return Rewards(total, components, components["accuracy"])

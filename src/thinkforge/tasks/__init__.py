@@ -158,4 +158,4 @@ def get_task(name: str, **options) -> Task:
         raise ValueError(f"bad option for task {name!r}: {e}") from None
 
 
-from thinkforge.tasks import builtin, code  # noqa: E402,F401  (fills REGISTRY)
+from thinkforge.tasks import builtin, code, mixed  # noqa: E402,F401  (fills REGISTRY)

@@ -70,6 +70,9 @@ class GRPOConfig(ModelOptions):
     rewards: dict = option({"accuracy": 1.0, "format": 0.1}, "reward weights by name, rm:<folder> (a learned reward "
                                                                "model) or dotted path (see rewards)")
     rm_scope: str = option("all", "what an rm:<folder> reward reads: all (thinking + answer) or answer")
+    rm_scopes: dict = option({}, "per learned reward, its own scope: {\"rm:<folder>\" = \"answer\"} (overrides rm_scope)")
+    reward_families: dict = option({}, "with a mixed task: reward name -> families it scores, e.g. {accuracy = "
+                                       "[\"reasoning\"]} (DeepSeek-R1's last stage); unlisted rewards score every prompt")
     loss: str = option("dapo", f"loss variant: {', '.join(LOSSES)}")
     prompts_per_step: int = option(8, "P: problems per roll-out batch")
     group_size: int = option(8, "G: completions per problem (>= 2: advantages are relative to the group)")
@@ -116,6 +119,15 @@ class GRPOConfig(ModelOptions):
         check(all(e is None or 0 < e < 1 for e in (self.epsilon, self.epsilon_high)),
               "epsilon and epsilon_high must be in (0, 1)")
         check(bool(self.rewards), "rewards must name at least one reward")
+        for name, scope in self.rm_scopes.items():
+            check(name in self.rewards and name.startswith(RM_PREFIX),
+                  f"rm_scopes: {name!r} is not an rm:<folder> reward of rewards ({sorted(self.rewards)})")
+            check(scope in RM_SCOPES, f"rm_scopes[{name!r}] must be one of {RM_SCOPES}, got {scope!r}")
+        for name, fams in self.reward_families.items():
+            check(name in self.rewards or name == "accuracy",
+                  f"reward_families: {name!r} is not a reward of rewards ({sorted(self.rewards)})")
+            check(isinstance(fams, list) and all(isinstance(f, str) for f in fams),
+                  f"reward_families[{name!r}] must be a list of family names, got {fams!r}")
         check(self.rollout_lag in (0, 1), f"rollout_lag must be 0 or 1, got {self.rollout_lag}")
         check(self.rollout_threads >= 1, f"rollout_threads must be >= 1, got {self.rollout_threads}")
         if self.async_rollouts:
@@ -133,7 +145,7 @@ class Rollouts:
     stats: dict
 
 
-def _tensors(comps, pad: int, mask_truncated: bool, device):
+def rollout_tensors(comps, pad: int, mask_truncated: bool, device):
     """Right-padded ids, the sampled-token mask and the engine's logprobs, aligned on targets."""
     L = max(len(c.prompt_ids) + len(c.ids) for c in comps)
     N = len(comps)
@@ -264,7 +276,8 @@ class RolloutSource:
         comps = self.engine.generate([self.engine.chat.prompt(p.question) for p in problems], params)
         probs = [p for p in problems for _ in range(cfg.group_size)]
         r = compute_rewards([c.text for c in comps], probs, self.task, cfg.rewards, lengths=[len(c.ids) for c in comps],
-                            rm_scope=cfg.rm_scope)
+                            rm_scope=cfg.rm_scope, options={n: {"scope": s} for n, s in cfg.rm_scopes.items()},
+                            families=cfg.reward_families or None)
         return comps, probs, r
 
     def _groups(self, problems: list, round_seed: int) -> tuple[list, dict]:
@@ -318,7 +331,7 @@ class RolloutSource:
         comps = [c for g in kept for c in g[0]]
         rewards = torch.tensor([x for g in kept for x in g[2]])
         adv = group_advantages(rewards, G, cfg.scale_rewards).to(self.device)
-        ids, mask, old = _tensors(comps, self.tok.pad_token_id, cfg.mask_truncated, self.device)
+        ids, mask, old = rollout_tensors(comps, self.tok.pad_token_id, cfg.mask_truncated, self.device)
         return Rollouts(ids, mask, old, adv, stats)
 
     def _trace(self, groups, batch: int) -> None:
@@ -470,11 +483,26 @@ def make_loss_fn(cfg: GRPOConfig, ref_model=None):
     return loss_fn
 
 
+def check_families(reward_families: dict, task) -> None:
+    """Every family a reward is limited to exists in the (mixed) task."""
+    if not reward_families:
+        return
+    known = getattr(task, "families", None)
+    if known is None:
+        raise ConfigError(f"reward_families needs a mixed task (task = \"mixed\"), not {task.name!r}")
+    for name, fams in reward_families.items():
+        unknown = sorted(set(fams) - set(known))
+        if unknown:
+            raise ConfigError(f"reward_families[{name!r}]: unknown famil{'y' if len(unknown) == 1 else 'ies'} "
+                              f"{unknown}; the task's are {known}")
+
+
 def train_grpo(cfg: GRPOConfig) -> Path:
     """Run GRPO as configured; returns the run folder (final model in ``run/model``)."""
     run = start_run(cfg.out, cfg)
     device = resolve_device(cfg.device)
     task = get_task(cfg.task, **cfg.task_options)
+    check_families(cfg.reward_families, task)
     problems = task.problems(cfg.train_problems, "train", seed=cfg.seed)
     model, tok = load_trainee(cfg, cfg.model, run, device)
     ref = None

@@ -41,7 +41,7 @@ from thinkforge.generation import Engine, SamplingParams
 from thinkforge.models import load_model, resolve_device
 from thinkforge.rewards import RM_PREFIX, RM_SCOPES, compute_rewards
 from thinkforge.tasks import get_task
-from thinkforge.train.grpo import _tensors, next_rollouts, record_overopt, token_logprobs
+from thinkforge.train.grpo import next_rollouts, record_overopt, rollout_tensors, token_logprobs
 from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, distributed, run_training, start_run
 from thinkforge.train.losses import adaptive_kl_coef, clipped_value_loss, gae, kl_penalised_rewards, ppo_policy_loss
 
@@ -135,7 +135,7 @@ class PPOSource:
         probs = [p for p in problems for _ in range(cfg.samples)]
         r = compute_rewards([c.text for c in comps], probs, self.task, cfg.rewards,
                             lengths=[len(c.ids) for c in comps], rm_scope=cfg.rm_scope)
-        ids, mask, old = _tensors(comps, self.tok.pad_token_id, False, self.device)
+        ids, mask, old = rollout_tensors(comps, self.tok.pad_token_id, False, self.device)
         span = torch.zeros_like(mask)  # every completion position, forced tokens included (the GAE chain)
         for i, c in enumerate(comps):
             span[i, len(c.prompt_ids) - 1 : len(c.prompt_ids) - 1 + len(c.ids)] = 1.0
