@@ -134,6 +134,8 @@ CATALOGUE = [
      "reward_families needs a mixed task"),
     ("overopt-sizes-not-increasing", ["overopt", "--data-sizes", "1500,150"], "data_sizes must be increasing"),
     ("overopt-bon-n-not-power-of-2", ["overopt", "--bon-n", "100"], "bon_n must be a power of 2"),
+    ("overopt-other-task-default-options", ["overopt", "--task", "mul", "--out", "{dir}/o2"],
+     "task_options defaults to add's {'digits': 5, 'terms': 2}: pass --task-options for 'mul'"),
     ("overopt-task-without-gold-steps", ["overopt", "--task", "{plain}", "--task-options", "", "--out", "{dir}/o1"], "has no gold steps"),
     ("eval-policy-as-prm", ["eval", "--model", "{causal}", "--method", "bon-prm", "--prm", "{causal}"],
      "not a thinkforge reward model"),

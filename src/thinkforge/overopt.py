@@ -49,7 +49,8 @@ from thinkforge.metrics import bootstrap_ci
 @dataclass
 class OveroptConfig:
     task: str = option("add", "task with a gold preference (Task.gold_utility), e.g. add, mul, arith")
-    task_options: dict = option({"digits": 5, "terms": 2}, "the task's knobs")
+    task_options: dict = option({"digits": 5, "terms": 2}, "the task's knobs (the default is add's: give them "
+                                                           "anew with another --task, e.g. --task-options ''")
     out: str = option("runs/overopt", "output folder")
     policy: str | None = option(None, "start policy; default: cold-start SFT on the task's CoT traces (sft_steps)")
     sft_steps: int = option(400, "SFT steps when no --policy is given (a small model, batch 64, lr 2e-3)")
@@ -383,7 +384,13 @@ def run_overopt(cfg: OveroptConfig) -> dict:
     from thinkforge.tasks import get_task
 
     out = Path(cfg.out)
-    task = get_task(cfg.task, **cfg.task_options)  # an unknown task or knob fails here, before any training
+    try:  # an unknown task or knob fails here, before any training
+        task = get_task(cfg.task, **cfg.task_options)
+    except ValueError as e:
+        default = OveroptConfig.__dataclass_fields__["task_options"].default_factory()
+        hint = f" (task_options defaults to add's {default}: pass --task-options for {cfg.task!r})" \
+            if cfg.task_options == default and cfg.task != "add" else ""
+        raise ConfigError(f"{e}{hint}") from None
     if not task.has_gold_steps:
         raise ConfigError(f"task {cfg.task!r} has no gold steps: its gold preference is correctness alone, "
                           "so a proxy RM has nothing beyond the verifier to be wrong about; use add, mul or arith")
