@@ -69,6 +69,15 @@ def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95)
     return float(v.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
+def ci_record(values, seed: int = 0) -> dict:
+    """:func:`bootstrap_ci` as the ``{"mean", "ci_low", "ci_high"}`` record that reports store.
+
+    >>> ci_record([1.0, 1.0])
+    {'mean': 1.0, 'ci_low': 1.0, 'ci_high': 1.0}
+    """
+    return dict(zip(("mean", "ci_low", "ci_high"), bootstrap_ci(values, seed=seed)))
+
+
 def paired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
     """B minus A on the same problems: mean difference, 95% interval, and p = share of resamples with B ≤ A."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)

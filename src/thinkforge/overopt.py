@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from thinkforge.config import ConfigError, check, option, save_config
-from thinkforge.metrics import bootstrap_ci
+from thinkforge.metrics import ci_record
 
 
 @dataclass
@@ -61,7 +61,7 @@ class OveroptConfig:
     rm_batch_size: int = option(16, "rankings per proxy-RM step")
     rm_lr: float = option(1e-3, "proxy-RM learning rate")
     bon_problems: int = option(100, "held-out problems of the best-of-n curve")
-    bon_n: int = option(256, "samples per problem; n runs over the powers of 2 up to it")
+    bon_n: int = option(256, "samples per problem (a power of 2); n runs over 1, 2, 3, 4, 6, 8, 12, … up to it")
     rl_steps: int = option(80, "GRPO steps against each proxy")
     rl_every: int = option(8, "GRPO steps between measured checkpoints")
     rl_lr: float = option(2e-5, "GRPO learning rate (constant after 5 warm-up steps)")
@@ -149,11 +149,6 @@ def fit_form(kind: str, d, gain) -> dict:
 
 # ---- the parts -----------------------------------------------------------------------------------------
 
-def _ci(values) -> dict:
-    mean, low, high = bootstrap_ci(values)
-    return {"mean": mean, "ci_low": low, "ci_high": high}
-
-
 def _write_json(path: Path, data) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -174,7 +169,7 @@ def _start_policy(cfg: OveroptConfig, out: Path) -> str:
     return str(model)
 
 
-def _proxies(cfg: OveroptConfig, out: Path, policy: str) -> dict[int, Path]:
+def _proxies(cfg: OveroptConfig, out: Path, policy: str, task) -> dict[int, Path]:
     """One preference file of max(data_sizes) prompts; a proxy RM per size on its first n prompts' rows."""
     from thinkforge.preferences import PreferencesConfig, run_preferences
     from thinkforge.train.reward_model import RMConfig, train_reward_model
@@ -187,10 +182,7 @@ def _proxies(cfg: OveroptConfig, out: Path, policy: str) -> dict[int, Path]:
         os.replace(str(prefs) + ".part", prefs)
     rows = [json.loads(x) for x in prefs.read_text().splitlines() if x.strip()]
     # the labeller's problems are drawn in order, so the first n prompts of the training split are a prefix
-    from thinkforge.tasks import get_task
-
-    order = {p.question: i for i, p in enumerate(get_task(cfg.task, **cfg.task_options)
-                                                 .problems(max(cfg.data_sizes), "train", seed=cfg.seed))}
+    order = {p.question: i for i, p in enumerate(task.problems(max(cfg.data_sizes), "train", seed=cfg.seed))}
     rms = {}
     for n in cfg.data_sizes:
         run = out / f"rm-{n}"
@@ -223,10 +215,10 @@ def _proxy_quality(out: Path, rms: dict[int, Path]) -> dict:
 
 
 def _score(rm_path: Path, problems, texts: list[str]) -> np.ndarray:
-    from thinkforge.scorers import RewardModel
+    """The proxy's reward as GRPO's ``rm:<folder>`` reward computes it (the model loaded once per process)."""
+    from thinkforge.rewards import reward_model_reward
 
-    rm = RewardModel.load(str(rm_path / "model"), "cpu")
-    return np.array([s[0] for s in rm.score(problems, texts)])
+    return np.array(reward_model_reward(str(rm_path / "model"))(texts, problems, scope="all"))
 
 
 def bon_grid(n_max: int) -> list[int]:
@@ -238,7 +230,7 @@ def bon_grid(n_max: int) -> list[int]:
     return sorted({1} | {m * 2**j for m in (1, 3) for j in range(n_max.bit_length()) if m * 2**j <= n_max})
 
 
-def _best_of_n(cfg: OveroptConfig, out: Path, policy: str, rms: dict[int, Path]) -> dict:
+def _best_of_n(cfg: OveroptConfig, out: Path, policy: str, task, rms: dict[int, Path]) -> dict:
     """Sample ``bon_n`` completions per held-out problem once (their gold and proxy scores kept in
     ``bon_scores.npz``), then the best-of-n estimates for every n of :func:`bon_grid`."""
     scores = out / "bon_scores.npz"
@@ -246,9 +238,7 @@ def _best_of_n(cfg: OveroptConfig, out: Path, policy: str, rms: dict[int, Path])
         from thinkforge.generation import Engine, SamplingParams
         from thinkforge.models import load_model
         from thinkforge.sampling import sample_and_grade
-        from thinkforge.tasks import get_task
 
-        task = get_task(cfg.task, **cfg.task_options)
         problems = task.problems(cfg.bon_problems, "test", seed=cfg.seed)
         model, tok = load_model(policy, device="cpu")
         with torch.no_grad():
@@ -277,7 +267,7 @@ def _best_of_n(cfg: OveroptConfig, out: Path, policy: str, rms: dict[int, Path])
         per_n = {"gold": [], "proxy": [], "length": []}
         for n in ns:
             for key, values in (("gold", gold), ("proxy", z), ("length", length)):
-                per_n[key].append(_ci([bon_expectation(proxy[i], values[i], n) for i in range(len(gold))]))
+                per_n[key].append(ci_record([bon_expectation(proxy[i], values[i], n) for i in range(len(gold))]))
         result["proxies"][str(size)] = {**per_n, "proxy_mean": float(proxy.mean()), "proxy_std": scale}
     return result
 
@@ -304,19 +294,17 @@ def _measure(model, start, tok, task, problems, cfg: OveroptConfig, rm: Path, sc
     gold = per_problem([task.gold_utility(p, t) for p, t in zip(flat_problems, texts)])
     proxy = per_problem((_score(rm, flat_problems, texts) - scale[0]) / scale[1])
     kl_mean = max(float(np.mean(kl)), 0.0)  # a sampled estimate can dip below 0 near the start
-    return {"kl": kl_mean, "sqrt_kl": math.sqrt(kl_mean), "kl_ci": _ci(per_problem(kl)), "gold": _ci(gold),
-            "proxy": _ci(proxy), "accuracy": _ci(per_problem([float(c) for g in graded for c in g.correct])),
-            "length": _ci(per_problem([len(c.ids) for c in comps]))}
+    return {"kl": kl_mean, "sqrt_kl": math.sqrt(kl_mean), "kl_ci": ci_record(per_problem(kl)), "gold": ci_record(gold),
+            "proxy": ci_record(proxy), "accuracy": ci_record(per_problem([float(c) for g in graded for c in g.correct])),
+            "length": ci_record(per_problem([len(c.ids) for c in comps]))}
 
 
-def _rl(cfg: OveroptConfig, out: Path, policy: str, size: int, rm: Path, scale: tuple[float, float]) -> list[dict]:
+def _rl(cfg: OveroptConfig, out: Path, policy: str, task, size: int, rm: Path, scale: tuple[float, float]) -> list[dict]:
     from thinkforge.models import load_model
-    from thinkforge.tasks import get_task
     from thinkforge.train.grpo import GRPOConfig, train_grpo
 
     path = out / f"rl-{size}" / "points.json"
     points = json.loads(path.read_text()) if path.is_file() else []
-    task = get_task(cfg.task, **cfg.task_options)
     problems = task.problems(cfg.eval_problems, "test", seed=cfg.seed)
     start, tok = load_model(policy, device="cpu")
     start.eval()
@@ -409,14 +397,13 @@ def run_overopt(cfg: OveroptConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     policy = _start_policy(cfg, out)
-    rms = _proxies(cfg, out, policy)
-    bon = _best_of_n(cfg, out, policy, rms)
+    rms = _proxies(cfg, out, policy, task)
+    bon = _best_of_n(cfg, out, policy, task, rms)
     results = {"task": f"{cfg.task} {cfg.task_options}", "policy": policy, "data_sizes": cfg.data_sizes,
-               "reward_models": {}, "best_of_n": bon, "rl": {}, "fits": {"bon": {}, "rl": {}}}
-    results["reward_models"] = _proxy_quality(out, rms)
+               "reward_models": _proxy_quality(out, rms), "best_of_n": bon, "rl": {}, "fits": {"bon": {}, "rl": {}}}
     for size, rm in rms.items():
         stats = bon["proxies"][str(size)]
-        pts = _rl(cfg, out, policy, size, rm, (stats["proxy_mean"], stats["proxy_std"]))
+        pts = _rl(cfg, out, policy, task, size, rm, (stats["proxy_mean"], stats["proxy_std"]))
         results["rl"][str(size)] = pts
         g_bon = [g["mean"] for g in stats["gold"]]
         results["fits"]["bon"][str(size)] = {**fit_form("bon", np.sqrt(bon["kl"]), np.array(g_bon) - g_bon[0]),

@@ -21,6 +21,7 @@ import random
 import re
 
 from thinkforge.tasks import Problem, Task, register
+from thinkforge.verify import MAX_NUMBER_CHARS
 
 
 class _IntegerAnswer:
@@ -37,8 +38,9 @@ def _digits(rng: random.Random, n: int) -> int:
 
 
 def _int(s: str) -> int | None:
-    """A model-written integer; ``None`` (equal to no gold value) past 1,000 digits, where ``int`` refuses."""
-    return int(s) if len(s) <= 1000 else None
+    """A model-written integer; ``None`` (equal to no gold value) when longer than ``verify.MAX_NUMBER_CHARS``
+    (past 4,300 digits ``int`` refuses)."""
+    return int(s) if len(s) <= MAX_NUMBER_CHARS else None
 
 
 def _ints(step: str) -> list[int | None]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from thinkforge.config import ConfigError, save_config
-from thinkforge.metrics import bootstrap_ci
+from thinkforge.metrics import ci_record
 from thinkforge.models import is_sharded, resolve_device
 from thinkforge.preferences import Ranking, agreement, prompt_text, read_preferences
 from thinkforge.scorers import RewardModel, pad_rows, preference_ids
@@ -130,14 +130,12 @@ def evaluate_preference_rm(rm: RewardModel, rankings: list[Ranking], seed: int =
         hits = [1.0 if sc[i] > sc[j] else 0.5 if sc[i] == sc[j] else 0.0 for i, j in r.pairs()]
         per_prompt_acc.append(sum(hits) / len(hits))
     report = {"held_out_rankings": len(rankings), "held_out_pairs": sum(len(r.pairs()) for r in rankings)}
-    report["accuracy"] = dict(zip(("mean", "ci_low", "ci_high"), bootstrap_ci(per_prompt_acc, seed=seed)))
+    report["accuracy"] = ci_record(per_prompt_acc, seed)
     gold = [r for r in rankings if r.gold_ranks is not None]
     if gold:
         rm_gold = [agreement([r], [sc])[0] for r, sc in zip(rankings, scores) if r.gold_ranks is not None]
         lab_gold = [agreement([r])[0] for r in gold]
         keep = [i for i, a in enumerate(rm_gold) if a]  # prompts with at least one gold-ordered pair
-        report["rm_agreement_with_gold"] = dict(zip(("mean", "ci_low", "ci_high"), bootstrap_ci(
-            [sum(rm_gold[i]) / len(rm_gold[i]) for i in keep], seed=seed)))
-        report["labeller_agreement_with_gold"] = dict(zip(("mean", "ci_low", "ci_high"), bootstrap_ci(
-            [sum(lab_gold[i]) / len(lab_gold[i]) for i in keep], seed=seed)))
+        report["rm_agreement_with_gold"] = ci_record([sum(rm_gold[i]) / len(rm_gold[i]) for i in keep], seed)
+        report["labeller_agreement_with_gold"] = ci_record([sum(lab_gold[i]) / len(lab_gold[i]) for i in keep], seed)
     return report

@@ -29,7 +29,7 @@ import torch
 
 from thinkforge.config import ConfigError, check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
-from thinkforge.metrics import bootstrap_ci, maj_correct
+from thinkforge.metrics import ci_record, maj_correct
 from thinkforge.models import load_model
 from thinkforge.sampling import sample_and_grade
 from thinkforge.scorers import ranking_accuracy
@@ -137,7 +137,7 @@ def _best_of_n(cfg: VerifierConfig, graded, verifier: GenerativeVerifier) -> dic
         maj.append(float(maj_correct(g.answers[:n], g.correct[:n])))
         maj2.append(float(maj_correct(g.answers, g.correct)))
         one.append(sum(g.correct[:n]) / n)
-    ci = lambda v: dict(zip(("mean", "ci_low", "ci_high"), bootstrap_ci(v, seed=cfg.seed)))  # noqa: E731
+    ci = lambda v: ci_record(v, cfg.seed)  # noqa: E731
     per_problem = lambda v: sum(v) / len(v)  # noqa: E731
     sample_tokens = per_problem(policy_tokens) / cfg.n
     return {"ranking": ranking_accuracy(groups, scores, outcomes),
