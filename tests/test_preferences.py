@@ -2,10 +2,9 @@
 inside GRPO: losses against hand-computed values, bad rows, exact resume, and the trainers end to end."""
 import json
 import math
-
-import numpy as np
 import random
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -120,3 +120,52 @@ def test_mixed_task_bad_options(options, message):
     with pytest.raises(ValueError) as e:
         get_task("mixed", **options)
     assert message in str(e.value)
+
+
+def test_add_mixes_operand_sizes_and_one_size_keeps_its_problems():
+    mixed = get_task("add", digits=[2, 4])
+    sizes = [p.meta["digits"] for p in mixed.problems(400)]
+    assert set(sizes) == {2, 4} and 150 < sizes.count(2) < 250
+    for p in mixed.problems(50):
+        assert len(p.steps) == p.meta["digits"] and all(len(str(n)) == p.meta["digits"] for n in p.meta["nums"])
+    assert get_task("add").problems(1)[0].question == "416+467"  # a single size draws exactly as before lists existed
+    with pytest.raises(ValueError, match="digits"):
+        get_task("add", digits=[])
+
+
+def test_primed_traces_check_and_fix_steps_and_the_judge_labels_them():
+    from thinkforge import format as fmt
+    from thinkforge.tasks import WAIT_LINE
+    from thinkforge.train.reward_model import judge_labels
+
+    task = get_task("add", digits=[3, 5])
+    problems = task.problems(2000)
+    assert all(task.cold_start_steps(p) == p.steps for p in problems[:50])  # no shares: the gold trace
+    traces = [task.cold_start_steps(p, check_share=0.1, fix_share=0.05) for p in problems]
+    assert traces == [task.cold_start_steps(p, check_share=0.1, fix_share=0.05) for p in problems]  # a pure function
+    fixes = checks = 0
+    for p, lines in zip(problems, traces):
+        n_wait = lines.count(WAIT_LINE)
+        plain = [x for x in lines if not x.startswith("check")]
+        fixes += n_wait
+        checks += len(lines) - len(plain) - n_wait  # checks beyond the one that exposes a wrong step
+        labels = judge_labels(task, p, fmt.render_completion(p.answer, "\n".join(lines)), True)
+        if n_wait:  # wrong step, its check, wait, the step right: the first two wrong, everything else right
+            w = lines.index(WAIT_LINE)
+            assert labels[w - 2 : w] == [0.0, 0.0] and labels.count(0.0) == 2, (lines, labels)
+            wrong, check = lines[w - 2], lines[w - 1]
+            j = p.steps.index(lines[w + 1])
+            assert not any(task.check_step(p, i, wrong) for i in range(len(p.steps)))
+            assert wrong.split("=")[0] == p.steps[j].split("=")[0]  # the same column, a misstated total
+            total, first = int(check.split()[1].split("-")[0]), int(check.split("=")[1])
+            assert total == int(wrong.split("=")[1]) and first != p.meta["nums"][0] // 10**j % 10  # exposes it
+        else:
+            assert labels == [1.0] * len(labels), (lines, labels)
+        for i, x in enumerate(lines):
+            if x.startswith("check") and (i + 1 == len(lines) or lines[i + 1] != WAIT_LINE):
+                j = p.steps.index(lines[i - 1])
+                assert task.check_step(p, j, x) and x == task.check_line(p, j)  # a check of the step before it
+                assert not task.check_step(p, j, x.replace("check", "check 1"))
+    assert 0.07 < checks / len(problems) < 0.13 and 0.03 < fixes / len(problems) < 0.07
+    with pytest.raises(NotImplementedError, match="primed"):
+        get_task("mul").cold_start_steps(get_task("mul").problems(1)[0], check_share=0.1)

@@ -11,6 +11,7 @@
     thinkforge sample --model runs/mul-cot/model --task mul --problems 2000 --out runs/rs.jsonl
     thinkforge pipeline recipes/r1.toml
     thinkforge overopt --out runs/overopt
+    thinkforge aha --out runs/aha
     thinkforge serve --model runs/demo/grpo/model [--port 8000 --api-key KEY]
     thinkforge demo [--quick]
 
@@ -95,6 +96,7 @@ def _generate(cfg: GenerateConfig) -> None:
 
 
 def _commands():
+    from thinkforge.aha import AhaConfig
     from thinkforge.evaluate import EvalConfig
     from thinkforge.overopt import OveroptConfig
     from thinkforge.pipeline import DemoConfig
@@ -122,6 +124,8 @@ def _commands():
                                            "preference (+ noise) into a preference file", _preferences),
         "overopt": (OveroptConfig, "reward over-optimisation measured: proxy RMs of two data sizes, best-of-n and RL "
                                    "against each, gold vs proxy against sqrt(KL), Gao et al.'s fits", _overopt),
+        "aha": (AhaConfig, "does RL amplify self-checking? a primed cold start (checks, 'wait' fixes) vs a control, "
+                           "GRPO on accuracy, curves and paired CIs", _aha),
         "sample": (SampleConfig, "rejection sampling: verified, well-formed traces to JSONL (for SFT --data)", _sample),
         "eval": (EvalConfig, "pass@1 ± CI, pass@k, maj@k on held-out problems", _eval),
         "generate": (GenerateConfig, "complete one prompt (thinking budget, budget forcing)", _generate),
@@ -213,6 +217,13 @@ def _overopt(cfg) -> None:
     results = run_overopt(cfg)
     print(summary(results))
     print(f"results in {cfg.out}/results.json, plot in {cfg.out}/overopt.png")
+
+
+def _aha(cfg) -> None:
+    from thinkforge.aha import run_aha, summary
+
+    print(summary(run_aha(cfg)))
+    print(f"results in {cfg.out}/results.json, plot in {cfg.out}/aha.png")
 
 
 def _preferences(cfg) -> None:

@@ -77,9 +77,20 @@ def _coerce(value, typ, where: str):
 
 
 def _parse_pairs(text: str, where: str) -> dict:
-    """``"a=3,b=x,c=0.5"`` -> ``{"a": 3, "b": "x", "c": 0.5}`` (numbers and booleans recognised)."""
+    """``"a=3,b=x,c=0.5"`` -> ``{"a": 3, "b": "x", "c": 0.5}``: values are read as TOML (numbers, booleans,
+    lists, inline tables), else kept as strings; commas inside brackets do not split.
+
+    >>> _parse_pairs("digits=[2,5],terms=2,name=x", "--task-options")
+    {'digits': [2, 5], 'terms': 2, 'name': 'x'}
+    """
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth <= 0:
+            items.append(text[start:i].strip())
+            start = i + 1
     out = {}
-    for item in filter(None, (x.strip() for x in text.split(","))):
+    for item in filter(None, items):
         key, eq, raw = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"{where}: expected key=value pairs separated by commas, got {item!r}")
@@ -156,6 +167,34 @@ def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config as TOML (None values are left out: TOML has no null)."""
     data = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
     Path(path).write_text(tomli_w.dumps(data))
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON atomically: a crash leaves the file missing or the old one, never half-written."""
+    import json
+    import os
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def claim_folder(cfg, out: Path, what: str) -> Path:
+    """The output folder of a multi-part experiment (``cfg`` has ``overwrite``): one made by the same config is
+    kept, so a rerun continues from its finished parts; one of another config is refused unless
+    ``cfg.overwrite``, which empties it. The config is saved as ``out/config.toml``."""
+    import shutil
+
+    saved = out / "config.toml"
+    if saved.is_file() and not cfg.overwrite:
+        settings = lambda d: {k: v for k, v in d.items() if v is not None and k != "overwrite"}  # noqa: E731
+        if settings(tomllib.loads(saved.read_text())) != settings(dataclasses.asdict(cfg)):
+            raise ConfigError(f"{out} holds {what} of another config ({saved}); use another --out or --overwrite")
+    elif cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+    return out
 
 
 def config_help(cls) -> str:

@@ -35,14 +35,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from thinkforge.config import ConfigError, check, option, save_config
+from thinkforge.config import ConfigError, check, claim_folder, option, write_json
 from thinkforge.metrics import ci_record
 
 
@@ -148,12 +147,6 @@ def fit_form(kind: str, d, gain) -> dict:
 
 
 # ---- the parts -----------------------------------------------------------------------------------------
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # a crash leaves the part missing, never half-written
-
 
 def _start_policy(cfg: OveroptConfig, out: Path) -> str:
     if cfg.policy:
@@ -301,31 +294,22 @@ def _measure(model, start, tok, task, problems, cfg: OveroptConfig, rm: Path, sc
 
 def _rl(cfg: OveroptConfig, out: Path, policy: str, task, size: int, rm: Path, scale: tuple[float, float]) -> list[dict]:
     from thinkforge.models import load_model
-    from thinkforge.train.grpo import GRPOConfig, train_grpo
+    from thinkforge.train.grpo import GRPOConfig, train_measured
 
-    path = out / f"rl-{size}" / "points.json"
-    points = json.loads(path.read_text()) if path.is_file() else []
     problems = task.problems(cfg.eval_problems, "test", seed=cfg.seed)
-    start, tok = load_model(policy, device="cpu")
+    start, _ = load_model(policy, device="cpu")
     start.eval()
-    if not points:
-        points.append({"step": 0, **_measure(start, start, tok, task, problems, cfg, rm, scale)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(path, points)
-    for steps in range(points[-1]["step"] + cfg.rl_every, cfg.rl_steps + 1, cfg.rl_every):
-        run = train_grpo(GRPOConfig(
-            model=policy, task=cfg.task, task_options=cfg.task_options, out=str(out / f"rl-{size}" / "run"),
-            rewards={f"rm:{rm / 'model'}": 1.0}, steps=steps, prompts_per_step=cfg.prompts_per_step,
-            group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, lr=cfg.rl_lr, warmup=5, beta=0.0,
-            dynamic_sampling=False, save_every=cfg.rl_every, seed=cfg.seed, trace_groups=0, threads=cfg.threads,
-            resume=steps > cfg.rl_every, overwrite=steps == cfg.rl_every))
-        model, _ = load_model(str(run / "model"), device="cpu")
-        points.append({"step": steps, **_measure(model, start, tok, task, problems, cfg, rm, scale)})
-        _write_json(path, points)
-        p = points[-1]
-        print(f"  rl-{size} step {steps:4d}: sqrt(KL) {p['sqrt_kl']:.2f}  gold {p['gold']['mean']:.3f}  "
+
+    def report(p):
+        print(f"  rl-{size} step {p['step']:4d}: sqrt(KL) {p['sqrt_kl']:.2f}  gold {p['gold']['mean']:.3f}  "
               f"proxy {p['proxy']['mean']:+.2f}", flush=True)
-    return points
+
+    grpo = GRPOConfig(model=policy, task=cfg.task, task_options=cfg.task_options, out=str(out / f"rl-{size}" / "run"),
+                      rewards={f"rm:{rm / 'model'}": 1.0}, steps=cfg.rl_steps, prompts_per_step=cfg.prompts_per_step,
+                      group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, lr=cfg.rl_lr, warmup=5, beta=0.0,
+                      dynamic_sampling=False, seed=cfg.seed, trace_groups=0, threads=cfg.threads)
+    return train_measured(grpo, cfg.rl_every, out / f"rl-{size}" / "points.json",
+                          lambda model, tok: _measure(model, start, tok, task, problems, cfg, rm, scale), report)
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -382,18 +366,7 @@ def run_overopt(cfg: OveroptConfig) -> dict:
     if not task.has_gold_steps:
         raise ConfigError(f"task {cfg.task!r} has no gold steps: its gold preference is correctness alone, "
                           "so a proxy RM has nothing beyond the verifier to be wrong about; use add, mul or arith")
-    saved = out / "config.toml"
-    if saved.is_file() and not cfg.overwrite:
-        import tomllib
-
-        settings = lambda d: {k: v for k, v in d.items() if v is not None and k != "overwrite"}  # noqa: E731
-        if settings(tomllib.loads(saved.read_text())) != settings(asdict(cfg)):
-            raise ConfigError(f"{out} holds an over-optimisation run of another config ({saved}); "
-                              "use another --out or --overwrite")
-    elif cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
+    claim_folder(cfg, out, "an over-optimisation run")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     policy = _start_policy(cfg, out)
@@ -411,7 +384,7 @@ def run_overopt(cfg: OveroptConfig) -> dict:
         d = np.array([p["sqrt_kl"] for p in pts])
         g_rl = [p["gold"]["mean"] for p in pts]
         results["fits"]["rl"][str(size)] = {**fit_form("rl", d, np.array(g_rl) - g_rl[0]), "best_measured": _best(d, g_rl)}
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     _plot(results, out / "overopt.png")
     return results
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 TEST_SHARE = 0.1
 SPLITS = ("train", "test")
+WAIT_LINE = "wait, that step is wrong"  # what a primed cold-start trace says after a deliberately wrong step
 MAX_MISSES = 20_000  # consecutive candidates that add nothing before a generator counts as exhausted
 
 
@@ -89,6 +90,43 @@ class Task:
     def check_step(self, problem: Problem, index: int, step: str) -> bool:
         """Whether ``step`` is a correct ``index``-th step for ``problem`` (tasks with gold steps only)."""
         raise NotImplementedError(f"task {self.name!r} has no step checker")
+
+    def check_line(self, problem: Problem, index: int) -> str:
+        """A line that re-checks gold step ``index`` by recomputing it another way; ``check_step`` accepts it
+        as that step (tasks that can write primed cold-start traces)."""
+        raise NotImplementedError(f"task {self.name!r} cannot write a check of a step")
+
+    def wrong_line(self, problem: Problem, index: int, rng) -> list[str]:
+        """A plausible wrong version of gold step ``index`` (which ``check_step`` rejects at every index), then
+        its check as in :meth:`check_line`, which now disagrees with the step and so exposes the error."""
+        raise NotImplementedError(f"task {self.name!r} cannot write a wrong step")
+
+    def cold_start_steps(self, problem: Problem, check_share: float = 0.0, fix_share: float = 0.0) -> list[str]:
+        """The SFT trace of a problem: its gold steps, where a share ``check_share`` of the traces re-checks one
+        step right after it (:meth:`check_line`) and a share ``fix_share`` first writes one step wrong and its
+        check, which disagrees (:meth:`wrong_line`), then ``WAIT_LINE``, then the step right (independent draws,
+        so a trace may have both). So a check is seen to agree with a right step and to expose a wrong one.
+        The choice is a pure function of the problem's id. Under the Error-Propagation / Error-Cessation judge
+        (``train.reward_model.judge_labels``) every line is right except the wrong step and its check (built on
+        it)."""
+        steps = list(problem.steps or [])
+        if check_share and type(self).check_line is Task.check_line or fix_share and type(self).wrong_line is Task.wrong_line:
+            raise NotImplementedError(f"task {self.name!r} cannot write primed traces (no check_line / wrong_line)")
+        if not (check_share or fix_share) or not steps:
+            return steps
+        import random
+
+        rng = random.Random(f"cold-start-{problem.id}")
+        check, fix = rng.random() < check_share, rng.random() < fix_share
+        at_check, at_fix = rng.randrange(len(steps)), rng.randrange(len(steps))
+        out = []
+        for j, step in enumerate(steps):
+            if fix and j == at_fix:
+                out += [*self.wrong_line(problem, j, rng), WAIT_LINE]
+            out.append(step)
+            if check and j == at_check:
+                out.append(self.check_line(problem, j))
+        return out
 
     def gold_utility(self, problem: Problem, completion: str) -> float:
         """The *gold preference*: how much a careful reader likes ``completion``, in [0, 1]; a higher value is

@@ -2,7 +2,7 @@
 
 | task | question | gold steps | knobs |
 |---|---|---|---|
-| ``add`` | ``347+589`` | one column per step, least significant first: ``7+9+0=16`` (digits, then carry in) | digits, terms |
+| ``add`` | ``347+589`` | one column per step, least significant first: ``7+9+0=16`` (digits, then carry in) | digits (one size or a list), terms |
 | ``mul`` | ``347*89`` | partial products, then their running sum, every number written **least-significant digit first** (``743*9=3213`` means 347*9=3123; ``743*08=06772`` means 347*80=27760) | digits_a, digits_b |
 | ``arith`` | ``(3+4)*2-5`` | one operation per step in evaluation order: ``3+4=7`` | ops, max_num |
 | ``syllogism`` | ``all wugs are daxes. all daxes are feps. are all wugs feps?`` | derived facts ``all wugs are feps`` then ``so yes`` (yes / no / unknown) | chain, distractors |
@@ -57,18 +57,25 @@ def _unrev(s: str) -> int | None:
 
 @register("add")
 class AddTask(_IntegerAnswer, Task):
-    """Multi-digit addition of ``terms`` numbers of ``digits`` digits, one column (with its carry) per step."""
+    """Multi-digit addition of ``terms`` numbers of ``digits`` digits, one column (with its carry) per step.
+
+    ``digits`` may be a list of sizes: each problem draws one (mixed difficulty). A check of column
+    ``7+9+0=16`` recomputes it by subtraction, ``check 16-9-0=7`` (the total minus the other digits and
+    the carry gives the first digit back); a wrong step misstates the total by 1 or 10, and its check then
+    gives another digit (``7+9+0=17``, ``check 17-9-0=8``)."""
 
     has_gold_steps = True
 
-    def __init__(self, digits: int = 3, terms: int = 2):
-        if digits < 1 or terms < 2:
-            raise ValueError(f"add: need digits >= 1 and terms >= 2, got digits={digits}, terms={terms}")
-        self.digits, self.terms, self.name = digits, terms, "add"
+    def __init__(self, digits: int | list[int] = 3, terms: int = 2):
+        sizes = digits if isinstance(digits, list) else [digits]
+        if not sizes or any(not isinstance(d, int) or d < 1 for d in sizes) or terms < 2:
+            raise ValueError(f"add: need digits >= 1 (or a list of them) and terms >= 2, got digits={digits}, terms={terms}")
+        self.digits, self.sizes, self.terms, self.name = digits, sizes, terms, "add"
 
-    def _columns(self, nums: list[int]) -> list[tuple[list[int], int, int]]:
+    @staticmethod
+    def _columns(nums: list[int]) -> list[tuple[list[int], int, int]]:
         cols, carry = [], 0
-        for j in range(self.digits):
+        for j in range(len(str(max(nums)))):
             ds = [n // 10**j % 10 for n in nums]
             cols.append((ds, carry, sum(ds) + carry))
             carry = (sum(ds) + carry) // 10
@@ -77,16 +84,33 @@ class AddTask(_IntegerAnswer, Task):
     def candidates(self, seed: int):
         rng = random.Random(f"add-{seed}")
         for i in range(10**9):
-            nums = [_digits(rng, self.digits) for _ in range(self.terms)]
+            size = self.sizes[0] if len(self.sizes) == 1 else rng.choice(self.sizes)  # one size: the same draws as ever
+            nums = [_digits(rng, size) for _ in range(self.terms)]
             steps = ["+".join(map(str, ds)) + f"+{c}={s}" for ds, c, s in self._columns(nums)]
-            yield Problem(f"add-{seed}-{i}", "+".join(map(str, nums)), str(sum(nums)), steps, {"nums": nums})
+            yield Problem(f"add-{seed}-{i}", "+".join(map(str, nums)), str(sum(nums)), steps,
+                          {"nums": nums, "digits": size})
 
     def check_step(self, problem: Problem, index: int, step: str) -> bool:
         cols = self._columns(problem.meta["nums"])
         if not 0 <= index < len(cols):
             return False
         ds, carry, total = cols[index]
+        check = re.fullmatch(r"\s*check (\d+)((?:-\d+)+)=(\d+)\s*", step)
+        if check:  # the column recomputed by subtraction (check_line)
+            return [_int(check[1]), *(_int(x) for x in check[2][1:].split("-")), _int(check[3])] == [total, *ds[1:], carry, ds[0]]
         return _ints(step) == [*ds, carry, total]
+
+    @staticmethod
+    def _check(ds: list[int], carry: int, total: int) -> str:
+        return f"check {total}-" + "-".join(map(str, [*ds[1:], carry])) + f"={total - sum(ds[1:]) - carry}"
+
+    def check_line(self, problem: Problem, index: int) -> str:
+        return self._check(*self._columns(problem.meta["nums"])[index])
+
+    def wrong_line(self, problem: Problem, index: int, rng) -> list[str]:
+        ds, carry, total = self._columns(problem.meta["nums"])[index]
+        wrong = total + rng.choice([d for d in (-10, -1, 1, 10) if ds[0] + d >= 0])  # its check stays >= 0
+        return ["+".join(map(str, ds)) + f"+{carry}={wrong}", self._check(ds, carry, wrong)]
 
 
 @register("mul")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import re
 import sys
@@ -535,3 +536,28 @@ def train_grpo(cfg: GRPOConfig) -> Path:
         if collector is not None:
             collector.close()
     return run
+
+
+def train_measured(cfg: GRPOConfig, every: int, path: Path, measure, report=None) -> list[dict]:
+    """GRPO for ``cfg.steps`` steps in segments of ``every``, with ``measure(model, tok) -> dict`` of the starting
+    model and of the model after each segment, kept as a JSON list of ``{"step", **measured}`` in ``path``
+    (written atomically after each). A rerun continues after the last measured segment, the run resuming
+    exactly from that segment's checkpoint; ``report(point)`` is called on each new point. ``cfg.resume``,
+    ``overwrite`` and ``save_every`` are set here."""
+    from thinkforge.config import write_json
+
+    points = json.loads(path.read_text()) if path.is_file() else []
+    if not points:
+        model, tok = load_model(cfg.model, device="cpu")
+        points.append({"step": 0, **measure(model.eval(), tok)})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, points)
+    for steps in range(points[-1]["step"] + every, cfg.steps + 1, every):
+        run = train_grpo(dataclasses.replace(cfg, steps=steps, save_every=every, resume=steps > every,
+                                             overwrite=steps == every))
+        model, tok = load_model(str(run / "model"), device="cpu")
+        points.append({"step": steps, **measure(model.eval(), tok)})
+        write_json(path, points)
+        if report:
+            report(points[-1])
+    return points

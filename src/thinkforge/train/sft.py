@@ -47,6 +47,10 @@ class SFTConfig(ModelOptions):
     trace: str = option("cot", "cot: train on <think> gold steps then the answer; direct: the answer only; "
                                "mixed: cot for a share cot_share of the problems, direct for the rest")
     cot_share: float = option(0.1, "with trace=mixed: share of problems trained with their CoT trace")
+    check_share: float = option(0.0, "share of CoT traces that re-check one step another way (Task.cold_start_steps; "
+                                     "a primed cold start)")
+    fix_share: float = option(0.0, "share of CoT traces with one deliberately wrong step, then 'wait, that step is "
+                                   "wrong', then the step right")
     data: str | None = option(None, "JSONL of {prompt, completion} rows to train on instead of the task's gold traces")
     model: str = option("tiny", "'tiny' (from scratch, character tokenizer), a local folder or a hub id")
     size: str = option("small", f"size of a tiny model: {', '.join(TINY_SIZES)}")
@@ -67,6 +71,11 @@ class SFTConfig(ModelOptions):
         super().__post_init__()
         check(self.trace in ("cot", "direct", "mixed"), f"trace must be 'cot', 'direct' or 'mixed', got {self.trace!r}")
         check(0 <= self.cot_share <= 1, f"cot_share must be in [0, 1], got {self.cot_share}")
+        for name in ("check_share", "fix_share"):
+            share = getattr(self, name)
+            check(0 <= share <= 1, f"{name} must be in [0, 1], got {share}")
+            check(share == 0 or (self.trace != "direct" and self.data is None),
+                  f"{name} primes the task's CoT traces: it needs trace cot or mixed and no --data")
         for name in ("train_problems", "steps", "batch_size", "grad_accum", "max_len"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.batch_size % self.grad_accum == 0,
@@ -85,9 +94,11 @@ def traces(cfg: SFTConfig) -> list[str]:
     return ["cot" if u < cfg.cot_share else "direct" for u in torch.rand(cfg.train_problems, generator=g).tolist()]
 
 
-def completion_text(problem, trace: str, chat: fmt.ChatFormat) -> str:
-    """The SFT target for a problem: its gold trace (``cot``) or its answer alone, ended as ``chat`` ends a turn."""
-    return chat.completion(problem.answer, "\n".join(problem.steps) if trace == "cot" else None)
+def completion_text(problem, trace: str, chat: fmt.ChatFormat, steps: list[str] | None = None) -> str:
+    """The SFT target for a problem: its trace (``steps``, by default the gold steps) for ``cot``, or its answer
+    alone, ended as ``chat`` ends a turn."""
+    steps = problem.steps if steps is None else steps
+    return chat.completion(problem.answer, "\n".join(steps) if trace == "cot" else None)
 
 
 def load_pairs(path: str) -> list[tuple[str, str]]:
@@ -189,8 +200,6 @@ def sft_loss(model, mb: dict):
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Run SFT as configured; returns the run folder (final model in ``run/model``)."""
-    run = start_run(cfg.out, cfg)
-    device = resolve_device(cfg.device)
     if cfg.data:
         pairs = load_pairs(cfg.data)
         sample_text = [p + c for p, c in pairs[:500]]
@@ -200,6 +209,12 @@ def train_sft(cfg: SFTConfig) -> Path:
             raise ConfigError(f"task {cfg.task!r} has no gold steps: use --trace direct or --data with traces")
         problems = task.problems(cfg.train_problems, "train", seed=cfg.seed)
         sample_text = task.sample_text()
+        try:
+            cold = [task.cold_start_steps(p, cfg.check_share, cfg.fix_share) for p in problems]
+        except NotImplementedError as e:
+            raise ConfigError(f"--check-share/--fix-share: {e} (add can)") from None
+    run = start_run(cfg.out, cfg)  # after the data is known good: a bad task or file leaves no run folder
+    device = resolve_device(cfg.device)
     if cfg.model == "tiny" and not cfg.resume:
         tok = char_tokenizer(sample_text)
         model = prepare(tiny_model(tok, cfg.size, seed=cfg.seed).to(device), cfg)
@@ -209,7 +224,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     if cfg.data:  # a prompt may be rendered already; a completion gets the end of turn unless it has it
         pairs = [(chat.as_prompt(p), c if c.endswith(chat.end) else c + chat.end) for p, c in pairs]
     else:
-        pairs = [(chat.prompt(p.question), completion_text(p, t, chat)) for p, t in zip(problems, traces(cfg))]
+        pairs = [(chat.prompt(p.question), completion_text(p, t, chat, c)) for p, t, c in zip(problems, traces(cfg), cold)]
     examples = encode_pairs(pairs, tok, cfg.max_len)
     if os.environ.get("RANK", "0") == "0":
         save_config(cfg, run / "config.toml")
