@@ -37,6 +37,7 @@ def test_measure_counts_checks_waits_extra_lines_and_splits_by_size():
     assert m["by_size"]["2"]["wait_share"] == 0.5 and m["by_size"]["1"]["wait_share"] == 0.0
     assert m["waits_then_right"] == {"n": int(two.sum()), "share": 1.0}
     assert m["errors_caught"] == {"n": int(two.sum()), "share": 1.0}  # the wrong step is followed by its check
+    assert m["right_with_check"]["n"] == two.sum() and m["right_without_check"]["n"] == 16 - two.sum()
 
 
 def test_tiny_run_of_both_arms_is_paired_kept_and_refuses_another_config(tmp_path):

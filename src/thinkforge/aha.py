@@ -125,9 +125,12 @@ def measure(engine, task, problems, cfg: AhaConfig) -> dict:
     per["extra_lines"] = [float(np.mean([a["extra_lines"] for a in row])) for row in acts]
     fixed = [ok for g, row in zip(sampled, acts) for ok, a in zip(g.correct, row) if a["waits"]]
     caught = [a["caught"] for row in acts for a in row if a["caught"] is not None]
+    pooled = lambda xs: {"n": len(xs), "share": float(np.mean(xs)) if xs else None}  # noqa: E731
     point = {"per_problem": per, **{k: ci_record(v) for k, v in per.items()},
-             "waits_then_right": {"n": len(fixed), "share": float(np.mean(fixed)) if fixed else None},
-             "errors_caught": {"n": len(caught), "share": float(np.mean(caught)) if caught else None}}
+             "waits_then_right": pooled(fixed), "errors_caught": pooled(caught),
+             "right_with_check": pooled([ok for g, row in zip(sampled, acts) for ok, a in zip(g.correct, row) if a["checks"]]),
+             "right_without_check": pooled([ok for g, row in zip(sampled, acts) for ok, a in zip(g.correct, row)
+                                            if not a["checks"]])}
     sizes = [p.meta.get("digits") for p in problems]
     if len(set(sizes)) > 1:
         point["by_size"] = {str(s): {k: float(np.mean([v[i] for i in range(len(v)) if sizes[i] == s]))
@@ -234,10 +237,10 @@ def _plot(results: dict, path: Path) -> None:
             continue
         sizes = list(pts[0]["by_size"])
         for p, style, when in ((pts[0], "o--", "before RL"), (pts[-1], "o-", "after RL")):
-            ax.plot([int(s) for s in sizes], [p["by_size"][s]["tokens"] for s in sizes], style, color=colour,
+            ax.plot([int(s) for s in sizes], [p["by_size"][s]["extra_lines"] for s in sizes], style, color=colour,
                     label=f"{arm}, {when}")
     ax.set_xlabel("operand digits (problem size)")
-    ax.set_ylabel("sampled thinking tokens")
+    ax.set_ylabel("thinking lines beyond the gold trace (sampled)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.suptitle(f"primed cold start vs control, then GRPO on accuracy: {results['task']}", fontsize=10)
@@ -257,6 +260,11 @@ def summary(results: dict) -> str:
                          f"{p['check_share']['mean']:>7.1%} {p['wait_share']['mean']:>6.1%} {p['tokens']['mean']:>7.1f} "
                          f"{p['extra_lines']['mean']:>6.2f}")
         first, last = results["arms"][arm][0], results["arms"][arm][-1]
+        share = lambda d: "n/a" if d["share"] is None else f"{d['share']:.1%} of {d['n']}"  # noqa: E731
+        for p, when in ((first, "before RL"), (last, "after RL")):
+            lines.append(f"  {when}: samples with a check right {share(p['right_with_check'])}, without "
+                         f"{share(p['right_without_check'])}; first wrong step followed by a check or wait "
+                         f"{share(p['errors_caught'])}; samples with a wait right {share(p['waits_then_right'])}")
         if "by_size" in first:
             lines.append("  by operand size (sampled thinking tokens / extra lines / accuracy), before -> after RL:")
             for s in first["by_size"]:
