@@ -6,7 +6,7 @@ from pathlib import Path
 PKG = Path(__file__).parent.parent / "src" / "thinkforge"
 # lower number = lower layer; a module may import only modules of its own or a lower layer
 LAYER = {"format": 0, "config": 0, "metrics": 1, "verify": 1, "sandbox": 1, "models": 1, "tasks": 2, "generation": 2,
-         "rewards": 3, "scorers": 3, "sampling": 3, "preferences": 3, "verifier": 3, "train": 4, "search": 5, "evaluate": 6, "rejection": 6, "overopt": 6, "aha": 6,
+         "rewards": 3, "scorers": 3, "sampling": 3, "preferences": 3, "verifier": 3, "train": 4, "search": 5, "evaluate": 6, "rejection": 6, "overopt": 6, "aha": 6, "attack": 6,
          "report": 7, "serve": 7, "ui": 7, "pipeline": 8, "cli": 9, "__main__": 10}
 
 

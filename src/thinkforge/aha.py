@@ -141,17 +141,12 @@ def measure(engine, task, problems, cfg: AhaConfig) -> dict:
 # ---- the parts ------------------------------------------------------------------------------------------
 
 def _cold_start(cfg: AhaConfig, out: Path, arm: str) -> str:
-    from thinkforge.train.sft import SFTConfig, train_sft
+    from thinkforge.train.sft import cold_start
 
-    model = out / f"sft-{arm}" / "model"
-    if not (model / "config.json").is_file():
-        primed = arm == "primed"
-        train_sft(SFTConfig(task=cfg.task, task_options=cfg.task_options, trace="cot", size=cfg.size,
-                            check_share=cfg.check_share if primed else 0.0, fix_share=cfg.fix_share if primed else 0.0,
-                            steps=cfg.sft_steps, batch_size=64, lr=2e-3, min_lr_ratio=1.0, max_len=cfg.max_len,
-                            train_problems=cfg.sft_problems, out=str(out / f"sft-{arm}"), save_every=cfg.sft_steps,
-                            seed=cfg.seed, overwrite=True, threads=cfg.threads))
-    return str(model)
+    primed = arm == "primed"
+    return cold_start(out / f"sft-{arm}", cfg.task, cfg.task_options, cfg.sft_steps, cfg.seed, cfg.threads,
+                      size=cfg.size, max_len=cfg.max_len, train_problems=cfg.sft_problems,
+                      check_share=cfg.check_share if primed else 0.0, fix_share=cfg.fix_share if primed else 0.0)
 
 
 def _rl(cfg: AhaConfig, out: Path, arm: str, policy: str, task, problems) -> list[dict]:

@@ -12,6 +12,7 @@
     thinkforge pipeline recipes/r1.toml
     thinkforge overopt --out runs/overopt
     thinkforge aha --out runs/aha
+    thinkforge attack --out runs/attack
     thinkforge serve --model runs/demo/grpo/model [--port 8000 --api-key KEY]
     thinkforge demo [--quick]
 
@@ -97,6 +98,7 @@ def _generate(cfg: GenerateConfig) -> None:
 
 def _commands():
     from thinkforge.aha import AhaConfig
+    from thinkforge.attack import AttackConfig
     from thinkforge.evaluate import EvalConfig
     from thinkforge.overopt import OveroptConfig
     from thinkforge.pipeline import DemoConfig
@@ -126,6 +128,8 @@ def _commands():
                                    "against each, gold vs proxy against sqrt(KL), Gao et al.'s fits", _overopt),
         "aha": (AhaConfig, "does RL amplify self-checking? a primed cold start (checks, 'wait' fixes) vs a control, "
                            "GRPO on accuracy, curves and paired CIs", _aha),
+        "attack": (AttackConfig, "soft-token attacks (answer 42 / +1 / x7, think less) against thinking budgets: "
+                                 "attack success by attacker resources and defender compute", _attack),
         "sample": (SampleConfig, "rejection sampling: verified, well-formed traces to JSONL (for SFT --data)", _sample),
         "eval": (EvalConfig, "pass@1 ± CI, pass@k, maj@k on held-out problems", _eval),
         "generate": (GenerateConfig, "complete one prompt (thinking budget, budget forcing)", _generate),
@@ -224,6 +228,13 @@ def _aha(cfg) -> None:
 
     print(summary(run_aha(cfg)))
     print(f"results in {cfg.out}/results.json, plot in {cfg.out}/aha.png")
+
+
+def _attack(cfg) -> None:
+    from thinkforge.attack import run_attack, summary
+
+    print(summary(run_attack(cfg), cfg))
+    print(f"results in {cfg.out}/results.json, plot in {cfg.out}/attack.png")
 
 
 def _preferences(cfg) -> None:

@@ -149,17 +149,9 @@ def fit_form(kind: str, d, gain) -> dict:
 # ---- the parts -----------------------------------------------------------------------------------------
 
 def _start_policy(cfg: OveroptConfig, out: Path) -> str:
-    if cfg.policy:
-        return cfg.policy
-    model = out / "sft" / "model"
-    if not (model / "config.json").is_file():
-        from thinkforge.train.sft import SFTConfig, train_sft
+    from thinkforge.train.sft import cold_start
 
-        train_sft(SFTConfig(task=cfg.task, task_options=cfg.task_options, trace="cot", size="small",
-                            steps=cfg.sft_steps, batch_size=64, lr=2e-3, min_lr_ratio=1.0, train_problems=5000,
-                            out=str(out / "sft"), save_every=cfg.sft_steps, seed=cfg.seed, overwrite=True,
-                            threads=cfg.threads))
-    return str(model)
+    return cfg.policy or cold_start(out / "sft", cfg.task, cfg.task_options, cfg.sft_steps, cfg.seed, cfg.threads)
 
 
 def _proxies(cfg: OveroptConfig, out: Path, policy: str, task) -> dict[int, Path]:

@@ -119,6 +119,7 @@ class FastBackend:
         self.row_limit: int | None = None  # the most rows a scheduler will ever join (caps the store's growth)
         inner = model.model
         self.embed = inner.embed_tokens.weight
+        self.embed_tokens = inner.embed_tokens  # called as a module, so its forward hooks (soft tokens) apply
         self.norm = inner.norm
         self.rotary = inner.rotary_emb
         self.head = model.lm_head.weight
@@ -153,7 +154,7 @@ class FastBackend:
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, attn_mask) -> torch.Tensor:
         """ids, pos: (B, T); writes k/v at cache slots [self.t, self.t + T); returns last hidden (B, H)."""
         B, T = ids.shape
-        x = F.embedding(ids, self.embed)  # (B, T, H)
+        x = self.embed_tokens(ids)  # (B, T, H)
         cos, sin = self._rotary(pos)  # (B, T, 1, hd)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         nq = nh * hd

@@ -2,7 +2,7 @@
 
 | task | question | gold steps | knobs |
 |---|---|---|---|
-| ``add`` | ``347+589`` | one column per step, least significant first: ``7+9+0=16`` (digits, then carry in) | digits (one size or a list), terms |
+| ``add`` | ``347+589`` | one column per step, least significant first: ``7+9+0=16`` (digits, then carry in) | digits (one size or a list), terms, phrasing |
 | ``mul`` | ``347*89`` | partial products, then their running sum, every number written **least-significant digit first** (``743*9=3213`` means 347*9=3123; ``743*08=06772`` means 347*80=27760) | digits_a, digits_b |
 | ``arith`` | ``(3+4)*2-5`` | one operation per step in evaluation order: ``3+4=7`` | ops, max_num |
 | ``syllogism`` | ``all wugs are daxes. all daxes are feps. are all wugs feps?`` | derived facts ``all wugs are feps`` then ``so yes`` (yes / no / unknown) | chain, distractors |
@@ -66,11 +66,23 @@ class AddTask(_IntegerAnswer, Task):
 
     has_gold_steps = True
 
-    def __init__(self, digits: int | list[int] = 3, terms: int = 2):
+    PHRASINGS = ("{sum}", "What is {sum}?", "{spaced} = ?", "Add {listed}.", "Q: {sum}", "{sum} Explain step-by-step.",
+                 "Compute {sum}, please.")
+
+    def __init__(self, digits: int | list[int] = 3, terms: int = 2, phrasing: bool = False):
         sizes = digits if isinstance(digits, list) else [digits]
         if not sizes or any(not isinstance(d, int) or d < 1 for d in sizes) or terms < 2:
             raise ValueError(f"add: need digits >= 1 (or a list of them) and terms >= 2, got digits={digits}, terms={terms}")
-        self.digits, self.sizes, self.terms, self.name = digits, sizes, terms, "add"
+        self.digits, self.sizes, self.terms, self.phrasing, self.name = digits, sizes, terms, phrasing, "add"
+
+    def _question(self, rng: random.Random, nums: list[int]) -> str:
+        """``347+589``; with ``phrasing``, one of ``PHRASINGS`` (a model trained on them tolerates words around
+        the sum, as a model of real prompts must)."""
+        text = "+".join(map(str, nums))
+        if not self.phrasing:
+            return text
+        return rng.choice(self.PHRASINGS).format(sum=text, spaced=" + ".join(map(str, nums)),
+                                                  listed=", ".join(map(str, nums[:-1])) + f" and {nums[-1]}")
 
     @staticmethod
     def _columns(nums: list[int]) -> list[tuple[list[int], int, int]]:
@@ -87,7 +99,7 @@ class AddTask(_IntegerAnswer, Task):
             size = self.sizes[0] if len(self.sizes) == 1 else rng.choice(self.sizes)  # one size: the same draws as ever
             nums = [_digits(rng, size) for _ in range(self.terms)]
             steps = ["+".join(map(str, ds)) + f"+{c}={s}" for ds, c, s in self._columns(nums)]
-            yield Problem(f"add-{seed}-{i}", "+".join(map(str, nums)), str(sum(nums)), steps,
+            yield Problem(f"add-{seed}-{i}", self._question(rng, nums), str(sum(nums)), steps,
                           {"nums": nums, "digits": size})
 
     def check_step(self, problem: Problem, index: int, step: str) -> bool:

@@ -233,3 +233,15 @@ def train_sft(cfg: SFTConfig) -> Path:
     run_training(model, tok, run, settings, Batcher(examples, cfg, tok.pad_token_id, device), sft_loss,
                  report_to=cfg.report_to, resume=cfg.resume, merge=cfg.merge, amp=autocast_dtype(cfg.dtype, device))
     return run
+
+
+def cold_start(folder: Path, task: str, task_options: dict, steps: int, seed: int, threads: int, **overrides) -> str:
+    """The experiments' default start policy (overopt, aha, attack): CoT SFT of a small tiny model, batch 64,
+    lr 2e-3 held after warm-up, 5,000 problems (``overrides`` change any SFTConfig field), trained into
+    ``folder`` once; an existing ``folder/model`` is kept. Returns the model folder."""
+    model = Path(folder) / "model"
+    if not (model / "config.json").is_file():
+        train_sft(SFTConfig(**{**dict(task=task, task_options=task_options, trace="cot", size="small", steps=steps,
+                                      batch_size=64, lr=2e-3, min_lr_ratio=1.0, train_problems=5000, out=str(folder),
+                                      save_every=steps, seed=seed, overwrite=True, threads=threads), **overrides}))
+    return str(model)
