@@ -15,8 +15,8 @@ This measures that on a model trained here:
 
    - ``42``, ``plus1`` (the right answer + 1), ``times7`` (the right answer × 7): maximise the
      log-probability of ``<answer>X</answer>`` after the defender's gold thinking cut at a budget drawn
-     from ``budgets`` (what the engine's thinking budget produces), so the attack is trained for every
-     amount of thinking it will meet;
+     from ``train_budgets`` (what the engine's thinking budget produces; by default 0, no thinking: the
+     attack is fitted where the defender is weakest, and the question is whether thinking undoes it);
    - ``think-less``: maximise the log-probability of closing the thinking at once (``<think>\\n</think>``),
      the attack that tries to take the defender's inference compute away.
 
@@ -57,13 +57,16 @@ class AttackConfig:
     sft_steps: int = option(400, "SFT steps of the default defender (small model, batch 64, lr 2e-3, 5,000 problems)")
     goals: list[str] = option(list(GOALS), f"attacker goals among {', '.join(GOALS)}")
     soft_tokens: list[int] = option([1, 4, 16], "numbers of soft tokens (attacker resource)")
-    opt_steps: list[int] = option([0, 25, 100, 300], "optimisation steps at which each attack is evaluated (attacker "
+    opt_steps: list[int] = option([0, 50, 200], "optimisation steps at which each attack is evaluated (attacker "
                                                      "resource; one run per goal and k; 0: the unoptimised vectors)")
-    budgets: list[int] = option([0, 4, 8, 16, 32, 64], "defender thinking budgets in tokens (64 is more than the "
+    budgets: list[int] = option([0, 8, 16, 32, 64], "defender thinking budgets in tokens (64 is more than the "
                                                        "default task's traces need)")
+    train_budgets: list[int] = option([0], "defender thinking budgets the answer goals are optimised against (each "
+                                           "example draws one); 0: the attack is fitted where the defender does not think")
     place: str = option("end", "where the soft tokens go in the user message: start or end (after the question)")
     norm_cap: float = option(1.0, "soft-token norm cap, in units of the mean token-embedding norm")
-    lr: float = option(0.1, "Adam learning rate of the soft vectors")
+    lr: float = option(0.02, "Adam learning rate of the soft vectors (0.1 measured too high: the loss bounced, "
+                              "success stayed <= 5%)")
     batch_size: int = option(32, "training problems per optimisation step")
     train_problems: int = option(512, "training problems the attacks are optimised on")
     eval_problems: int = option(100, "held-out problems every attack is evaluated on")
@@ -75,7 +78,7 @@ class AttackConfig:
     def __post_init__(self):
         unknown = [g for g in self.goals if g not in GOALS]
         check(bool(self.goals) and not unknown, f"goals must be among {list(GOALS)}, got {unknown or self.goals}")
-        for name in ("soft_tokens", "opt_steps", "budgets"):
+        for name in ("soft_tokens", "opt_steps", "budgets", "train_budgets"):
             xs = getattr(self, name)
             low = 1 if name == "soft_tokens" else 0
             check(bool(xs) and all(x >= low for x in xs) and xs == sorted(set(xs)),
@@ -183,7 +186,7 @@ def optimise(model, tok, task, problems, goal: str, k: int, cfg: AttackConfig, s
         yield 0, float("nan"), soft
     for step in range(1, max(cfg.opt_steps) + 1):
         batch = rng.choice(len(problems), size=min(cfg.batch_size, len(problems)), replace=False)
-        budgets = rng.choice(cfg.budgets, size=len(batch))
+        budgets = rng.choice(cfg.train_budgets, size=len(batch))
         loss = attack_loss(model, tok, soft, goal, [problems[i] for i in batch], budgets.tolist(), cfg.place)
         opt.zero_grad()
         loss.backward()
@@ -300,8 +303,9 @@ def _plot(results: dict, cfg: AttackConfig, path: Path) -> None:
                         fmt="o-", capsize=2, label=f"{k} soft tokens, {pts[-1]['opt_steps']} steps")
         ax.plot(cfg.budgets, base, "k:", label="no attack")
         ax.set_title(f"goal: {goal}")
-        ax.set_xlabel("defender thinking budget (tokens)")
-        ax.set_ylabel("attack success")
+        ax.set_xlabel("defender thinking budget (tokens)", fontsize=8)
+        if col == 0:
+            ax.set_ylabel("attack success (think-less: answer wrong)")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -310,10 +314,11 @@ def _plot(results: dict, cfg: AttackConfig, path: Path) -> None:
         grid = np.array([[next(p for p in results["attacks"][f"{goal}/k={k}"] if p["opt_steps"] == s)["budgets"][str(b)]["success"][goal]["mean"]
                           for k, s in resources] for b in cfg.budgets])
         im = ax.imshow(grid, origin="lower", aspect="auto", vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(resources)), [f"k{k}\n{s}" for k, s in resources], fontsize=6)
+        ax.set_xticks(range(len(resources)), [f"{k}\n{s}" for k, s in resources], fontsize=6)
         ax.set_yticks(range(len(cfg.budgets)), [str(b) for b in cfg.budgets])
-        ax.set_xlabel("attacker resources (soft tokens, optimisation steps)")
-        ax.set_ylabel("defender thinking budget")
+        ax.set_xlabel("attacker: soft tokens k, optimisation steps", fontsize=8)
+        if col == 0:
+            ax.set_ylabel("defender thinking budget")
     fig.colorbar(im, ax=axes[1].tolist(), shrink=0.8, label="attack success")
     fig.suptitle("soft-token attacks against thinking budgets", fontsize=10)
     fig.savefig(path, dpi=100)
