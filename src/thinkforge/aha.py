@@ -1,6 +1,6 @@
 """Does RL amplify self-checking and lengthen thinking? A primed cold start against an unprimed control.
 
-    thinkforge aha --out runs/aha            # ~35 min on 2 CPU cores
+    thinkforge aha --out runs/aha            # ~30 min at one thread here
 
 DeepSeek-R1 reports reflection ("Wait, …") and longer responses emerging through RL from the accuracy
 reward alone; Gandhi et al. (2025, "Cognitive Behaviors that Enable Self-Improving Reasoners") find RL

@@ -1,6 +1,6 @@
 """Does more thinking make a model harder to attack? White-box soft-token attacks against thinking budgets.
 
-    thinkforge attack --out runs/attack          # ~12 min on 2 CPU cores
+    thinkforge attack --out runs/attack          # ~10 min on 2 CPU cores
 
 Zaremba et al. (2025, "Trading Inference-Time Compute for Adversarial Robustness") find that, for tasks
 with one right answer, attack success at a fixed attacker budget falls as the defender thinks longer.
