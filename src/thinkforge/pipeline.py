@@ -31,10 +31,10 @@ from thinkforge.tasks import get_task
 @dataclass
 class DemoConfig:
     out: str = option("runs/demo", "output folder")
-    quick: bool = option(False, "a < 1 minute version (fewer steps, rows and problems) for tests")
+    quick: bool = option(False, "a < 1 minute version (a micro model, fewer steps, rows and problems) for tests")
     task: str = option("mul", "task with gold traces")
     task_options: dict = option({"digits_a": 3, "digits_b": 2}, "the task's knobs")
-    size: str = option("small", "tiny model size (same for both models)")
+    size: str = option("small", "tiny model size (same for both models; quick: micro)")
     steps: int = option(450, "SFT steps per model (quick: 40)")
     train_problems: int = option(5000, "distinct training problems (measured: 5000 gave a stronger CoT model than 20000 at 450 steps)")
     batch_size: int = option(64, "rows per step of the CoT model (the direct model gets the same tokens)")
@@ -63,6 +63,7 @@ class DemoConfig:
             self.grpo_steps = min(self.grpo_steps, 4)
             self.prm_problems, self.prm_steps = min(self.prm_problems, 60), min(self.prm_steps, 10)
             self.search_n, self.budgets, self.beam_n = [4], [0, 32], 4
+            self.size = "micro"
         check(self.steps >= 1 and self.eval_problems >= 1 and self.samples >= 1,
               "steps, eval_problems and samples must be >= 1")
 
