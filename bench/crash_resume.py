@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,8 +64,15 @@ def finished(out: Path) -> bool:
 
 
 def run_trials(trainer: str, trials: int, seed: int = 0, model: str | None = None) -> dict:
-    rng = random.Random(seed)
     base = Path(tempfile.mkdtemp(prefix="crash-"))
+    try:  # the trials' run folders are removed afterwards: the test suite calls this on every run
+        return _trials(trainer, trials, seed, model, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _trials(trainer: str, trials: int, seed: int, model: str | None, base: Path) -> dict:
+    rng = random.Random(seed)
     ref = base / "reference"
     t = time.perf_counter()
     subprocess.run(command(trainer, ref, model, False), check=True, capture_output=True)
@@ -99,12 +107,14 @@ def main() -> None:
     ap.add_argument("--trainer", choices=["sft", "grpo"], default="sft")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    model = None
-    if args.trainer == "grpo":  # a small SFT model to start RL from
-        start = Path(tempfile.mkdtemp()) / "start"
-        subprocess.run(command("sft", start, None, False), check=True, capture_output=True)
-        model = str(start / "model")
-    s = run_trials(args.trainer, args.trials, args.seed, model)
+    model, scratch = None, Path(tempfile.mkdtemp(prefix="crash-start-"))
+    try:
+        if args.trainer == "grpo":  # a small SFT model to start RL from
+            subprocess.run(command("sft", scratch / "start", None, False), check=True, capture_output=True)
+            model = str(scratch / "start" / "model")
+        s = run_trials(args.trainer, args.trials, args.seed, model)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     print(f"RESULT crash_resume trainer={args.trainer} trials={s['trials']} identical={s['identical']} "
           f"kills={s['kills']} kills_during_write={s['kills_during_write']} broken_checkpoints={s['broken_checkpoints']}")
 
