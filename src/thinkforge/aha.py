@@ -95,12 +95,9 @@ def behaviour(task, problem, text: str) -> dict:
     >>> behaviour(add, p, "<think>\\n5+6+0=12\\n</think>")["caught"], behaviour(add, p, "<think>\\n5+6+0=11\\n</think>")["caught"]
     (False, None)
     """
-    from thinkforge.format import parse_completion
-
-    lines = [x.strip() for x in (parse_completion(text).thinking or "").split(task.step_delimiter) if x.strip()]
+    lines = task.thinking_lines(text)
     kinds = ["check" if CHECK.match(x) else "wait" if WAIT.match(x) else
-             "step" if any(task.check_step(problem, j, x) for j in range(len(problem.steps or []))) else "wrong"
-             for x in lines]
+             "step" if task.gold_match(problem, x) is not None else "wrong" for x in lines]
     first = kinds.index("wrong") if "wrong" in kinds else None
     return {"checks": kinds.count("check"), "waits": kinds.count("wait"), "extra_lines": len(lines) - len(problem.steps or []),
             "caught": None if first is None else first + 1 < len(kinds) and kinds[first + 1] in ("check", "wait")}
@@ -123,14 +120,13 @@ def measure(engine, task, problems, cfg: AhaConfig) -> dict:
     per["check_share"] = [float(np.mean([a["checks"] > 0 for a in row])) for row in acts]
     per["wait_share"] = [float(np.mean([a["waits"] > 0 for a in row])) for row in acts]
     per["extra_lines"] = [float(np.mean([a["extra_lines"] for a in row])) for row in acts]
-    fixed = [ok for g, row in zip(sampled, acts) for ok, a in zip(g.correct, row) if a["waits"]]
-    caught = [a["caught"] for row in acts for a in row if a["caught"] is not None]
+    samples = [(ok, a) for g, row in zip(sampled, acts) for ok, a in zip(g.correct, row)]  # pooled over problems
     pooled = lambda xs: {"n": len(xs), "share": float(np.mean(xs)) if xs else None}  # noqa: E731
     point = {"per_problem": per, **{k: ci_record(v) for k, v in per.items()},
-             "waits_then_right": pooled(fixed), "errors_caught": pooled(caught),
-             "right_with_check": pooled([ok for g, row in zip(sampled, acts) for ok, a in zip(g.correct, row) if a["checks"]]),
-             "right_without_check": pooled([ok for g, row in zip(sampled, acts) for ok, a in zip(g.correct, row)
-                                            if not a["checks"]])}
+             "waits_then_right": pooled([ok for ok, a in samples if a["waits"]]),
+             "errors_caught": pooled([a["caught"] for _, a in samples if a["caught"] is not None]),
+             "right_with_check": pooled([ok for ok, a in samples if a["checks"]]),
+             "right_without_check": pooled([ok for ok, a in samples if not a["checks"]])}
     sizes = [p.meta.get("digits") for p in problems]
     if len(set(sizes)) > 1:
         point["by_size"] = {str(s): {k: float(np.mean([v[i] for i in range(len(v)) if sizes[i] == s]))

@@ -178,7 +178,8 @@ def attack_loss(model, tok, soft: SoftPrompt, goal: str, problems, budgets: list
 
 
 def optimise(model, tok, task, problems, goal: str, k: int, cfg: AttackConfig, seed: int):
-    """Yield ``(step, vectors)`` at every step count of ``cfg.opt_steps``."""
+    """Yield ``(step, loss of that step's batch, the SoftPrompt)`` at every step count of ``cfg.opt_steps``
+    (step 0: the starting vectors, loss NaN)."""
     soft = SoftPrompt(model, tok, k, cfg.norm_cap, seed)
     opt = torch.optim.Adam([soft.vectors], lr=cfg.lr)
     rng = np.random.default_rng(seed)

@@ -91,6 +91,17 @@ class Task:
         """Whether ``step`` is a correct ``index``-th step for ``problem`` (tasks with gold steps only)."""
         raise NotImplementedError(f"task {self.name!r} has no step checker")
 
+    def gold_match(self, problem: Problem, line: str) -> int | None:
+        """The first index j at which ``check_step`` accepts ``line`` as gold step j (a fact of the gold
+        solution, wherever it stands), else None."""
+        return next((j for j in range(len(problem.steps or [])) if self.check_step(problem, j, line)), None)
+
+    def thinking_lines(self, completion: str) -> list[str]:
+        """The non-empty, stripped lines of a completion's thinking, split at ``step_delimiter``."""
+        from thinkforge.format import parse_completion
+
+        return [x.strip() for x in (parse_completion(completion).thinking or "").split(self.step_delimiter) if x.strip()]
+
     def check_line(self, problem: Problem, index: int) -> str:
         """A line that re-checks gold step ``index`` by recomputing it another way; ``check_step`` accepts it
         as that step (tasks that can write primed cold-start traces)."""
@@ -142,14 +153,10 @@ class Task:
 
         A learned reward can be wrong about this in ways a policy can exploit (e.g. liking longer traces).
         """
-        from thinkforge.format import parse_completion
-
         right = self.score(problem, self.extract(completion)) >= 1.0
         if not self.has_gold_steps or not problem.steps:
             return float(right)
-        lines = [x.strip() for x in (parse_completion(completion).thinking or "").split(self.step_delimiter) if x.strip()]
-        gold = range(len(problem.steps))
-        matched = [next((j for j in gold if self.check_step(problem, j, line)), None) for line in lines]
+        matched = [self.gold_match(problem, line) for line in self.thinking_lines(completion)]
         if right:
             redundant = sum(m is None for m in matched) + sum(
                 m is not None and m in matched[:i] for i, m in enumerate(matched))

@@ -139,7 +139,6 @@ def judge_labels(task: Task, problem: Problem, completion: str, outcome: bool) -
     and a step that redoes an earlier step correctly is right again (cessation), which positional
     ``gold`` labels get wrong once a reflective trace repeats a step."""
     head, steps, answers = answer_steps(completion, task.step_delimiter)
-    n_gold = len(problem.steps or [])
     labels = []
     for s, is_answer in zip(steps, answers):
         text = step_text(s)
@@ -148,7 +147,7 @@ def judge_labels(task: Task, problem: Problem, completion: str, outcome: bool) -
         elif REFLECTION.match(text):
             labels.append(1.0)
         else:
-            labels.append(float(any(task.check_step(problem, j, text) for j in range(n_gold))))
+            labels.append(float(task.gold_match(problem, text) is not None))
     return labels
 
 
