@@ -19,10 +19,10 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+from scratch import scratch  # noqa: E402  (bench/scratch.py: removed when the run exits)
 
 from thinkforge.train.grpo import GRPOConfig, train_grpo
 
@@ -31,7 +31,7 @@ MODES = {"sync": dict(threads=2), "async 1+1": dict(threads=1, async_rollouts=Tr
 
 
 def run(start: str, steps: int, **mode) -> tuple[list[float], float]:
-    out = Path(tempfile.mkdtemp()) / "run"
+    out = Path(scratch()) / "run"
     train_grpo(GRPOConfig(model=start, task="mul", task_options={"digits_a": 3, "digits_b": 2}, out=str(out),
                           steps=steps, prompts_per_step=8, group_size=16, max_new_tokens=96, lr=6e-5,
                           save_every=10**6, trace_groups=0, overwrite=True, **mode))

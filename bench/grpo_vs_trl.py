@@ -24,13 +24,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from scratch import scratch  # noqa: E402  (bench/scratch.py: removed when the run exits)
 from sft import build  # noqa: E402  (the same 4.2M Qwen2 as bench/sft.py)
 
 from thinkforge import format as fmt  # noqa: E402
@@ -56,7 +56,7 @@ def trl_trainer(tok, model_path: str, beta: float, steps: int, timer=None):
 
     problems = TASK.problems(P * steps, seed=3)
     ds = Dataset.from_list([{"prompt": fmt.render_prompt(p.question), "answer": p.answer} for p in problems])
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=P * G, num_generations=G,
+    args = GRPOConfig(output_dir=scratch(), per_device_train_batch_size=P * G, num_generations=G,
                       max_completion_length=NEW, beta=beta, bf16=False, fp16=False, gradient_checkpointing=False,
                       use_cpu=True, learning_rate=1e-5, max_steps=steps, report_to=[], logging_steps=10**6,
                       save_strategy="no", temperature=1.0, loss_type="dapo", disable_tqdm=True, seed=0,
@@ -86,7 +86,7 @@ def run_trl(tok, start: str, beta: float, steps: int) -> list[float]:
 def run_thinkforge(tok, start: str, beta: float, steps: int) -> list[float]:
     from thinkforge.train.grpo import GRPOConfig, train_grpo
 
-    out = Path(tempfile.mkdtemp()) / "run"
+    out = Path(scratch()) / "run"
     train_grpo(GRPOConfig(model=start, task="mul", out=str(out), steps=steps, prompts_per_step=P, group_size=G,
                           max_new_tokens=NEW, beta=beta, kl_bias_correction=True, loss="dapo", dynamic_sampling=False, lr=1e-5,
                           save_every=10**6, train_problems=P * steps, seed=3, warmup=0))
@@ -98,7 +98,7 @@ def loss_equivalence(tok, start: str) -> float:
     """Max |ours - TRL| over the five variants (β = 0.04), with and without the KL bias correction, on one
     identical batch."""
     from thinkforge.generation import Engine, SamplingParams
-    from thinkforge.train.grpo import token_logprobs
+    from thinkforge.models import token_logprobs
     from thinkforge.train.losses import LOSSES, k3_kl
 
     trainer = trl_trainer(tok, start, beta=0.04, steps=1)
@@ -155,7 +155,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     tok = char_tokenizer()
-    start = str(save_model(build(tok), tok, Path(tempfile.mkdtemp()) / "start"))
+    start = str(save_model(build(tok), tok, Path(scratch()) / "start"))
     print("loss equivalence on one batch (beta 0.04):")
     worst = loss_equivalence(tok, start)
     assert worst < 1e-5, f"losses differ from TRL's by {worst}"

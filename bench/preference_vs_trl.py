@@ -23,13 +23,13 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from scratch import scratch  # noqa: E402  (bench/scratch.py: removed when the run exits)
 from sft import build  # noqa: E402  (the same 4.2M Qwen2 as bench/sft.py)
 
 from thinkforge import format as fmt  # noqa: E402
@@ -66,7 +66,7 @@ class Timer:
 
 
 def trl_args(cls, steps: int, **kw):
-    return cls(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, learning_rate=LR, max_steps=steps,
+    return cls(output_dir=scratch(), per_device_train_batch_size=BATCH, learning_rate=LR, max_steps=steps,
                lr_scheduler_type="constant", warmup_steps=0, bf16=False, fp16=False, gradient_checkpointing=False,
                use_cpu=True, report_to=[], logging_steps=10**6, save_strategy="no", disable_tqdm=True, seed=0,
                dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0, **kw)
@@ -99,7 +99,7 @@ def rm_start(start: str) -> str:
 
     torch.manual_seed(0)
     model, tok = _backbone(start, "cpu", dropout=0.0)
-    out = Path(tempfile.mkdtemp()) / "rm-start"
+    out = Path(scratch()) / "rm-start"
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
@@ -126,7 +126,7 @@ def loss_equivalence(tok, start: str, rm_path: str, rows: list[dict]) -> float:
     worst = abs(ours - theirs)
     # DPO: the same pairs; reference = start; the policy = start moved by seeded noise (so the loss is not log 2)
     model, _ = load_model(start, device="cpu")
-    path = Path(tempfile.mkdtemp()) / "prefs.jsonl"
+    path = Path(scratch()) / "prefs.jsonl"
     write_jsonl(batch, path)
     cfg = dpo.DPOConfig(model=start, data=str(path), beta=0.1, eval_problems=0)
     encoded = dpo.encode_pairs(dpo.read_preferences(path), tok, 512)
@@ -148,7 +148,7 @@ def loss_equivalence(tok, start: str, rm_path: str, rows: list[dict]) -> float:
 def run_ours_rm(start: str, data: str, steps: int) -> list[float]:
     from thinkforge.train.reward_model import RMConfig, train_reward_model
 
-    out = Path(tempfile.mkdtemp()) / "rm"
+    out = Path(scratch()) / "rm"
     train_reward_model(RMConfig(kind="preference", data=data, policy=start, out=str(out), steps=steps, batch_size=BATCH,
                                 lr=LR, warmup=0, min_lr_ratio=1.0, weight_decay=0.0, save_every=10**6, eval_share=0.0))
     return [json.loads(x)["step_time"] for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
@@ -157,7 +157,7 @@ def run_ours_rm(start: str, data: str, steps: int) -> list[float]:
 def run_ours_dpo(start: str, data: str, steps: int) -> list[float]:
     from thinkforge.train.dpo import DPOConfig, train_dpo
 
-    out = Path(tempfile.mkdtemp()) / "dpo"
+    out = Path(scratch()) / "dpo"
     train_dpo(DPOConfig(model=start, data=data, out=str(out), steps=steps, batch_size=BATCH, lr=LR, warmup=0,
                         beta=0.1, save_every=10**6, eval_problems=0, max_len=512))
     return [json.loads(x)["step_time"] for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
@@ -176,10 +176,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     tok = char_tokenizer()
-    start = str(save_model(build(tok), tok, Path(tempfile.mkdtemp()) / "start"))
+    start = str(save_model(build(tok), tok, Path(scratch()) / "start"))
     rm_path = rm_start(start)
     rows = pairs(BATCH * (args.steps + 1))
-    data = Path(tempfile.mkdtemp()) / "prefs.jsonl"
+    data = Path(scratch()) / "prefs.jsonl"
     write_jsonl(rows, data)
     print("loss on one identical batch:")
     worst = loss_equivalence(tok, start, rm_path, rows)

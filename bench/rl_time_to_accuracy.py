@@ -34,11 +34,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from scratch import scratch  # noqa: E402  (bench/scratch.py: removed when the run exits)
 
 from thinkforge.format import ChatFormat
 from thinkforge.generation import Engine, SamplingParams
@@ -65,7 +65,7 @@ def run_thinkforge(start: str, budget: float, every: int, dynamic: bool, seed: i
     """(step, training seconds, state dict) snapshots, one per segment of ``every`` steps."""
     from thinkforge.train.grpo import GRPOConfig, train_grpo
 
-    out = Path(tempfile.mkdtemp()) / "run"
+    out = Path(scratch()) / "run"
     snaps, steps, clock = [], 0, 0.0
     while clock < budget:
         steps += every
@@ -118,7 +118,7 @@ def run_trl(start: str, budget: float, every: int, seed: int) -> list[tuple[int,
     ds = Dataset.from_list([{"prompt": chat.prompt(p.question), "question": p.question} for p in problems])
     _, eps_high = LOSSES["dapo"].bounds()
     args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=P * G, num_generations=G, max_completion_length=NEW,
+        output_dir=scratch(), per_device_train_batch_size=P * G, num_generations=G, max_completion_length=NEW,
         temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=eps_high,
         scale_rewards="group", num_iterations=1, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,

@@ -20,13 +20,13 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
+from scratch import scratch  # noqa: E402  (bench/scratch.py: removed when the run exits)
 
 PROMPT = "Q: If all bloops are razzies and all razzies are lazzies, are all bloops definitely lazzies?"
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_model() -> str:
     from thinkforge.train.sft import SFTConfig, train_sft
 
-    out = Path(tempfile.mkdtemp()) / "syllogism"
+    out = Path(scratch()) / "syllogism"
     return str(train_sft(SFTConfig(task="syllogism", size="micro", steps=120, batch_size=32, max_len=256,
                                    out=str(out), train_problems=1000, save_every=120, lr=3e-3, min_lr_ratio=1.0)) / "model")
 
@@ -115,7 +115,7 @@ def main() -> None:
                     help="only this many single requests (T=0.7, max_tokens 64), alternating between the servers")
     args = ap.parse_args()
     model = args.model or tiny_model()
-    base_dir = Path(tempfile.mkdtemp())
+    base_dir = Path(scratch())
     subprocess.run(f"git -C {ROOT} archive {args.baseline} src | tar -x -C {base_dir}", shell=True, check=True)
     sides = {"baseline": (base_dir / "src", []), "today": (ROOT / "src", ["--max-queued", "1000"])}
     servers = {k: start(model, src, extra) for k, (src, extra) in sides.items()}

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 import torch
+from scratch import scratch  # noqa: E402  (bench/scratch.py: removed when the run exits)
 
 from thinkforge.models import char_tokenizer
 
@@ -127,7 +127,7 @@ def run_trl(tok, pairs, steps: int) -> list[float]:
 
     timer = Timer()
     ds = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
-    args = TRLConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=ROWS, max_steps=steps,
+    args = TRLConfig(output_dir=scratch(), per_device_train_batch_size=ROWS, max_steps=steps,
                      learning_rate=1e-3, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
                      report_to=[], logging_steps=10**6, save_strategy="no", max_length=T, packing=False,
                      dataloader_num_workers=0, disable_tqdm=True, seed=0)

@@ -112,6 +112,10 @@ CATALOGUE = [
     ("bad-dtype", ["train", "dpo", "--dtype", "fp8"], "dtype must be one of auto, fp32, bf16, fp16"),
     ("rm-lora-with-extra-layers", ["train", "rm", "--kind", "preference", "--data", "{pairs}", "--policy", "{causal}",
                                    "--lora-r", "4", "--extra-layers", "1", "--out", "{dir}/r17"], "use one or the other"),
+    ("rm-unknown-pooling", ["train", "rm", "--kind", "preference", "--data", "{pairs}", "--pooling", "mean"],
+     "pooling must be one of ('last', 'sum', 'logprob')"),
+    ("rm-logprob-with-extra-layers", ["train", "rm", "--kind", "preference", "--data", "{pairs}", "--pooling", "logprob",
+                                      "--extra-layers", "1"], "--pooling logprob keeps the model as it is: no --extra-layers"),
     # command line and runs
     ("unknown-command", ["frobnicate"], "usage"),
     ("positional-junk", ["train", "sft", "steps", "3"], "unexpected argument 'steps'"),

@@ -200,7 +200,7 @@ def test_no_update_when_every_group_is_dropped(sft_model, tmp_path):
 def _batch(model, n_rows=3, length=7, seed=0):
     """A roll-out batch whose sequence ratios are 0.99 (A<0), 1.01 (A>0) and 0.95 (A>0): inside PPO's
     ±0.2; GSPO's [1-3e-4, 1+4e-4] clips the first two (the third is below 1 with A>0: never clipped)."""
-    from thinkforge.train.grpo import token_logprobs
+    from thinkforge.models import token_logprobs
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (n_rows, length), generator=g)
@@ -218,8 +218,8 @@ def _batch(model, n_rows=3, length=7, seed=0):
 @pytest.mark.parametrize("correction", [False, True])
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_trainer_loss_is_the_variants_loss_with_its_own_bounds_and_kl(sft_model, tmp_path, name, correction):
-    from thinkforge.models import load_model
-    from thinkforge.train.grpo import make_loss_fn, token_logprobs
+    from thinkforge.models import load_model, token_logprobs
+    from thinkforge.train.grpo import make_loss_fn
 
     model, _ = load_model(sft_model, device="cpu")
     ref, _ = load_model(sft_model, device="cpu")
@@ -318,8 +318,7 @@ def test_resume_with_mu_2_restores_the_pending_rollouts(sft_model, tmp_path, mon
 def test_token_logprobs_never_build_the_full_logits_and_equal_the_direct_path(char_tok, tie):
     """Values, entropies and every parameter's gradient equal log_softmax over the full (N, L, V) logits,
     while the model's head only ever sees one position per row (the rest goes through 7-row blocks)."""
-    from thinkforge.models import tiny_model
-    from thinkforge.train.grpo import token_logprobs
+    from thinkforge.models import tiny_model, token_logprobs
 
     m = tiny_model(char_tok, "micro", tie_word_embeddings=tie)
     ids = torch.randint(5, 100, (3, 11))
@@ -423,7 +422,7 @@ def test_async_rollouts_at_lag_0_give_the_same_run_as_synchronous_grpo(sft_model
 def test_async_rollouts_sample_the_next_batch_with_the_weights_before_the_update(sft_model, tmp_path, monkeypatch):
     """Lag 1: the second batch's old logprobs are the starting weights' (it was sampled while the first step
     trained), not those of the weights it is trained with; the loss's ratio is taken against them."""
-    from thinkforge.models import load_model
+    from thinkforge.models import load_model, token_logprobs
     from thinkforge.train import grpo
 
     start, _ = load_model(sft_model, device="cpu")
@@ -435,8 +434,8 @@ def test_async_rollouts_sample_the_next_batch_with_the_weights_before_the_update
         def wrapped(model, mb):
             ro = mb["rollouts"]
             with torch.no_grad():
-                now = grpo.token_logprobs(model, ro["ids"], 1.0)[0]
-                then = grpo.token_logprobs(start, ro["ids"], 1.0)[0]
+                now = token_logprobs(model, ro["ids"], 1.0)[0]
+                then = token_logprobs(start, ro["ids"], 1.0)[0]
             m = ro["mask"].bool()
             seen.append((float((then - ro["old_logp"])[m].abs().max()), float((now - ro["old_logp"])[m].abs().max())))
             return fn(model, mb)

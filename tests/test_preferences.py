@@ -168,6 +168,75 @@ def test_a_ranking_is_one_batch_element_whose_loss_is_the_mean_of_its_pairs(poli
     assert float(centred) == pytest.approx(expected + 0.5 * (sum(rewards) / 3) ** 2, rel=1e-5)
 
 
+def _hand_reward(model, ids: list[int], start: int, pooling: str) -> float:
+    """The reward written out from the model's own outputs, one position at a time."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids])).logits[0]
+    if pooling == "sum":
+        return float(sum(out[t, 0] for t in range(start, len(ids))))
+    return float(sum(torch.log_softmax(out[t - 1], -1)[ids[t]] for t in range(start, len(ids))))
+
+
+@pytest.mark.parametrize("pooling", ["sum", "logprob"])
+def test_pooled_rewards_equal_the_hand_sum_over_the_completion_and_end_token(policy, tmp_path, pooling):
+    from thinkforge.models import ModelLoadError, load_model
+    from thinkforge.preferences import prompt_text
+    from thinkforge.scorers import RewardModel
+    from thinkforge.train.preference_rm import encode_ranking, make_loss_fn
+    from thinkforge.train.reward_model import _backbone, train_reward_model
+
+    torch.manual_seed(0)
+    model, tok = _backbone(policy, "cpu") if pooling == "sum" else load_model(policy, device="cpu")
+    r = Ranking("1+1", ["<answer>2</answer>", "<answer>3</answer>", "<answer>44</answer>"], [0, 1, 2])
+    enc = encode_ranking(tok, r)
+    prompt_len = len(tok.encode(prompt_text("1+1", tok), add_special_tokens=False))
+    assert enc["starts"] == [prompt_len] * 3
+    loss, _ = make_loss_fn(0.0, tok.pad_token_id, "cpu", pooling)(model, {"rankings": [enc]})
+    rewards = [_hand_reward(model, ids, prompt_len, pooling) for ids in enc["ids"]]
+    expected = sum(math.log(1 + math.exp(-(rewards[i] - rewards[j]))) for i, j in [(0, 1), (0, 2), (1, 2)]) / 3
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    if pooling == "sum":
+        last, _ = make_loss_fn(0.0, tok.pad_token_id, "cpu", "last")(model, {"rankings": [enc]})
+        assert abs(float(last) - expected) > 1e-3  # the two poolings are different rewards
+
+    run = train_reward_model(rm_cfg(policy, tmp_path, toy_preferences(tmp_path / "p.jsonl"), pooling=pooling, steps=4,
+                                    lr=1e-3 if pooling == "logprob" else 3e-3))
+    rm = RewardModel.load(str(run / "model"))
+    assert rm.pooling == pooling
+    done = "<think>\n5\n</think>\n<answer>57</answer>"
+    ids = tok.encode(prompt_text("5+5", tok) + done + "<|im_end|>", add_special_tokens=False)
+    assert rm.score(["5+5"], [done])[0][0] == pytest.approx(_hand_reward(rm.model, ids, prompt_len, pooling), rel=1e-5)
+    cfg = json.loads((run / "model" / "config.json").read_text())
+    cfg["thinkforge_rm"]["pooling"] = "mean"
+    (run / "model" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="pooling is 'mean'"):
+        RewardModel.load(str(run / "model"))
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        rm_cfg(policy, tmp_path, "x.jsonl", pooling="max")
+
+
+def test_logprob_reward_model_learns_a_preference_and_resumes_exactly(policy, tmp_path, monkeypatch):
+    from thinkforge.models import load_model
+    from thinkforge.scorers import RewardModel
+    from thinkforge.train import preference_rm
+    from thinkforge.train.reward_model import train_reward_model
+
+    data = toy_preferences(tmp_path / "p.jsonl", k=3)
+    run = train_reward_model(rm_cfg(policy, tmp_path / "full", data, pooling="logprob", lr=1e-3))
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["accuracy"]["mean"] > 0.9
+    start = RewardModel(load_model(policy, device="cpu")[0].eval(), load_model(policy)[1], "preference", pooling="logprob")
+    held = [r for r in read_preferences(data) if preference_rm.held_out(r.prompt, 0.25)]
+    assert ev["start"] == {k: v for k, v in preference_rm.evaluate_preference_rm(start, held).items()
+                           if k in ("accuracy", "rm_agreement_with_gold")}  # the policy as it was, not the trained RM
+    assert ev["start"]["accuracy"]["mean"] < ev["accuracy"]["mean"]
+    crash_then_resume(monkeypatch, preference_rm, train_reward_model,
+                      lambda out, **kw: rm_cfg(policy, out, data, pooling="logprob", steps=6, save_every=2, out=str(out), **kw),
+                      tmp_path)
+    with pytest.raises(ValueError, match="no --extra-layers"):
+        rm_cfg(policy, tmp_path, data, pooling="logprob", extra_layers=1)
+
+
 def test_bt_reward_model_resumes_exactly(policy, tmp_path, monkeypatch):
     from thinkforge.train import preference_rm
     from thinkforge.train.reward_model import train_reward_model

@@ -156,7 +156,7 @@ def _target_text(goal: str, problem, tok, budget: int) -> tuple[str, str]:
 
 def attack_loss(model, tok, soft: SoftPrompt, goal: str, problems, budgets: list[int], place: str = "end") -> torch.Tensor:
     """Mean negative log-likelihood per target token of the goal's text, the soft tokens in the prompt."""
-    from thinkforge.train.grpo import token_logprobs
+    from thinkforge.models import token_logprobs
 
     chat = fmt.ChatFormat.of(tok)
     rows, spans = [], []

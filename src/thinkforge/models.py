@@ -13,6 +13,9 @@ LoRA (through ``peft``): :func:`add_lora` wraps a model so only adapter weights 
 ``adapter_config.json`` (a LoRA checkpoint) loads as its base model with the adapter applied;
 :func:`base_only` runs the base model with the adapter off (the KL reference, without a second copy);
 :func:`save_model` writes the adapter, and :func:`save_merged` a plain HF model with it merged.
+
+:func:`token_logprobs`: log π of each next token, with the output head applied a block of positions at a
+time, so (rows × length × vocab) float32 logits never exist at once (every trainer and scorer uses it).
 """
 from __future__ import annotations
 
@@ -294,3 +297,91 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(src, dst)
+
+
+LOGIT_BLOCK_BYTES = 64 * 2**20  # float32 logits that exist at once: a (rows, V) block of 64 MB, not (N, L, V)
+
+
+def logit_rows(vocab: int) -> int:
+    """Token positions per block of logits: 110 at a 151,936-token vocabulary, the whole batch at a small one.
+
+    >>> logit_rows(151_936), logit_rows(108)
+    (110, 155344)
+    """
+    return max(16, LOGIT_BLOCK_BYTES // (4 * vocab))
+
+
+def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: bool = False, rows: int | None = None):
+    """log π(ids[t+1] | ids[:t+1]) for every t under logits / temperature: (N, L-1) (and the entropy).
+
+    The (N, L, V) float32 logits are never built: the model returns its last hidden states (and the logits
+    of one position only), and :class:`_HeadLogprob` applies the output head ``rows`` positions at a time,
+    forward and backward (the backward recomputes each block instead of keeping it). A 150k-token vocabulary
+    at 8 × 4,096 tokens would otherwise be 20 GB of float32 per forward. Models whose head is not a plain
+    linear layer (logit soft-capping, scaling, a sharded head) take the direct path."""
+    head = _plain_head(model)
+    if head is None:
+        logits = model(input_ids=ids).logits[:, :-1].float() / temperature  # (N, L-1, V)
+        logp_all = torch.log_softmax(logits, -1)
+        logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]  # (N, L-1)
+        return logp, (-(logp_all.exp() * logp_all).sum(-1).detach() if with_entropy else None)
+    hidden = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]  # (N, L-1, H)
+    N, L, H = hidden.shape
+    entropy = torch.empty(N * L, device=hidden.device) if with_entropy else None
+    rows = rows or logit_rows(head.weight.shape[0])
+    logp = _HeadLogprob.apply(hidden.reshape(N * L, H), head.weight, ids[:, 1:].reshape(-1), temperature, rows, entropy)
+    return logp.view(N, L), (entropy.view(N, L) if with_entropy else None)
+
+
+def _plain_head(model):
+    """The output head when logits are exactly ``hidden @ W.T`` (no bias, cap or scale), else None."""
+    inner = getattr(model, "module", model)  # DDP
+    cfg = getattr(inner, "config", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if (cfg is None or not isinstance(head, torch.nn.Linear) or head.bias is not None
+            or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
+            or type(head.weight) is not torch.nn.Parameter):  # a DTensor (FSDP2) keeps the direct path
+        return None
+    return head
+
+
+class _HeadLogprob(torch.autograd.Function):
+    """logp[i] = log_softmax(h[i] @ W.T / T)[y[i]], computed ``rows`` positions at a time; the backward
+    recomputes each block's softmax: d logp / d z = onehot(y) - softmax(z)."""
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)  # the head in fp32 under mixed precision: log-probs feed ratios
+    @torch.autocast("cpu", enabled=False)
+    def forward(ctx, h, w, y, temperature, rows, entropy):
+        out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+        wf = w.float()  # the weight itself when fp32 (trainers keep fp32 master weights)
+        for i in range(0, h.shape[0], rows):
+            z = (h[i : i + rows].float() @ wf.T) / temperature  # (rows, V)
+            lse = torch.logsumexp(z, -1)
+            out[i : i + rows] = z.gather(-1, y[i : i + rows, None])[:, 0] - lse
+            if entropy is not None:
+                p = torch.softmax(z, -1)
+                entropy[i : i + rows] = lse - (p * z).sum(-1)
+        ctx.save_for_backward(h, w, y)
+        ctx.temperature, ctx.rows = temperature, rows
+        return out
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad):
+        h, w, y = ctx.saved_tensors
+        gh = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        wf = w.float()
+        for i in range(0, h.shape[0], ctx.rows):
+            hb = h[i : i + ctx.rows].float()
+            z = (hb @ wf.T) / ctx.temperature
+            gz = -torch.softmax(z, -1)
+            gz.scatter_add_(-1, y[i : i + ctx.rows, None], torch.ones_like(gz[:, :1]))
+            gz *= grad[i : i + ctx.rows, None] / ctx.temperature  # (rows, V)
+            if gh is not None:
+                gh[i : i + ctx.rows] = (gz @ wf).to(h.dtype)
+            if gw is not None:
+                gw += gz.T @ hb
+        return gh, (gw.to(w.dtype) if gw is not None else None), None, None, None, None

@@ -260,8 +260,9 @@ def _best_of_n(cfg: OveroptConfig, out: Path, policy: str, task, rms: dict[int, 
 def _measure(model, start, tok, task, problems, cfg: OveroptConfig, rm: Path, scale: tuple[float, float]) -> dict:
     """Gold, proxy (standardised by the start policy's samples) and KL(π ‖ π_start) on samples of ``model``."""
     from thinkforge.generation import Engine, SamplingParams
+    from thinkforge.models import token_logprobs
     from thinkforge.sampling import sample_and_grade
-    from thinkforge.train.grpo import rollout_tensors, token_logprobs
+    from thinkforge.train.grpo import rollout_tensors
 
     with torch.no_grad():
         graded = sample_and_grade(Engine(model.eval(), tok), task, problems,

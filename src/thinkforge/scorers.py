@@ -11,13 +11,15 @@ thinking is a single answer step, so ``last`` aggregation reads like an ORM and 
 process verifier (Lightman et al. 2023: a solution is as good as its worst step).
 
 A reward model is an ordinary HF token-classification checkpoint (``AutoModelForTokenClassification``,
-one logit per token) whose ``config.json`` also records ``thinkforge_rm = {"kind", "step_delimiter"}``.
+one logit per token) whose ``config.json`` also records ``thinkforge_rm = {"kind", "step_delimiter"}`` (and for a
+preference RM its ``pooling``; with ``pooling = "logprob"`` the checkpoint is a causal LM, its likelihood the reward).
 A PRM is read at the last token of each step (the delimiter that ends it); an ORM (Cobbe et al. 2021)
 is trained on every completion token and read at the last one. Scores are probabilities, sigmoid of the
 logit.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import torch
 from thinkforge import format as fmt
 
 RM_KINDS = ("prm", "orm", "preference")  # preference: a Bradley-Terry scalar (a logit, not a probability)
+POOLINGS = ("last", "sum", "logprob")  # how a preference RM reads one reward off its model (preference_rewards)
 AGGREGATES = {
     "min": min,
     "prod": math.prod,
@@ -114,10 +117,38 @@ def encode(tok, prompt: str, completion: str, delimiter: str = "\n") -> tuple[li
     return ids, ends, start
 
 
-def preference_ids(tok, prompt: str, completion: str) -> list[int]:
-    """What a preference reward model reads: prompt and completion (as :func:`encode` cuts them) followed by
-    the end-of-turn token, whose logit is the reward (TRL's RewardTrainer appends EOS the same way)."""
-    return encode(tok, prompt, completion)[0] + tok.encode(fmt.ChatFormat.of(tok).end, add_special_tokens=False)
+def preference_ids(tok, prompt: str, completion: str) -> tuple[list[int], int]:
+    """What a preference reward model reads, ``(ids, completion_start)``: prompt and completion (as
+    :func:`encode` cuts them) followed by the end-of-turn token (TRL's RewardTrainer appends EOS the same way)."""
+    ids, _, start = encode(tok, prompt, completion)
+    return ids + tok.encode(fmt.ChatFormat.of(tok).end, add_special_tokens=False), start
+
+
+def preference_rewards(model, ids: torch.Tensor, lengths: list[int], starts: list[int], pooling: str) -> torch.Tensor:
+    """(S,) preference rewards of right-padded rows ``ids`` (S, T), differentiable; ``starts``: where each
+    completion begins, ``lengths``: each row's length with the end-of-turn token.
+
+    ``last``: the scalar head's logit at the appended end-of-turn token (InstructGPT, TRL). ``sum``: the
+    scalar head's logits summed over the completion's tokens and the end token, so a flaw is scored where it
+    is written instead of having to reach the last position through attention. ``logprob``: no new head —
+    the sum of the log-probabilities the language model gives the completion's tokens and the end token
+    (log π(completion | prompt), the quantity a DPO policy's implicit reward is built from), trained by the
+    same Bradley-Terry loss; the language model's next-token prediction, which already tells a likely digit
+    from an unlikely one, is kept instead of being replaced by a fresh head."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    rows = torch.arange(len(lengths))
+    if pooling == "logprob":
+        from thinkforge.models import token_logprobs
+
+        values, shift = token_logprobs(model, ids, 1.0)[0], 1  # (S, T-1): position t scores token t+1
+    else:
+        values, shift = model(input_ids=ids).logits[..., 0].float(), 0  # (S, T)
+        if pooling == "last":
+            return values[rows, torch.tensor(lengths) - 1]
+    cols = torch.arange(values.shape[1])
+    mask = (cols >= torch.tensor(starts)[:, None] - shift) & (cols < torch.tensor(lengths)[:, None] - shift)
+    return (values * mask.to(values.device, values.dtype)).sum(1)
 
 
 def pad_rows(rows: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -126,18 +157,22 @@ def pad_rows(rows: list[list[int]], pad_id: int) -> torch.Tensor:
 
 
 class RewardModel:
-    """A loaded PRM or ORM. ``score`` is all that search needs; any object with ``kind`` and ``score``
+    """A loaded PRM, ORM or preference RM. ``score`` is all that search needs; any object with ``kind`` and ``score``
     works in its place (the tests use scripted ones)."""
 
-    def __init__(self, model, tok, kind: str = "prm", delimiter: str = "\n", batch_rows: int = 64):
+    def __init__(self, model, tok, kind: str = "prm", delimiter: str = "\n", batch_rows: int = 64,
+                 pooling: str = "last"):
         if kind not in RM_KINDS:
             raise ValueError(f"reward model kind must be one of {RM_KINDS}, got {kind!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"reward model pooling must be one of {POOLINGS}, got {pooling!r}")
         self.model, self.tok, self.kind, self.delimiter, self.batch_rows = model, tok, kind, delimiter, batch_rows
+        self.pooling = pooling
         self.tokens_read = 0  # every token the model has read: the compute search spends on scoring
 
     @classmethod
     def load(cls, path: str, device: str = "auto") -> "RewardModel":
-        from transformers import AutoModelForTokenClassification, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
         from thinkforge.models import ModelLoadError, resolve_device
 
@@ -145,15 +180,26 @@ class RewardModel:
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{path}: not a reward model folder (no config.json)")
         try:
-            model = AutoModelForTokenClassification.from_pretrained(str(p))
+            meta = json.loads((p / "config.json").read_text()).get("thinkforge_rm")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ModelLoadError(f"{path}/config.json: not a JSON object ({e})") from None
+        if not isinstance(meta, dict) or meta.get("kind") not in RM_KINDS:
+            raise ModelLoadError(f"{path}: not a thinkforge reward model (config.json has no thinkforge_rm kind); "
+                                 "train one with `thinkforge train rm`")
+        if meta.get("pooling", "last") not in POOLINGS:
+            raise ModelLoadError(f"{path}: config.json thinkforge_rm.pooling is {meta['pooling']!r}, expected one of {POOLINGS}")
+        lm = meta.get("pooling") == "logprob"  # a causal LM whose likelihood is the reward; else a one-logit head
+        try:
+            model = (AutoModelForCausalLM if lm else AutoModelForTokenClassification).from_pretrained(str(p))
             tok = AutoTokenizer.from_pretrained(str(p))
         except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{path}: cannot load a token-classification reward model ({e})") from None
-        meta = getattr(model.config, "thinkforge_rm", None)
-        if not isinstance(meta, dict) or meta.get("kind") not in RM_KINDS or model.config.num_labels != 1:
-            raise ModelLoadError(f"{path}: not a thinkforge reward model (config.json has no thinkforge_rm "
-                                 "kind, or the head has more than one label); train one with `thinkforge train rm`")
-        return cls(model.to(resolve_device(device)).eval(), tok, meta["kind"], meta.get("step_delimiter", "\n"))
+            kind = "causal-LM" if lm else "token-classification"
+            raise ModelLoadError(f"{path}: cannot load a {kind} reward model ({e})") from None
+        if not lm and model.config.num_labels != 1:
+            raise ModelLoadError(f"{path}: not a thinkforge reward model (its head has {model.config.num_labels} labels, "
+                                 "expected 1); train one with `thinkforge train rm`")
+        return cls(model.to(resolve_device(device)).eval(), tok, meta["kind"], meta.get("step_delimiter", "\n"),
+                   pooling=meta.get("pooling", "last"))
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) logits of right-padded rows (causal attention: padding never reaches a real token)."""
@@ -162,13 +208,13 @@ class RewardModel:
     @torch.no_grad()
     def score(self, prompts: list, completions: list[str]) -> list[list[float]]:
         """Per completion: its step scores (PRM), ``[outcome probability]`` (ORM) or ``[reward]`` (preference: the
-        Bradley-Terry logit at the last token). ``prompts`` are questions
+        Bradley-Terry reward, :func:`preference_rewards`). ``prompts`` are questions
         (``str`` or ``Problem``, rendered with the chat template) or already rendered prompt texts."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         if self.kind == "preference":
-            encoded = [(ids, [], 0) for ids in (preference_ids(self.tok, _prompt_text(p, self.tok), c)
-                                                for p, c in zip(prompts, completions))]
+            encoded = [(ids, [], start) for ids, start in (preference_ids(self.tok, _prompt_text(p, self.tok), c)
+                                                           for p, c in zip(prompts, completions))]
         else:
             encoded = [encode(self.tok, _prompt_text(p, self.tok), c, self.delimiter) for p, c in zip(prompts, completions)]
         device = next(self.model.parameters()).device
@@ -177,12 +223,14 @@ class RewardModel:
             chunk = encoded[i : i + self.batch_rows]
             ids = pad_rows([e[0] for e in chunk], self.tok.pad_token_id or 0).to(device)
             self.tokens_read += sum(len(e[0]) for e in chunk)
+            if self.kind == "preference":
+                rewards = preference_rewards(self.model, ids, [len(e[0]) for e in chunk], [e[2] for e in chunk], self.pooling)
+                out += [[float(r)] for r in rewards.cpu()]
+                continue
             logits = self.logits(ids).float().cpu()
             probs = torch.sigmoid(logits)
             for row, (seq, ends, start) in enumerate(chunk):
-                if self.kind == "preference":
-                    out.append([float(logits[row, len(seq) - 1])])
-                elif self.kind == "orm":
+                if self.kind == "orm":
                     out.append([float(probs[row, len(seq) - 1])] if len(seq) > start else [])
                 else:
                     out.append([float(probs[row, e]) for e in ends])

@@ -94,7 +94,7 @@ def encode_pairs(rankings, tok, max_len: int) -> list[dict]:
 
 def sequence_logps(model, seqs: list[list[int]], starts: list[int], pad_id: int, device, mean: bool) -> torch.Tensor:
     """Sum (or mean) of log π over each sequence's completion tokens. (S,)"""
-    from thinkforge.train.grpo import token_logprobs
+    from thinkforge.models import token_logprobs
 
     ids = pad_rows(seqs, pad_id).to(device)
     logp, _ = token_logprobs(model, ids, 1.0)  # (S, T-1): position t predicts token t+1

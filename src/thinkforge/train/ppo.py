@@ -38,10 +38,10 @@ import torch
 
 from thinkforge.config import check, option, save_config
 from thinkforge.generation import Engine, SamplingParams
-from thinkforge.models import load_model, resolve_device
+from thinkforge.models import load_model, resolve_device, token_logprobs
 from thinkforge.rewards import RM_PREFIX, RM_SCOPES, compute_rewards
 from thinkforge.tasks import get_task
-from thinkforge.train.grpo import next_rollouts, record_overopt, rollout_tensors, token_logprobs
+from thinkforge.train.grpo import next_rollouts, record_overopt, rollout_tensors
 from thinkforge.train.loop import EpochStream, LoopSettings, RunOptions, distributed, run_training, start_run
 from thinkforge.train.losses import adaptive_kl_coef, clipped_value_loss, gae, kl_penalised_rewards, ppo_policy_loss
 

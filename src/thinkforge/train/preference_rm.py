@@ -5,7 +5,11 @@
 
 The model is the policy's weights under a one-logit head (``AutoModelForTokenClassification``, an
 ordinary HF checkpoint); the reward of ``prompt + completion`` is the logit at the end-of-turn token
-appended to it (``scorers.preference_ids``; TRL's RewardTrainer appends EOS the same way). The loss
+appended to it (``scorers.preference_ids``; TRL's RewardTrainer appends EOS the same way), or with
+``pooling = "sum"`` the head's logits summed over the completion. ``pooling = "logprob"`` adds no head: the
+reward is the model's own log-probability of the completion and end token (the policy's causal LM, saved
+as one), so what the language model already predicts about each token is kept
+(``scorers.preference_rewards`` owns the three). The loss
 per comparison is −log σ(r_better − r_worse − margin) (``losses.bradley_terry_loss``); a K-wise ranking
 contributes the *mean* over its K(K−1)/2 comparisons as one element of the batch (InstructGPT §3.5:
 so the model does not overfit to the many correlated pairs of one prompt), and the step's loss is the
@@ -17,12 +21,13 @@ A share ``eval_share`` of the prompts (chosen by a hash of the prompt) is held o
 reports the reward model's pairwise accuracy on their labels with a 95% bootstrap interval over
 prompts, its agreement with the gold preference (when the rows carry ``gold_ranking``), and the
 labeller's own agreement with gold on the same rows — the ceiling a reward model of noisy labels is
-measured against.
+measured against — and under ``start`` the same for the model training started from.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +36,7 @@ from thinkforge.config import ConfigError, save_config
 from thinkforge.metrics import ci_record
 from thinkforge.models import is_sharded, resolve_device
 from thinkforge.preferences import Ranking, agreement, prompt_text, read_preferences
-from thinkforge.scorers import RewardModel, pad_rows, preference_ids
+from thinkforge.scorers import RewardModel, pad_rows, preference_ids, preference_rewards
 from thinkforge.tasks import hash_fraction
 from thinkforge.train.loop import ItemBatcher, LoopSettings, autocast_dtype, distributed, run_training, start_run
 from thinkforge.train.losses import bradley_terry_loss
@@ -47,10 +52,11 @@ def held_out(prompt: str, share: float) -> bool:
 def encode_ranking(tok, r: Ranking) -> dict:
     """Token ids of every completion after the prompt (the same encoding ``RewardModel.score`` uses)."""
     prompt = prompt_text(r.prompt, tok)
-    return {"ids": [preference_ids(tok, prompt, c) for c in r.completions], "pairs": r.pairs(), "margin": r.margin}
+    ids, starts = zip(*(preference_ids(tok, prompt, c) for c in r.completions))
+    return {"ids": list(ids), "starts": list(starts), "pairs": r.pairs(), "margin": r.margin}
 
 
-def make_loss_fn(center: float, pad_id: int, device):
+def make_loss_fn(center: float, pad_id: int, device, pooling: str = "last"):
     """Sum over this process's rankings of the mean BT loss of each ranking's pairs (+ centring)."""
     rank, world = distributed()
 
@@ -60,8 +66,7 @@ def make_loss_fn(center: float, pad_id: int, device):
             return None, {"accuracy": 0.0, "margin": 0.0}
         seqs = [ids for r in mine for ids in r["ids"]]
         ids = pad_rows(seqs, pad_id).to(device)
-        logits = model(input_ids=ids).logits[..., 0].float()  # (S, T)
-        rewards = logits[torch.arange(len(seqs)), torch.tensor([len(s) - 1 for s in seqs])]  # (S,)
+        rewards = preference_rewards(model, ids, [len(s) for s in seqs], [st for r in mine for st in r["starts"]], pooling)
         loss, right, n_pairs, margin, start = 0.0, 0.0, 0, 0.0, 0
         for r in mine:
             rw = rewards[start : start + len(r["ids"])]
@@ -104,21 +109,31 @@ def train_preference_rm(cfg: RMConfig) -> Path:
         save_config(cfg, run / "config.toml")
     model, tok = load_rm(cfg, run, device, dropout=0.0)
     _freeze_offset(model)
-    model.config.thinkforge_rm = {"kind": "preference", "step_delimiter": "\n"}
+    model.config.thinkforge_rm = {"kind": "preference", "step_delimiter": "\n", "pooling": cfg.pooling}
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay, cfg.grad_clip,
                             cfg.save_every, cfg.seed)
     batcher = ItemBatcher([encode_ranking(tok, r) for r in train], cfg.batch_size, cfg.seed, "rankings",
                           lambda r: sum(len(x) for x in r["ids"]), cfg.micro_batch_size)
-    run_training(model, tok, run, settings, batcher, make_loss_fn(cfg.center_rewards, tok.pad_token_id, device),
+    run_training(model, tok, run, settings, batcher, make_loss_fn(cfg.center_rewards, tok.pad_token_id, device, cfg.pooling),
                  report_to=cfg.report_to, resume=cfg.resume, amp=autocast_dtype(cfg.dtype, device),  # (run/model: merged, what rm: loads)
                  describe=lambda m: f"loss {m['loss']:.3f} acc {m['accuracy']:.2f}")
     if rank0 and test:
         sharded = is_sharded(model)  # (then rank 0 reads the saved model: a sharded forward needs every rank)
-        rm = RewardModel.load(str(run / "model"), str(device)) if sharded else RewardModel(model.eval(), tok, "preference")
+        rm = RewardModel.load(str(run / "model"), str(device)) if sharded else RewardModel(model.eval(), tok, "preference", pooling=cfg.pooling)
         report = evaluate_preference_rm(rm, test, cfg.seed)
-        report.update(train_rankings=len(train), data=cfg.data)
+        report.update(train_rankings=len(train), data=cfg.data, start=_start_report(cfg, run, device, tok, test))
         (run / "eval.json").write_text(json.dumps(report, indent=2))
     return run
+
+
+def _start_report(cfg: RMConfig, run: Path, device, tok, test: list[Ranking]) -> dict:
+    """The same held-out measures for the model training started from (rebuilt as the run built it, seed included):
+    what training added. For ``pooling = "logprob"`` that is the policy's own likelihood as a reward; for a fresh
+    head, chance."""
+    start, _ = load_rm(replace(cfg, resume=False, fsdp=False, gradient_checkpointing=False), run, device, dropout=0.0)
+    _freeze_offset(start)
+    report = evaluate_preference_rm(RewardModel(start.eval(), tok, "preference", pooling=cfg.pooling), test, cfg.seed)
+    return {k: v for k, v in report.items() if k in ("accuracy", "rm_agreement_with_gold")}
 
 
 def evaluate_preference_rm(rm: RewardModel, rankings: list[Ranking], seed: int = 0) -> dict:

@@ -43,6 +43,7 @@ from thinkforge.models import add_lora, is_sharded, load_model, resolve_device
 from thinkforge.sampling import sample_and_grade
 from thinkforge.scorers import (
     AGGREGATES,
+    POOLINGS,
     RM_KINDS,
     RewardModel,
     aggregate,
@@ -85,6 +86,9 @@ class RMConfig(ModelOptions):
     center_rewards: float = option(0.0, "preference: weight of (mean reward of a prompt's completions)^2 in the loss "
                                         "(reward centring, Eisenstein et al. 2023; TRL's center_rewards_coefficient)")
     eval_share: float = option(0.1, "preference: share of the prompts held out for eval.json (by prompt hash)")
+    pooling: str = option("last", "preference: how the reward is read: a fresh scalar head's logit at the end-of-turn "
+                                  "token (last, InstructGPT / TRL) or summed over the completion's tokens (sum); or no "
+                                  "new head, the model's own log-probability of the completion (logprob)")
     problems: int = option(1000, "training-split problems to sample completions for")
     samples: int = option(4, "completions per problem")
     gold_traces: bool = option(True, "also train on each problem's gold trace (all steps right), when the task has one: "
@@ -109,6 +113,10 @@ class RMConfig(ModelOptions):
     def __post_init__(self):
         super().__post_init__()
         check(self.kind in RM_KINDS, f"kind must be one of {RM_KINDS}, got {self.kind!r}")
+        check(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        check(self.pooling == "last" or self.kind == "preference", "--pooling is for --kind preference")
+        check(not (self.pooling == "logprob" and self.extra_layers), "--pooling logprob keeps the model as it is: "
+                                                                      "no --extra-layers")
         check(self.labels in LABEL_SOURCES, f"labels must be one of {LABEL_SOURCES}, got {self.labels!r}")
         check(not (self.lora_r and self.extra_layers), "LoRA freezes the backbone, so fresh --extra-layers would stay "
                                                        "random: use one or the other")
@@ -351,23 +359,26 @@ def _backbone(path: str, device, extra_layers: int = 0, dropout: float | None = 
 def load_rm(cfg: RMConfig, run: Path, device, dropout: float | None = None):
     """(model, tokenizer) the reward-model trainers start from: the backbone with a fresh head (seeded), with
     LoRA adapters (the head trained whole) when ``cfg.lora_r``; on resume, ``run/checkpoint`` (a LoRA checkpoint
-    goes back on the same backbone). Activation checkpointing and FSDP2 as ``cfg`` asks."""
+    goes back on the same backbone). ``pooling = "logprob"``: the backbone's own causal LM, no new head.
+    Activation checkpointing and FSDP2 as ``cfg`` asks."""
     from peft import PeftModel
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
     path, ck = cfg.model or cfg.policy, run / "checkpoint"
     torch.manual_seed(cfg.seed)  # the new head's initial weights
+    lm = getattr(cfg, "pooling", "last") == "logprob"  # the preference RM that keeps the LM head: no new head
+    backbone = (lambda: load_model(path, device=str(device))) if lm else (lambda: _backbone(path, device, 0, dropout))
     if cfg.resume and (ck / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(_backbone(path, device, 0, dropout)[0], str(ck), is_trainable=True)
+        model = PeftModel.from_pretrained(backbone()[0], str(ck), is_trainable=True)
         tok = AutoTokenizer.from_pretrained(str(ck))
     elif cfg.resume:
-        model = AutoModelForTokenClassification.from_pretrained(str(ck)).to(device)
+        model = (AutoModelForCausalLM if lm else AutoModelForTokenClassification).from_pretrained(str(ck)).to(device)
         tok = AutoTokenizer.from_pretrained(str(ck))  # saved with every checkpoint
     else:
-        model, tok = _backbone(path, device, cfg.extra_layers, dropout)
+        model, tok = backbone() if lm else _backbone(path, device, cfg.extra_layers, dropout)
         if cfg.lora_r:
             model = add_lora(model, path, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout,
-                             keep=("score",), task_type="TOKEN_CLS")
+                             **({} if lm else {"keep": ("score",), "task_type": "TOKEN_CLS"}))
     return prepare(model, cfg), tok
 
 
