@@ -49,3 +49,21 @@ def test_bad_files(tmp_path):
     wrong.write_text('steps = "many"\n')
     with pytest.raises(ConfigError, match="field 'steps' in the config file: expected int"):
         parse_config(SFTConfig, ["--config", str(wrong)])
+
+
+def test_claim_folder_keeps_a_run_made_before_a_field_existed_only_while_that_field_is_at_its_default(tmp_path):
+    from thinkforge.config import claim_folder
+    from thinkforge.overopt import OveroptConfig
+
+    out = tmp_path / "run"
+    claim_folder(OveroptConfig(out=str(out)), out, "a run")
+    (out / "part").write_text("kept")
+    saved = out / "config.toml"
+    saved.write_text("\n".join(x for x in saved.read_text().splitlines() if not x.startswith("rm_pooling")))
+    claim_folder(OveroptConfig(out=str(out)), out, "a run")  # the old run used the default: the same config
+    assert (out / "part").read_text() == "kept"
+    saved.write_text("\n".join(x for x in saved.read_text().splitlines() if not x.startswith("rm_pooling")))
+    with pytest.raises(ConfigError, match="another config"):
+        claim_folder(OveroptConfig(out=str(out), rm_pooling="logprob"), out, "a run")
+    with pytest.raises(ConfigError, match="another config"):
+        claim_folder(OveroptConfig(out=str(out), rm_lr=0.5), out, "a run")

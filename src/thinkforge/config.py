@@ -188,7 +188,11 @@ def claim_folder(cfg, out: Path, what: str) -> Path:
     saved = out / "config.toml"
     if saved.is_file() and not cfg.overwrite:
         settings = lambda d: {k: v for k, v in d.items() if v is not None and k != "overwrite"}  # noqa: E731
-        if settings(tomllib.loads(saved.read_text())) != settings(dataclasses.asdict(cfg)):
+        old, now = settings(tomllib.loads(saved.read_text())), settings(dataclasses.asdict(cfg))
+        defaults = settings(dataclasses.asdict(type(cfg)()))
+        # a field added since the folder was made: its run used the default, so the default still matches
+        now = {k: v for k, v in now.items() if k in old or k not in defaults or v != defaults[k]}
+        if old != now:
             raise ConfigError(f"{out} holds {what} of another config ({saved}); use another --out or --overwrite")
     elif cfg.overwrite and out.exists():
         shutil.rmtree(out)

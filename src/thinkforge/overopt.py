@@ -59,6 +59,8 @@ class OveroptConfig:
     rm_steps: int = option(400, "optimizer steps of every proxy RM")
     rm_batch_size: int = option(16, "rankings per proxy-RM step")
     rm_lr: float = option(1e-3, "proxy-RM learning rate")
+    rm_pooling: str = option("last", "proxy-RM form (train rm --pooling): last / sum (a scalar head) or logprob "
+                                     "(the model's own likelihood)")
     bon_problems: int = option(100, "held-out problems of the best-of-n curve")
     bon_n: int = option(256, "samples per problem (a power of 2); n runs over 1, 2, 3, 4, 6, 8, 12, … up to it")
     rl_steps: int = option(80, "GRPO steps against each proxy")
@@ -175,7 +177,8 @@ def _proxies(cfg: OveroptConfig, out: Path, policy: str, task) -> dict[int, Path
             data = out / f"preferences-{n}.jsonl"
             data.write_text("".join(json.dumps(r) + "\n" for r in rows if order[r["prompt"]] < n))
             train_reward_model(RMConfig(kind="preference", policy=policy, data=str(data), steps=cfg.rm_steps,
-                                        batch_size=cfg.rm_batch_size, lr=cfg.rm_lr, out=str(run), overwrite=True,
+                                        batch_size=cfg.rm_batch_size, lr=cfg.rm_lr, pooling=cfg.rm_pooling,
+                                        out=str(run), overwrite=True,
                                         save_every=cfg.rm_steps, seed=cfg.seed, threads=cfg.threads))
         rms[n] = run
     return rms
