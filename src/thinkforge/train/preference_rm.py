@@ -129,7 +129,7 @@ def train_preference_rm(cfg: RMConfig) -> Path:
 def _start_report(cfg: RMConfig, run: Path, device, tok, test: list[Ranking]) -> dict:
     """The same held-out measures for the model training started from (rebuilt as the run built it, seed included):
     what training added. For ``pooling = "logprob"`` that is the policy's own likelihood as a reward; for a fresh
-    head, chance."""
+    head, a random ranking."""
     start, _ = load_rm(replace(cfg, resume=False, fsdp=False, gradient_checkpointing=False), run, device, dropout=0.0)
     _freeze_offset(start)
     report = evaluate_preference_rm(RewardModel(start.eval(), tok, "preference", pooling=cfg.pooling), test, cfg.seed)
