@@ -225,7 +225,8 @@ def test_logprob_reward_model_learns_a_preference_and_resumes_exactly(policy, tm
     run = train_reward_model(rm_cfg(policy, tmp_path / "full", data, pooling="logprob", lr=1e-3))
     ev = json.loads((run / "eval.json").read_text())
     assert ev["accuracy"]["mean"] > 0.9
-    start = RewardModel(load_model(policy, device="cpu")[0].eval(), load_model(policy)[1], "preference", pooling="logprob")
+    lm, tok = load_model(policy, device="cpu")
+    start = RewardModel(lm.eval(), tok, "preference", pooling="logprob")
     held = [r for r in read_preferences(data) if preference_rm.held_out(r.prompt, 0.25)]
     assert ev["start"] == {k: v for k, v in preference_rm.evaluate_preference_rm(start, held).items()
                            if k in ("accuracy", "rm_agreement_with_gold")}  # the policy as it was, not the trained RM
