@@ -137,7 +137,6 @@ def preference_rewards(model, ids: torch.Tensor, lengths: list[int], starts: lis
     from an unlikely one, is kept instead of being replaced by a fresh head."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    rows = torch.arange(len(lengths))
     if pooling == "logprob":
         from thinkforge.models import token_logprobs
 
@@ -145,7 +144,7 @@ def preference_rewards(model, ids: torch.Tensor, lengths: list[int], starts: lis
     else:
         values, shift = model(input_ids=ids).logits[..., 0].float(), 0  # (S, T)
         if pooling == "last":
-            return values[rows, torch.tensor(lengths) - 1]
+            return values[torch.arange(len(lengths)), torch.tensor(lengths) - 1]
     cols = torch.arange(values.shape[1])
     mask = (cols >= torch.tensor(starts)[:, None] - shift) & (cols < torch.tensor(lengths)[:, None] - shift)
     return (values * mask.to(values.device, values.dtype)).sum(1)

@@ -366,8 +366,11 @@ def load_rm(cfg: RMConfig, run: Path, device, dropout: float | None = None):
 
     path, ck = cfg.model or cfg.policy, run / "checkpoint"
     torch.manual_seed(cfg.seed)  # the new head's initial weights
-    lm = getattr(cfg, "pooling", "last") == "logprob"  # the preference RM that keeps the LM head: no new head
-    backbone = (lambda: load_model(path, device=str(device))) if lm else (lambda: _backbone(path, device, 0, dropout))
+    lm = cfg.pooling == "logprob"  # the preference RM that keeps the LM head: no new head
+
+    def backbone(extra_layers: int = 0):
+        return load_model(path, device=str(device)) if lm else _backbone(path, device, extra_layers, dropout)
+
     if cfg.resume and (ck / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(backbone()[0], str(ck), is_trainable=True)
         tok = AutoTokenizer.from_pretrained(str(ck))
@@ -375,7 +378,7 @@ def load_rm(cfg: RMConfig, run: Path, device, dropout: float | None = None):
         model = (AutoModelForCausalLM if lm else AutoModelForTokenClassification).from_pretrained(str(ck)).to(device)
         tok = AutoTokenizer.from_pretrained(str(ck))  # saved with every checkpoint
     else:
-        model, tok = backbone() if lm else _backbone(path, device, cfg.extra_layers, dropout)
+        model, tok = backbone(cfg.extra_layers)
         if cfg.lora_r:
             model = add_lora(model, path, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout,
                              **({} if lm else {"keep": ("score",), "task_type": "TOKEN_CLS"}))
