@@ -38,6 +38,23 @@ def test_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert main(["frobnicate"]) == 2
 
 
+def test_parallel_sft_stages_train_what_one_process_trains(tmp_path):
+    """The demo trains its direct model in a second process (threads / 2 each): same losses, same rows as
+    training both in one process at that thread count."""
+    from thinkforge.pipeline import DemoConfig, run_demo
+
+    runs = {}
+    for threads in (2, 1):  # 2: two processes of 1 thread; 1: one process, one model after the other
+        out = tmp_path / f"t{threads}"
+        res = run_demo(DemoConfig(quick=True, steps=6, grpo_steps=0, test_time=False, eval_problems=8,
+                                  threads=threads, out=str(out)))
+        losses = {s: [json.loads(x)["loss"] for x in (out / s / "metrics.jsonl").read_text().splitlines()]
+                  for s in ("sft-direct", "sft-cot")}
+        runs[threads] = (losses, [(r["stage"], r["method"], r["metric"], r["value"]) for r in res["rows"]])
+    assert runs[2] == runs[1] and len(runs[2][0]["sft-direct"]) == 6
+    assert [r[0] for r in runs[2][1]][:1] == ["sft-direct"]  # the direct model's rows first, as before
+
+
 def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "thinkforge", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "train sft" in r.stdout

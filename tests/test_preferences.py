@@ -215,6 +215,34 @@ def test_pooled_rewards_equal_the_hand_sum_over_the_completion_and_end_token(pol
         rm_cfg(policy, tmp_path, "x.jsonl", pooling="max")
 
 
+def test_held_out_scoring_in_batches_equals_one_ranking_at_a_time(policy, tmp_path):
+    from thinkforge.models import load_model
+    from thinkforge.preferences import prompt_text
+    from thinkforge.scorers import RewardModel
+    from thinkforge.train import preference_rm
+
+    lm, tok = load_model(policy, device="cpu")
+    rm = RewardModel(lm.eval(), tok, "preference", pooling="logprob", batch_rows=3)
+    rankings = read_preferences(toy_preferences(tmp_path / "p.jsonl", k=3))[:12]
+    twin = rankings[0]  # the same completion twice: its pair must stay a tie
+    rankings.append(Ranking(twin.prompt, [twin.completions[0]] * 2, [0, 1]))
+    calls = []
+    real = rm.score
+    rm.score = lambda p, c: calls.append(len(c)) or real(p, c)
+    report = preference_rm.evaluate_preference_rm(rm, rankings)
+    # one call; the twin's two copies are ranking 0's first completion (same prompt): scored once for all three
+    assert calls == [sum(len(r.completions) for r in rankings) - 2]
+
+    def by_hand(r):  # one ranking at a time, pairs compared as the docstring says
+        sc = [s[0] for s in real([prompt_text(r.prompt, tok)] * len(r.completions), r.completions)]
+        hits = [1.0 if sc[i] > sc[j] else 0.5 if sc[i] == sc[j] else 0.0 for i, j in r.pairs()]
+        return sum(hits) / len(hits)
+
+    per_prompt = [by_hand(r) for r in rankings]
+    assert per_prompt[-1] == 0.5
+    assert report["accuracy"]["mean"] == pytest.approx(sum(per_prompt) / len(per_prompt), abs=1e-12)
+
+
 def test_logprob_reward_model_learns_a_preference_and_resumes_exactly(policy, tmp_path, monkeypatch):
     from thinkforge.models import load_model
     from thinkforge.scorers import RewardModel

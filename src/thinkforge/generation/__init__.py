@@ -149,6 +149,7 @@ class Engine:
             gen.manual_seed(params.seed if params.seed is not None else torch.seed())
         stops = self.stop_ids(params)
         wait_ids = self.tok.encode(params.wait_text, add_special_tokens=False)
+        watch = self.watch_ids(stops)
 
         backend = self.backend_name(self.model) if callable(self.backend_name) else make_backend(self.model, self.backend_name)
         rows = [i for i in range(len(p_ids)) for _ in range(params.n)]  # row -> prompt index
@@ -160,7 +161,7 @@ class Engine:
             tokens, logps = _sample(logits, params, gen, u)  # (b,), (b,)
             tokens_l, logps_l = tokens.tolist(), logps.tolist()
             for j, s_idx in enumerate(active):
-                tokens_l[j] = self._advance(seqs[s_idx], tokens_l[j], logps_l[j], params, stops, wait_ids)
+                tokens_l[j] = self._advance(seqs[s_idx], tokens_l[j], logps_l[j], params, stops, wait_ids, watch)
             if on_step is not None:
                 on_step([(s_idx, tokens_l[j]) for j, s_idx in enumerate(active)])
             if step == params.max_new_tokens - 1:
@@ -180,6 +181,13 @@ class Engine:
         stops = [self.tok.encode(x, add_special_tokens=False) for x in (params.stop if params.stop is not None
                                                                           else [self.chat.end])]
         return [x for x in stops if x]
+
+    def watch_ids(self, stops: list[list[int]]) -> frozenset | None:
+        """The tokens after which :meth:`_advance` must look at a sequence's tail (tags, EOS, the last token of
+        each stop); any other sampled token only appends. None (always look) when the tags are several tokens."""
+        if not self.one_token_tags:
+            return None
+        return frozenset(self.eos_ids | {x[-1] for x in stops} | {self.open_ids[0], self.close_ids[0]})
 
     def new_seqs(self, prompt_ids: list[int], n: int) -> list[_Seq]:
         """``n`` fresh sequences for a prompt; with the template's thinking opener forced first when the prompt
@@ -203,8 +211,21 @@ class Engine:
                     return self.tok.encode(THINK_CLOSE[k:], add_special_tokens=False) + self.nl_id
         return ([] if ids[-1] in self.nl_id else list(self.nl_id)) + self.close_ids + self.nl_id
 
-    def _advance(self, s: _Seq, token: int, logp: float, params: SamplingParams, stops, wait_ids) -> int:
-        """Record one step of sequence ``s``; returns the token actually emitted (forced or sampled)."""
+    def _advance(self, s: _Seq, token: int, logp: float, params: SamplingParams, stops, wait_ids,
+                 watch: frozenset | None = None) -> int:
+        """Record one step of sequence ``s``; returns the token actually emitted (forced or sampled).
+        ``watch`` (:meth:`watch_ids`): a sampled token outside it, with nothing forced pending and the thinking
+        budget not reached by it, changes no state but the counts (the common step, kept short)."""
+        thinking = s.opened and not s.closed
+        if (watch is not None and not s.forced and token not in watch
+                and (not thinking or params.thinking_budget is None or s.think + 1 < params.thinking_budget)):
+            s.ids.append(token)
+            s.logprobs.append(logp)
+            s.mask.append(1)
+            s.think += thinking
+            if len(s.ids) >= params.max_new_tokens:
+                s.done = "length"
+            return token
         forced = bool(s.forced)
         if forced:
             token, logp = s.forced.pop(0), 0.0

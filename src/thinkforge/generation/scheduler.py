@@ -62,6 +62,7 @@ class Request:
         self.seqs = [_Seq() for _ in range(self.params.n)]
         self.gen: torch.Generator | None = None
         self.stops: list[list[int]] = []
+        self.watch: frozenset | None = None
         self.wait_ids: list[int] = []
 
     def cancel(self) -> None:
@@ -207,6 +208,7 @@ class Scheduler:
             req.gen = torch.Generator(device=device)
             req.gen.manual_seed(p.seed)
         req.stops = self.engine.stop_ids(p)
+        req.watch = self.engine.watch_ids(req.stops)
         req.seqs = self.engine.new_seqs(req.prompt_ids, p.n)
         req.wait_ids = tok.encode(p.wait_text, add_special_tokens=False)
 
@@ -245,7 +247,7 @@ class Scheduler:
         emitted: dict[Request, list[tuple[int, int]]] = {}
         for j, (r, i) in enumerate(self.running):
             s = r.seqs[i]
-            tokens[j] = e._advance(s, tokens[j], logps[j], r.params, r.stops, r.wait_ids)
+            tokens[j] = e._advance(s, tokens[j], logps[j], r.params, r.stops, r.wait_ids, r.watch)
             if r.stop_text and s.done is None and not s.forced and _ends_with_stop(e.tok, s.ids, r.stop_text):
                 s.done = "stop"
             emitted.setdefault(r, []).append((i, tokens[j]))

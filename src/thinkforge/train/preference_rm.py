@@ -138,8 +138,13 @@ def _start_report(cfg: RMConfig, run: Path, device, tok, test: list[Ranking]) ->
 
 def evaluate_preference_rm(rm: RewardModel, rankings: list[Ranking], seed: int = 0) -> dict:
     """Held-out pairwise accuracy on the labels, agreement with gold, and the labeller's own agreement with
-    gold; 95% intervals bootstrap over prompts (a prompt's pairs move together)."""
-    scores = [[s[0] for s in rm.score([prompt_text(r.prompt, rm.tok)] * len(r.completions), r.completions)] for r in rankings]
+    gold; 95% intervals bootstrap over prompts (a prompt's pairs move together). Every distinct (prompt,
+    completion) is scored once, in the reward model's batches: a completion that appears twice has one score,
+    so such a pair stays a tie (0.5) whatever batch it fell in."""
+    texts = [prompt_text(r.prompt, rm.tok) for r in rankings]
+    unique = list(dict.fromkeys((t, c) for t, r in zip(texts, rankings) for c in r.completions))
+    got = dict(zip(unique, (s[0] for s in rm.score([t for t, _ in unique], [c for _, c in unique]))))
+    scores = [[got[(t, c)] for c in r.completions] for t, r in zip(texts, rankings)]
     per_prompt_acc = []
     for r, sc in zip(rankings, scores):
         hits = [1.0 if sc[i] > sc[j] else 0.5 if sc[i] == sc[j] else 0.0 for i, j in r.pairs()]
