@@ -39,20 +39,30 @@ def test_errors_are_one_line_and_exit_2(capsys, tmp_path):
 
 
 def test_parallel_sft_stages_train_what_one_process_trains(tmp_path):
-    """The demo trains its direct model in a second process (threads / 2 each): same losses, same rows as
-    training both in one process at that thread count."""
-    from thinkforge.pipeline import DemoConfig, run_demo
+    """The demo trains its direct model in a second process (threads / 2 each): the same losses and rows as
+    that model trained in this process at that thread count."""
+    import torch
 
-    runs = {}
-    for threads in (2, 1):  # 2: two processes of 1 thread; 1: one process, one model after the other
-        out = tmp_path / f"t{threads}"
-        res = run_demo(DemoConfig(quick=True, steps=6, grpo_steps=0, test_time=False, eval_problems=8,
-                                  threads=threads, out=str(out)))
-        losses = {s: [json.loads(x)["loss"] for x in (out / s / "metrics.jsonl").read_text().splitlines()]
-                  for s in ("sft-direct", "sft-cot")}
-        runs[threads] = (losses, [(r["stage"], r["method"], r["metric"], r["value"]) for r in res["rows"]])
-    assert runs[2] == runs[1] and len(runs[2][0]["sft-direct"]) == 6
-    assert [r[0] for r in runs[2][1]][:1] == ["sft-direct"]  # the direct model's rows first, as before
+    from thinkforge.pipeline import DemoConfig, _mean_length, _sft_stage, run_demo
+    from thinkforge.tasks import get_task
+
+    cfg = DemoConfig(quick=True, steps=6, grpo_steps=0, test_time=False, eval_problems=8, threads=2,
+                     out=str(tmp_path / "parallel"))
+    res = run_demo(cfg)
+    task = get_task(cfg.task, **cfg.task_options)
+    lengths = {t: _mean_length(task, t, cfg.seed) for t in ("direct", "cot")}
+    alone = DemoConfig(**{**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "out": str(tmp_path / "alone")})
+    threads = torch.get_num_threads()
+    try:
+        stage, stats, rows, _ = _sft_stage(alone, "direct", lengths, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / run / "sft-direct" / "metrics.jsonl").read_text().splitlines()]
+              for run in ("parallel", "alone")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    key = lambda r: (r["stage"], r["method"], r["metric"], r["value"])  # noqa: E731
+    assert [key(r) for r in res["rows"][: len(rows)]] == [key(r) for r in rows]  # its rows first, as before
+    assert res["train"]["sft-direct"]["steps"] == stats["steps"] and stage == "sft-direct"
 
 
 def test_console_script_runs():
