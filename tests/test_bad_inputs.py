@@ -73,6 +73,8 @@ CATALOGUE = [
     ("zero-temperature-rl", ["train", "grpo", "--temperature", "0"], "temperature must be > 0"),
     ("async-with-lora", ["train", "grpo", "--async-rollouts", "true", "--lora-r", "8"], "async_rollouts needs a full model"),
     ("rollout-lag-2", ["train", "grpo", "--async-rollouts", "true", "--rollout-lag", "2"], "rollout_lag must be 0 or 1"),
+    ("micro-rows-and-tokens", ["train", "grpo", "--micro-batch-size", "8", "--micro-batch-tokens", "4096"],
+     "not both"),
     ("bad-trace", ["train", "sft", "--trace", "long"], "trace must be 'cot', 'direct' or 'mixed'"),
     ("accum-not-dividing", ["train", "sft", "--batch-size", "10", "--grad-accum", "3"], "multiple of grad_accum"),
     ("bad-bool", ["train", "sft", "--packing", "maybe"], "expected true or false"),

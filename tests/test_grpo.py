@@ -339,23 +339,47 @@ def test_token_logprobs_never_build_the_full_logits_and_equal_the_direct_path(ch
     assert max((direct_grads[n] - p.grad).abs().max().item() for n, p in m.named_parameters()) < 1e-5
 
 
+def test_token_parts_and_needed_lengths_by_hand():
+    from thinkforge.train.grpo import needed_lengths, token_parts
+
+    mask = torch.zeros(5, 9)  # targets of ids of width 10
+    mask[0, 2:9] = 1  # last target 8: needs all 10 ids
+    mask[1, 2:5] = 1  # last target 4: 6 ids
+    mask[2, 2:7] = 1
+    mask[2, 5] = 0  # a forced token inside: still up to target 6, 8 ids
+    mask[4, 2:4] = 1  # 5 ids; row 3 has no sampled token (a truncated row under mask_truncated): 2
+    assert needed_lengths(mask).tolist() == [10, 6, 8, 2, 5]
+    # one process, longest first: [0] (10; 2 x 10 > 16), [2, 1] (2 x 8 <= 16; 3 x 8 > 16), [4, 3]
+    assert token_parts(mask, 1, 16) == [[[0], [1, 2], [3, 4]]]
+    # budget 8: row 0 needs more than it (a part alone); no two rows fit (2 x 5 > 8 for the last two)
+    assert token_parts(mask, 1, 8) == [[[0], [2], [1], [4], [3]]]
+    assert token_parts(mask, 1, 10) == [[[0], [2], [1], [3, 4]]]  # 2 x 5 <= 10
+    assert token_parts(mask, 1, 100) == [[[0, 1, 2, 3, 4]]]
+    # two processes: rows 0, 2, 4 and 1, 3, each packed on its own
+    assert token_parts(mask, 2, 16) == [[[0], [2, 4]], [[1, 3]]]
+
+
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_micro_batches_give_the_same_update_and_stats(sft_model, tmp_path, name):
-    """--micro-batch-size 1 and 2 (3 and 2 forward/backward passes) against the whole batch at once, with
-    the KL term and its bias correction: the same gradients to float tolerance, and the same logged stats
-    once the loop averages them over micro-batches."""
+    """--micro-batch-size 1 and 2 (3 and 2 forward/backward passes) and --micro-batch-tokens 14 and 5 (parts
+    [0, 1] + [2] cut to its 4 needed ids, and one row each) against the whole batch at once, with the KL term
+    and its bias correction: the same gradients to float tolerance, and the same logged stats once the loop
+    averages them over micro-batches."""
     from thinkforge.models import load_model
-    from thinkforge.train.grpo import make_loss_fn
+    from thinkforge.train.grpo import make_loss_fn, token_parts
 
     model, _ = load_model(sft_model, device="cpu")
     ref, _ = load_model(sft_model, device="cpu")
     with torch.no_grad():
         next(ref.parameters()).mul_(0.9)
     mb, _ = _batch(model)
+    mb["rollouts"]["mask"][2, 3:] = 0  # row 2 needs 4 of the 7 ids: a part of its own is cut short
     results = []
-    for size in (0, 1, 2):
-        cfg = grpo_cfg(sft_model, tmp_path, loss=name, beta=0.1, kl_bias_correction=True, micro_batch_size=size)
-        parts = 1 if size == 0 else -(-3 // size)
+    for size, tokens in ((0, 0), (1, 0), (2, 0), (0, 14), (0, 5)):
+        cfg = grpo_cfg(sft_model, tmp_path, loss=name, beta=0.1, kl_bias_correction=True, micro_batch_size=size,
+                       micro_batch_tokens=tokens)
+        parts = len(token_parts(mb["rollouts"]["mask"], 1, tokens)[0]) if tokens else 1 if size == 0 else -(-3 // size)
+        assert parts == {(0, 14): 2, (0, 5): 3}.get((size, tokens), parts)
         loss_fn, stats = make_loss_fn(cfg, ref), {}
         model.zero_grad()
         for k in range(parts):  # what the loop does with the list the roll-out source returns
@@ -381,20 +405,24 @@ def test_grpo_with_micro_batches_trains_the_same_model(sft_model, tmp_path):
 
     def counting(cfg, ref=None):
         fn = make(cfg, ref)
-        return lambda model, mb: (calls.append(cfg.micro_batch_size), fn(model, mb))[1]
+        return lambda model, mb: (calls.append((cfg.micro_batch_size, cfg.micro_batch_tokens)), fn(model, mb))[1]
 
     grpo.make_loss_fn = counting
     try:
-        runs = [train_grpo(grpo_cfg(sft_model, tmp_path / f"m{m}", steps=2, beta=0.04, micro_batch_size=m)) for m in (0, 3)]
+        runs = [train_grpo(grpo_cfg(sft_model, tmp_path / f"m{m}t{t}", steps=2, beta=0.04, micro_batch_size=m,
+                                    micro_batch_tokens=t)) for m, t in ((0, 0), (3, 0), (0, 80))]
     finally:
         grpo.make_loss_fn = make
-    assert calls.count(0) == 2 and calls.count(3) == 2 * 3  # 8 roll-outs a step: 1 pass, or 3 + 3 + 2
+    assert calls.count((0, 0)) == 2 and calls.count((3, 0)) == 2 * 3  # 8 roll-outs a step: 1 pass, or 3 + 3 + 2
+    assert calls.count((0, 80)) >= 2 * 3  # rows of ~30 ids: at most 2 in 80 tokens
     metrics = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
-    for a, b in zip(*metrics):
-        for key in ("loss", "kl", "entropy", "reward", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-    (m0, _), (m3, _) = (load_model(str(r / "model"), device="cpu") for r in runs)
-    assert max((x - y).abs().max().item() for x, y in zip(m0.state_dict().values(), m3.state_dict().values())) < 1e-5
+    for other in metrics[1:]:
+        for a, b in zip(metrics[0], other):
+            for key in ("loss", "kl", "entropy", "reward", "grad_norm"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    m0, *ms = (load_model(str(r / "model"), device="cpu")[0] for r in runs)
+    for m in ms:
+        assert max((x - y).abs().max().item() for x, y in zip(m0.state_dict().values(), m.state_dict().values())) < 1e-5
 
 
 # ---- one-step-off roll-outs (train.async_rollouts) -------------------------------------------------------

@@ -98,6 +98,10 @@ class GRPOConfig(ModelOptions):
     mask_truncated: bool = option(False, "exclude completions that hit max_new_tokens from the loss")
     micro_batch_size: int = option(0, "rows per forward/backward (0: a process's whole roll-out batch at once); "
                                       "the update is the same, only peak memory changes")
+    micro_batch_tokens: int = option(0, "instead of a row count, a token budget per forward/backward: a process's "
+                                        "rows, longest first, are packed into parts of at most this many "
+                                        "(rows x the part's longest row) tokens; a longer row is a part alone. "
+                                        "Same update (0: off)")
     train_problems: int = option(5000, "distinct training problems")
     trace_groups: int = option(2, "groups of each roll-out batch saved to traces.jsonl (for thinkforge ui; 0: none)")
     async_rollouts: bool = option(False, "one-step-off: a second process samples the next batch while this one "
@@ -114,6 +118,9 @@ class GRPOConfig(ModelOptions):
         for name in ("prompts_per_step", "max_new_tokens", "steps", "mu", "train_problems"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.micro_batch_size >= 0, f"micro_batch_size must be >= 0 (0: no micro-batches), got {self.micro_batch_size}")
+        check(self.micro_batch_tokens >= 0, f"micro_batch_tokens must be >= 0 (0: off), got {self.micro_batch_tokens}")
+        check(not (self.micro_batch_size and self.micro_batch_tokens),
+              "give micro_batch_size (rows) or micro_batch_tokens (a token budget), not both")
         check(self.scale_rewards in ("group", "batch", "none"), f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
         check(self.temperature > 0, f"temperature must be > 0 for RL roll-outs, got {self.temperature}")
         check(self.lr > 0 and self.beta >= 0, "need lr > 0 and beta >= 0")
@@ -287,12 +294,41 @@ class RolloutSource:
         """The loop's ``next_batch``: a new roll-out batch every ``mu`` optimizer steps."""
         ro = next_rollouts(state, self.cfg.mu, lambda: self.collect(state).__dict__)
         seen = 0 if ro["ids"] is None else int(ro["ids"].numel())
-        mine = 0 if ro["ids"] is None else len(range(self.rank, ro["ids"].shape[0], self.world))
-        m = self.cfg.micro_batch_size
-        parts = max(1, -(-mine // m)) if m else 1
+        if self.cfg.micro_batch_tokens and ro["ids"] is not None:  # the most parts any process has: every one
+            parts = max(len(p) for p in token_parts(ro["mask"], self.world, self.cfg.micro_batch_tokens))  # passes
+        else:
+            mine = 0 if ro["ids"] is None else len(range(self.rank, ro["ids"].shape[0], self.world))
+            m = self.cfg.micro_batch_size
+            parts = max(1, -(-mine // m)) if m else 1
         # n_tokens 1 in all: the loop divides by their sum (1), each part's loss already carries its share
         return [{"rollouts": ro, "part": k, "parts": parts, "n_tokens": int(k == 0), "seen_tokens": seen * (k == 0)}
                 for k in range(parts)]
+
+
+def needed_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Per row of a roll-out batch, the ids it needs for its loss: up to the target of its last sampled
+    (mask 1) token. Positions after it add nothing to any loss or statistic (the model is causal and the mask
+    is 0 there), so a part cut to its longest row's need gives the same values as the whole width. (N,)"""
+    has = mask > 0
+    last = (mask.shape[1] - 1) - has.flip(1).float().argmax(1)  # the last target index with mask 1
+    return torch.where(has.any(1), last + 2, torch.full_like(last, 2))
+
+
+def token_parts(mask: torch.Tensor, world: int, budget: int) -> list[list[list[int]]]:
+    """Per process (rows rank, rank + world, …), its rows packed into parts by need (:func:`needed_lengths`),
+    longest first: a part takes rows while (its rows × its first, longest, row's need) ≤ ``budget``; a row
+    needing more than the budget is a part of its own. Row indices ascending within a part."""
+    need = needed_lengths(mask).tolist()
+    out = []
+    for rank in range(world):
+        parts: list[list[int]] = []
+        for i in sorted(range(rank, len(need), world), key=lambda i: (-need[i], i)):
+            if parts and (len(parts[-1]) + 1) * need[parts[-1][0]] <= budget:
+                parts[-1].append(i)
+            else:
+                parts.append([i])
+        out.append([sorted(p) for p in parts])
+    return out
 
 
 def next_rollouts(state: dict, mu: int, collect) -> dict:
@@ -354,10 +390,17 @@ def make_loss_fn(cfg: GRPOConfig, ref_model=None):
         if ro["ids"] is None:  # every group was dropped: the loop makes no update this step
             return None, stats
         part, parts = mb.get("part", 0), mb.get("parts", 1)
-        mine = list(range(rank, ro["ids"].shape[0], world))
-        size = -(-len(mine) // parts)
-        rows = torch.tensor(mine[part * size : (part + 1) * size], dtype=torch.long)
+        if cfg.micro_batch_tokens:
+            mine = token_parts(ro["mask"], world, cfg.micro_batch_tokens)[rank]
+            rows = torch.tensor(mine[part] if part < len(mine) else [], dtype=torch.long)
+        else:
+            mine = list(range(rank, ro["ids"].shape[0], world))
+            size = -(-len(mine) // parts)
+            rows = torch.tensor(mine[part * size : (part + 1) * size], dtype=torch.long)
         ids, mask, old, adv = ro["ids"][rows], ro["mask"][rows], ro["old_logp"][rows], ro["adv"][rows]
+        if len(rows):  # cut to the longest need of these rows (the rest is padding or masked: same values)
+            width = int(needed_lengths(mask).max())
+            ids, mask, old = ids[:, :width], mask[:, : width - 1], old[:, : width - 1]
         empty = ids.shape[0] == 0  # fewer kept completions than processes: this rank adds 0 to every mean
         zeros = {**stats, **dict.fromkeys(ROW_STATS + (("kl",) if cfg.beta > 0 else ()), 0.0)}
         if empty and not is_sharded(model):
