@@ -198,6 +198,28 @@ def test_backends_agree_when_rows_finish_early(model, char_tok):
 # ---- continuous batching (generation.scheduler) ---------------------------------------------------------
 
 
+def assert_same_run(got, alone, partings: list, model=None, temperature: float = 1.0) -> None:
+    """The scheduler's completions equal the engine's alone, token for token, log-probs within 1e-4. A run may
+    part from the engine's at one token only if everything before it agrees and both tokens there carry the
+    log-probability a full forward of the shared prefix gives them: the same distribution, a float-rounding
+    flip at a sampling boundary (a row's sums depend on where its cache sits among other requests' rows; like
+    vLLM, the engine does not promise bitwise batch invariance). Such partings are appended to ``partings``."""
+    from thinkforge.models import token_logprobs
+
+    for g, a in zip(got, alone, strict=True):
+        k = next((i for i, (x, y) in enumerate(zip(g.ids, a.ids)) if x != y), min(len(g.ids), len(a.ids)))
+        assert max((abs(x - y) for x, y in zip(g.logprobs[:k], a.logprobs[:k])), default=0.0) < 1e-4
+        if g.ids == a.ids:
+            continue
+        assert model is not None and k < min(len(g.ids), len(a.ids)), "the runs part in length, not at a token"
+        for c in (g, a):
+            ids = torch.tensor([c.prompt_ids + c.ids[: k + 1]])
+            with torch.no_grad():
+                full = token_logprobs(model, ids, temperature)[0][0, -1]
+            assert abs(float(full) - c.logprobs[k]) < 1e-4, "a parting token from another distribution"
+        partings.append(k)
+
+
 @pytest.mark.parametrize("backend", ["fast", "hf"])
 def test_scheduler_joins_mid_batch_and_matches_the_engine(model, char_tok, backend):
     """Requests that join a running batch at different steps, with different parameters, get exactly the
@@ -217,11 +239,11 @@ def test_scheduler_joins_mid_batch_and_matches_the_engine(model, char_tok, backe
         for prompt, params in cases:
             reqs.append(sched.submit(char_tok.encode(prompt, add_special_tokens=False), params))
             time.sleep(0.02)  # later requests join while earlier ones decode
+        partings = []
         for (prompt, params), req in zip(cases, reqs):
             alone = eng.generate([prompt], SamplingParams(**{**params.__dict__, "seed": [params.seed]}))
-            got = req.wait(60)
-            assert [c.ids for c in got] == [c.ids for c in alone]
-            assert max(abs(a - b) for x, y in zip(got, alone) for a, b in zip(x.logprobs, y.logprobs)) < 1e-4
+            assert_same_run(req.wait(60), alone, partings)
+        assert not partings  # (7 completions, ~180 tokens: none parts here)
         assert sched.steps < sum(p.max_new_tokens for _, p in cases)  # they shared decode steps
     finally:
         sched.close()
@@ -295,7 +317,8 @@ def test_scheduler_short_request_leaves_before_a_long_one_and_faults_stay_isolat
 def test_scheduler_under_churn_matches_the_engine(model, char_tok, monkeypatch):
     """Many requests arriving while others run and leave: rows reused after others left, a prompt longer
     than the running time axis (every row shifted), the time axis trimmed once the first half is dead.
-    Every request still gets exactly the engine's tokens alone."""
+    Every request still gets the engine's tokens alone (at most one of 24 requests, ~3,000 tokens, may part at
+    a rounding flip: see assert_same_run; one such parting was seen in a full-suite run on 2026-12-02)."""
     import random
 
     from thinkforge.generation.backends import FastBackend
@@ -334,9 +357,11 @@ def test_scheduler_under_churn_matches_the_engine(model, char_tok, monkeypatch):
         for prompt, params in cases:
             reqs.append(sched.submit(char_tok.encode(prompt, add_special_tokens=False), params))
             time.sleep(rng.choice([0, 0.005, 0.03]))
+        partings = []
         for (prompt, params), req in zip(cases, reqs):
             alone = eng.generate([prompt], SamplingParams(**{**params.__dict__, "seed": [params.seed]}))
-            assert [c.ids for c in req.wait(120)] == [c.ids for c in alone]
+            assert_same_run(req.wait(120), alone, partings, model, params.temperature or 1.0)
+        assert len(partings) <= 1, partings
         assert sched.backend is None or sched.backend.rows() == 0
     finally:
         sched.close()
