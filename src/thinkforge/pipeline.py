@@ -56,8 +56,8 @@ class DemoConfig:
     seed: int = option(0, "seed")
     threads: int = option(2, "torch CPU threads")
     parallel_sft: bool = option(True, "train (and evaluate) the direct and CoT models at the same time, in two "
-                                      "processes of threads / 2 each (with 2 threads: 1.4x the time of one model "
-                                      "instead of 2x; the same training, thread count aside)")
+                                      "processes of threads / 2 each (the same training, thread count aside; "
+                                      "measured on 2 cores: the SFT part 308 s instead of 373 s)")
 
     def __post_init__(self):
         if self.quick:
