@@ -31,17 +31,13 @@ import torch
 
 from thinkforge.models import load_model
 from thinkforge.tasks import get_task
-from thinkforge.train.grpo import GRPOConfig, RolloutSource, make_loss_fn, needed_lengths, token_parts
+from thinkforge.train.grpo import GRPOConfig, RolloutSource, make_loss_fn, needed_lengths, part_rows
 
 
 def passes(model, batch: dict, cfg: GRPOConfig) -> tuple[float, int, dict]:
     """Seconds, padded positions computed, and the accumulated gradient of one roll-out batch under ``cfg``."""
-    mask, n = batch["mask"], batch["ids"].shape[0]
-    if cfg.micro_batch_tokens:
-        parts = token_parts(mask, 1, cfg.micro_batch_tokens)[0]
-    else:
-        m = cfg.micro_batch_size or n
-        parts = [list(range(k, min(n, k + m))) for k in range(0, n, m)]
+    mask = batch["mask"]
+    parts = part_rows(mask, cfg, 0, 1)  # what the trainer's loss makes of them
     need = needed_lengths(mask)
     positions = sum(len(rows) * int(need[rows].max()) for rows in parts)
     loss_fn = make_loss_fn(cfg)

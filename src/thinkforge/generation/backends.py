@@ -81,6 +81,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
     return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin_signed)
 
 
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with the first half of its last dimension negated: rotate_half's sign, for :func:`_rotate`."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), -1)
+
+
 def _residual(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x + h @ w.T, the add done by the GEMM itself (addmm) when there is no bias: one kernel, not two."""
     if bias is not None:
@@ -195,15 +201,13 @@ class FastBackend:
         own rotary module computes once per length (doubling), instead of its ~6 kernels on every decode step."""
         if "dynamic" in str(getattr(self.rotary, "rope_type", "")):  # its frequencies depend on the length seen
             cos, sin = self.rotary(self.embed[:1, None], pos)
-            half = sin.shape[-1] // 2
-            return cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None]
+            return cos[:, :, None], _signed(sin)[:, :, None]
         need = int(pos.max()) + 1
         if getattr(self, "_rope_len", 0) < need:
             n = max(need, 2 * getattr(self, "_rope_len", 0), 256)
             at = torch.arange(n, device=pos.device)[None]
             cos, sin = self.rotary(self.embed[:1, None], at)  # (1, n, hd)
-            half = sin.shape[-1] // 2
-            self._cos, self._sin, self._rope_len = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1), n
+            self._cos, self._sin, self._rope_len = cos[0], _signed(sin[0]), n
         return self._cos[pos][:, :, None], self._sin[pos][:, :, None]
 
     def _attend(self, q, k, v, mask, scale):

@@ -294,12 +294,12 @@ class RolloutSource:
         """The loop's ``next_batch``: a new roll-out batch every ``mu`` optimizer steps."""
         ro = next_rollouts(state, self.cfg.mu, lambda: self.collect(state).__dict__)
         seen = 0 if ro["ids"] is None else int(ro["ids"].numel())
-        if self.cfg.micro_batch_tokens and ro["ids"] is not None:  # the most parts any process has: every one
-            parts = max(len(p) for p in token_parts(ro["mask"], self.world, self.cfg.micro_batch_tokens))  # passes
+        if ro["ids"] is None:
+            parts = 1
+        elif self.cfg.micro_batch_tokens:  # the most parts any process has: every one makes as many passes
+            parts = max(len(p) for p in token_parts(ro["mask"], self.world, self.cfg.micro_batch_tokens))
         else:
-            mine = 0 if ro["ids"] is None else len(range(self.rank, ro["ids"].shape[0], self.world))
-            m = self.cfg.micro_batch_size
-            parts = max(1, -(-mine // m)) if m else 1
+            parts = len(part_rows(ro["mask"], self.cfg, self.rank, self.world))
         # n_tokens 1 in all: the loop divides by their sum (1), each part's loss already carries its share
         return [{"rollouts": ro, "part": k, "parts": parts, "n_tokens": int(k == 0), "seen_tokens": seen * (k == 0)}
                 for k in range(parts)]
@@ -312,6 +312,19 @@ def needed_lengths(mask: torch.Tensor) -> torch.Tensor:
     has = mask > 0
     last = (mask.shape[1] - 1) - has.flip(1).float().argmax(1)  # the last target index with mask 1
     return torch.where(has.any(1), last + 2, torch.full_like(last, 2))
+
+
+def part_rows(mask: torch.Tensor, cfg: GRPOConfig, rank: int, world: int) -> list[list[int]]:
+    """This process's rows of a roll-out batch (rows rank, rank + world, …), one list per forward/backward
+    pass: packed by ``micro_batch_tokens`` (:func:`token_parts`), or ``micro_batch_size`` rows split into
+    equal passes, or all in one."""
+    if cfg.micro_batch_tokens:
+        return token_parts(mask, world, cfg.micro_batch_tokens)[rank]
+    mine = list(range(rank, mask.shape[0], world))
+    m = cfg.micro_batch_size
+    parts = max(1, -(-len(mine) // m)) if m else 1
+    size = -(-len(mine) // parts)
+    return [mine[k * size : (k + 1) * size] for k in range(parts)]
 
 
 def token_parts(mask: torch.Tensor, world: int, budget: int) -> list[list[list[int]]]:
@@ -390,13 +403,8 @@ def make_loss_fn(cfg: GRPOConfig, ref_model=None):
         if ro["ids"] is None:  # every group was dropped: the loop makes no update this step
             return None, stats
         part, parts = mb.get("part", 0), mb.get("parts", 1)
-        if cfg.micro_batch_tokens:
-            mine = token_parts(ro["mask"], world, cfg.micro_batch_tokens)[rank]
-            rows = torch.tensor(mine[part] if part < len(mine) else [], dtype=torch.long)
-        else:
-            mine = list(range(rank, ro["ids"].shape[0], world))
-            size = -(-len(mine) // parts)
-            rows = torch.tensor(mine[part * size : (part + 1) * size], dtype=torch.long)
+        mine = part_rows(ro["mask"], cfg, rank, world)
+        rows = torch.tensor(mine[part] if part < len(mine) else [], dtype=torch.long)
         ids, mask, old, adv = ro["ids"][rows], ro["mask"][rows], ro["old_logp"][rows], ro["adv"][rows]
         if len(rows):  # cut to the longest need of these rows (the rest is padding or masked: same values)
             width = int(needed_lengths(mask).max())
