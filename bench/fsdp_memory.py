@@ -7,11 +7,12 @@ The model: a random-init Llama (hidden 1024, 8 layers, MLP 2,816, vocab 32,000, 
 parameters, fp32), saved as an HF folder; 5 SFT steps on 2-digit addition (batch 8, max_len 64), gloo on
 CPU, 1 thread per process. Each process reports its peak resident set (ru_maxrss) at the end. Weights,
 gradients and AdamW's two moments take 16 bytes per parameter in a full copy; FSDP2 keeps 1/N of each
-per process (plus one layer's gathered weights at a time, and the full weights while it saves a checkpoint
-on rank 0 — which is why rank 0 is reported apart from the others). LoRA (r=16 on every linear layer but
+per process (plus one layer's gathered weights at a time); its checkpoints are written in shards, nothing
+gathered (rank 0, which joins the weight files one tensor at a time, is reported apart from the others).
+FSDP2 runs with 2 and 4 processes (4 processes of 1 thread on 2 cores: slow, but memory is what counts). LoRA (r=16 on every linear layer but
 the head) keeps gradients and AdamW moments only for the adapters; its seconds per step (median of steps
 2–5, run alone, on an idle machine) are compared with the full fine-tuning run's.
-Ends with: RESULT fsdp_memory single_mb=… ddp_mb=… fsdp_rank0_mb=… fsdp_rank1_mb=… lora_mb=… full_s=… lora_s=…
+Ends with: RESULT fsdp_memory single_mb=… ddp_mb=… fsdp_rank0_mb=… fsdp_rank1_mb=… fsdp4_max_mb=… lora_mb=… full_s=… lora_s=…
 """
 from __future__ import annotations
 
@@ -109,13 +110,16 @@ def measure(tmp: Path, a) -> None:
     single = full[0]
     ddp = launch(2, [*base, "--out", str(tmp / "ddp")])
     fsdp = launch(2, [*base, "--out", str(tmp / "fsdp"), "--fsdp", "true"])
+    fsdp4 = launch(4, [*base, "--out", str(tmp / "fsdp4"), "--fsdp", "true"])
     print(f"  1 process (full copy)        peak {single:>7.0f} MB")
     print(f"  2 processes, full copy each  peak {ddp[0]:>7.0f} MB (rank 0), {ddp[1]:.0f} MB (rank 1)")
     print(f"  2 processes, FSDP2           peak {fsdp[0]:>7.0f} MB (rank 0), {fsdp[1]:.0f} MB (rank 1)")
+    print(f"  4 processes, FSDP2           peak {fsdp4[0]:>7.0f} MB (rank 0), "
+          f"{', '.join(f'{fsdp4[r]:.0f}' for r in (1, 2, 3))} MB (ranks 1-3)")
     print(f"  1 process, LoRA r=16         peak {lora[0]:>7.0f} MB; {lora['s']:.2f} s/step against {full['s']:.2f} "
           f"for full fine-tuning")
     print(f"RESULT fsdp_memory single_mb={single:.0f} ddp_mb={max(ddp[0], ddp[1]):.0f} fsdp_rank0_mb={fsdp[0]:.0f} "
-          f"fsdp_rank1_mb={fsdp[1]:.0f} lora_mb={lora[0]:.0f} full_s={full['s']:.2f} lora_s={lora['s']:.2f}")
+          f"fsdp_rank1_mb={fsdp[1]:.0f} fsdp4_max_mb={max(fsdp4[r] for r in range(4)):.0f} lora_mb={lora[0]:.0f} full_s={full['s']:.2f} lora_s={lora['s']:.2f}")
 
 
 if __name__ == "__main__":

@@ -209,9 +209,9 @@ def _batch(model, n_rows=3, length=7, seed=0):
     mask[2, -1] = 0
     with torch.no_grad():
         logp = token_logprobs(model, ids, 1.0)[0]
-    shift = torch.tensor([0.01, -0.01, 0.05])[:, None]
+    shift = torch.tensor([0.01, -0.01, 0.05, 0.02, -0.03])[:n_rows, None]
     old = logp + shift * mask  # log ratio = -shift on every trained token
-    adv = torch.tensor([-1.0, 1.0, 0.5])
+    adv = torch.tensor([-1.0, 1.0, 0.5, 1.0, -1.0])[:n_rows]
     return {"rollouts": {"ids": ids, "mask": mask, "old_logp": old, "adv": adv, "stats": {}}}, logp
 
 
@@ -239,6 +239,43 @@ def test_trainer_loss_is_the_variants_loss_with_its_own_bounds_and_kl(sft_model,
     # GSPO clips both moved sequences at its own bounds (all their tokens); PPO's ±0.2 clips none.
     clipped_tokens = float(ro["mask"][:2].sum()) if name == "gspo" else 0.0
     assert stats["clip_ratio/region_mean"] * float(ro["mask"].sum()) == pytest.approx(clipped_tokens)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_rows_with_zero_advantage_are_not_computed_and_the_update_is_the_same(sft_model, tmp_path, name, monkeypatch):
+    """With beta 0, rows whose advantage is 0 get no forward or backward (in one pass and in token-budget
+    parts), and the loss and gradients equal the variant's loss over every row; with a KL term every row is
+    computed."""
+    from thinkforge.models import load_model, token_logprobs
+    from thinkforge.train import grpo
+
+    model, _ = load_model(sft_model, device="cpu")
+    mb, _ = _batch(model, n_rows=5)
+    ro = mb["rollouts"]
+    ro["adv"] = torch.tensor([-1.0, 0.0, 0.5, 0.0, 2.0])
+    ro["mask"][1] = ro["mask"][0]  # (every row has tokens in the normaliser)
+    logp = token_logprobs(model, ro["ids"], 1.0)[0]
+    v = LOSSES[name]
+    expected = v.loss(logp, ro["old_logp"], ro["adv"], ro["mask"], max_len=24)
+    expected.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    seen = []
+    monkeypatch.setattr(grpo, "token_logprobs", lambda m, ids, *a, **k: (seen.append(ids.shape[0]), token_logprobs(m, ids, *a, **k))[1])
+    for tokens, parts in ((0, 1), (12, 3)):
+        cfg = grpo_cfg(sft_model, tmp_path, loss=name, beta=0.0, micro_batch_tokens=tokens)
+        assert grpo.live_rows(ro, cfg) == [0, 2, 4]
+        loss_fn, total, seen[:] = grpo.make_loss_fn(cfg), 0.0, []
+        model.zero_grad()
+        for k in range(parts):
+            loss, _ = loss_fn(model, {**mb, "part": k, "parts": parts})
+            loss.backward()
+            total += float(loss.detach())
+        assert sum(seen) == 3 and len(seen) == parts  # rows 1 and 3 never computed
+        assert total == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-7)
+        assert max((want[n] - p.grad).abs().max().item() for n, p in model.named_parameters()) < 1e-6
+    assert grpo.live_rows(ro, grpo_cfg(sft_model, tmp_path, beta=0.04)) == [0, 1, 2, 3, 4]
+    ro["adv"] = torch.zeros(5)
+    assert grpo.make_loss_fn(grpo_cfg(sft_model, tmp_path, loss=name))(model, mb)[0] is None  # nothing to learn
 
 
 def test_gspo_defaults_are_gspos_and_a_config_bound_overrides_one():

@@ -36,6 +36,35 @@ def test_packed_loss_equals_unpacked_loss(char_tok):
     assert totals[True][2] < totals[False][2]  # but fewer token slots computed
 
 
+def test_loss_in_head_blocks_equals_full_logits_cross_entropy(char_tok, monkeypatch):
+    """The output head applied 16 labelled positions at a time (no (tokens x vocab) logits) gives the loss,
+    gradients and token accuracy of cross-entropy over the full logits."""
+    from thinkforge import models
+
+    monkeypatch.setattr(models, "LOGIT_BLOCK_BYTES", 1)  # blocks of logit_rows' floor: 16 positions
+    task = get_task("add", digits=2)
+    chat = fmt.ChatFormat.of(char_tok)
+    pairs = [(chat.prompt(p.question), completion_text(p, "cot", chat)) for p in task.problems(6)]
+    mb = Batcher(encode_pairs(pairs, char_tok, 128), SFTConfig(batch_size=6, max_len=128, packing=False, seed=0),
+                 char_tok.pad_token_id, "cpu")({})[0]
+    assert mb["n_tokens"] > 3 * 16  # several blocks
+    model = tiny_model(char_tok, "micro", seed=0)
+    loss, stats = sft_loss(model, mb)
+    loss.backward()
+    mine = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                   position_ids=mb["position_ids"]).logits[:, :-1]
+    targets = mb["labels"][:, 1:]
+    sel = targets != -100
+    ref = torch.nn.functional.cross_entropy(logits[sel], targets[sel], reduction="sum")
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert stats["token_accuracy"] == pytest.approx(float((logits[sel].argmax(-1) == targets[sel]).float().mean()))
+    for g, p in zip(mine, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_completion_only_labels(char_tok):
     (ids, labels), = encode_pairs([("PROMPT", "<answer>5</answer><|im_end|>")], char_tok, 64)
     assert labels[:6] == [-100] * 6 and labels[6:] == ids[6:] and len(ids) == 6 + 4

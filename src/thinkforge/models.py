@@ -272,18 +272,82 @@ def save_merged(model, tokenizer, out: str | Path) -> Path:
     return out
 
 
-def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None) -> Path:
+def save_model(model, tokenizer, out: str | Path) -> Path:
     """Save an HF checkpoint atomically: written to a temporary sibling folder, then renamed into place (a
-    LoRA model writes its adapter: ``adapter_config.json``, ``adapter_model.safetensors``)."""
+    LoRA model writes its adapter: ``adapter_config.json``, ``adapter_model.safetensors``). An FSDP2-sharded
+    model is written by every process at once (:func:`write_sharded_weights`): every process must call."""
     out = Path(out)
+    if is_sharded(model):
+        return _save_sharded(model, tokenizer, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+SAFETENSORS_FILE_BYTES = 2 * 2**30  # a sharded model's weights go to files of about this size (HF's index format)
+
+
+def shared_tempdir(parent: Path, prefix: str) -> Path:
+    """A new temporary folder in ``parent``, made by rank 0 and named to every process (collective)."""
+    import torch.distributed as dist
+
+    parent.mkdir(parents=True, exist_ok=True)
+    name = [tempfile.mkdtemp(prefix=prefix, dir=parent) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def write_sharded_weights(model, folder: Path) -> None:
+    """An FSDP2-sharded model's weights as a plain HF folder (``config.json``, ``model*.safetensors``), gathered
+    nowhere: every process writes its own shard of every tensor (torch.distributed.checkpoint's safetensors
+    writer), then rank 0 joins the pieces one tensor at a time (its memory grows by the largest tensor, not by
+    the model). One copy of a tied weight, as ``save_pretrained`` writes. Collective."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(model)  # this process's shards (DTensors), nothing gathered
+    if getattr(model.config, "tie_word_embeddings", False):
+        for tied in (getattr(model, "all_tied_weights_keys", None) or {}):
+            sd.pop(tied, None)
+    index, file, size = {}, 1, 0
+    for key, value in sd.items():  # files of at most ~SAFETENSORS_FILE_BYTES, in the state dict's order
+        nbytes = value.numel() * value.element_size()
+        if size and size + nbytes > SAFETENSORS_FILE_BYTES:
+            file, size = file + 1, 0
+        index[key], size = file, size + nbytes
+    dcp.save(sd, storage_writer=dcp.HuggingFaceStorageWriter(
+        str(folder), fqn_to_index_mapping=index, save_distributed=True, enable_consolidation=True))
+    if dist.get_rank() == 0:
+        shutil.rmtree(folder / "sharded", ignore_errors=True)  # the per-process pieces, now joined
+        files = sorted(folder.glob("model-*.safetensors"))
+        if len(files) == 1:  # one file: the name save_pretrained gives it
+            files[0].rename(folder / "model.safetensors")
+            (folder / "model.safetensors.index.json").unlink()
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(folder)
+
+
+def _save_sharded(model, tokenizer, out: Path) -> Path:
+    import torch.distributed as dist
+
+    tmp = shared_tempdir(out.parent, f".{out.name}.")
+    try:
+        write_sharded_weights(model, tmp)
+        if dist.get_rank() == 0:
+            tokenizer.save_pretrained(tmp)
+            replace_dir(tmp, out)
+    finally:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()  # no process reads ``out`` before it is in place
     return out
 
 
@@ -318,8 +382,15 @@ def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: b
     of one position only), and :class:`_HeadLogprob` applies the output head ``rows`` positions at a time,
     forward and backward (the backward recomputes each block instead of keeping it). A 150k-token vocabulary
     at 8 × 4,096 tokens would otherwise be 20 GB of float32 per forward. Models whose head is not a plain
-    linear layer (logit soft-capping, scaling, a sharded head) take the direct path."""
-    head = _plain_head(model)
+    linear layer (logit soft-capping, scaling) take the direct path. An FSDP2-sharded model runs the same
+    inside :func:`gathered_call`."""
+    if is_sharded(model):
+        return gathered_call(model, _token_logprobs, ids, temperature, with_entropy, rows)
+    return _token_logprobs(model, ids, temperature, with_entropy, rows)
+
+
+def _token_logprobs(model, ids, temperature, with_entropy, rows):
+    head = plain_head(model)
     if head is None:
         logits = model(input_ids=ids).logits[:, :-1].float() / temperature  # (N, L-1, V)
         logp_all = torch.log_softmax(logits, -1)
@@ -328,19 +399,44 @@ def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: b
     hidden = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]  # (N, L-1, H)
     N, L, H = hidden.shape
     entropy = torch.empty(N * L, device=hidden.device) if with_entropy else None
-    rows = rows or logit_rows(head.weight.shape[0])
-    logp = _HeadLogprob.apply(hidden.reshape(N * L, H), head.weight, ids[:, 1:].reshape(-1), temperature, rows, entropy)
+    logp = head_logprobs(head, hidden.reshape(N * L, H), ids[:, 1:].reshape(-1), temperature, rows, entropy=entropy)
     return logp.view(N, L), (entropy.view(N, L) if with_entropy else None)
 
 
-def _plain_head(model):
+def head_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, rows: int | None = None,
+                  entropy: torch.Tensor | None = None, correct: torch.Tensor | None = None) -> torch.Tensor:
+    """log_softmax(hidden @ head.weight.T / T)[targets] for (n, H) hidden states: (n,), a block of ``rows``
+    positions at a time (:class:`_HeadLogprob`). Optional outputs, filled without a graph: ``entropy`` (n,)
+    and ``correct`` (n,), whether the target is the argmax."""
+    rows = rows or logit_rows(head.weight.shape[0])
+    return _HeadLogprob.apply(hidden, head.weight, targets, temperature, rows, entropy, correct)
+
+
+def gathered_call(model, fn, *args):
+    """``fn(model, *args)`` with an FSDP2-sharded model's root parameters (embeddings, final norm, output
+    head) gathered as in its own forward, and its layers gathering theirs as they run; gradients are
+    reduce-scattered in the backward as after a forward. This lets the output head be applied in blocks
+    under FSDP too. Collective: every process calls it. A plain call for other models."""
+    if not is_sharded(model):
+        return fn(model, *args)
+    if not hasattr(model, "thinkforge_gathered"):
+        import types
+
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        model.thinkforge_gathered = types.MethodType(lambda self, f, *a: f(self, *a), model)
+        register_fsdp_forward_method(model, "thinkforge_gathered")
+    return model.thinkforge_gathered(fn, *args)
+
+
+def plain_head(model):
     """The output head when logits are exactly ``hidden @ W.T`` (no bias, cap or scale), else None."""
     inner = getattr(model, "module", model)  # DDP
     cfg = getattr(inner, "config", None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if (cfg is None or not isinstance(head, torch.nn.Linear) or head.bias is not None
             or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
-            or type(head.weight) is not torch.nn.Parameter):  # a DTensor (FSDP2) keeps the direct path
+            or type(head.weight) is not torch.nn.Parameter):  # (a sharded weight outside gathered_call: DTensor)
         return None
     return head
 
@@ -352,7 +448,7 @@ class _HeadLogprob(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cuda", enabled=False)  # the head in fp32 under mixed precision: log-probs feed ratios
     @torch.autocast("cpu", enabled=False)
-    def forward(ctx, h, w, y, temperature, rows, entropy):
+    def forward(ctx, h, w, y, temperature, rows, entropy, correct):
         out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
         wf = w.float()  # the weight itself when fp32 (trainers keep fp32 master weights)
         for i in range(0, h.shape[0], rows):
@@ -362,6 +458,8 @@ class _HeadLogprob(torch.autograd.Function):
             if entropy is not None:
                 p = torch.softmax(z, -1)
                 entropy[i : i + rows] = lse - (p * z).sum(-1)
+            if correct is not None:
+                correct[i : i + rows] = z.argmax(-1) == y[i : i + rows]
         ctx.save_for_backward(h, w, y)
         ctx.temperature, ctx.rows = temperature, rows
         return out
@@ -384,4 +482,4 @@ class _HeadLogprob(torch.autograd.Function):
                 gh[i : i + ctx.rows] = (gz @ wf).to(h.dtype)
             if gw is not None:
                 gw += gz.T @ hb
-        return gh, (gw.to(w.dtype) if gw is not None else None), None, None, None, None
+        return gh, (gw.to(w.dtype) if gw is not None else None), None, None, None, None, None

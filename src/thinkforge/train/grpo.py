@@ -14,6 +14,9 @@ Where this departs from the papers, on purpose:
   trainer draws more problems, up to ``max_resample`` extra rounds, to refill the batch.
 - Forced tokens (thinking-budget ``</think>``) are never trained on: the engine's mask excludes them.
 - ``mask_truncated`` (DAPO's overlong filtering) drops completions that hit ``max_new_tokens``.
+- With ``beta`` 0, completions whose advantage is 0 (a group whose rewards are all equal) get no forward
+  or backward: they add exactly nothing to any variant's loss or gradient (:func:`live_rows`), so the
+  update is the same; ``entropy`` is then the mean over the completions computed.
 
 Metrics per step use TRL's names (``reward``, ``reward_std``, ``rewards/<fn>/mean``,
 ``frac_reward_zero_std``, ``completions/mean_length``, ``completions/clipped_ratio``, ``kl``,
@@ -294,12 +297,13 @@ class RolloutSource:
         """The loop's ``next_batch``: a new roll-out batch every ``mu`` optimizer steps."""
         ro = next_rollouts(state, self.cfg.mu, lambda: self.collect(state).__dict__)
         seen = 0 if ro["ids"] is None else int(ro["ids"].numel())
-        if ro["ids"] is None:
+        live = None if ro["ids"] is None else live_rows(ro, self.cfg)
+        if not live:
             parts = 1
         elif self.cfg.micro_batch_tokens:  # the most parts any process has: every one makes as many passes
-            parts = max(len(p) for p in token_parts(ro["mask"], self.world, self.cfg.micro_batch_tokens))
+            parts = max(len(p) for p in token_parts(ro["mask"], self.world, self.cfg.micro_batch_tokens, live))
         else:
-            parts = len(part_rows(ro["mask"], self.cfg, self.rank, self.world))
+            parts = len(part_rows(ro["mask"], self.cfg, self.rank, self.world, live))
         # n_tokens 1 in all: the loop divides by their sum (1), each part's loss already carries its share
         return [{"rollouts": ro, "part": k, "parts": parts, "n_tokens": int(k == 0), "seen_tokens": seen * (k == 0)}
                 for k in range(parts)]
@@ -314,28 +318,40 @@ def needed_lengths(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(has.any(1), last + 2, torch.full_like(last, 2))
 
 
-def part_rows(mask: torch.Tensor, cfg: GRPOConfig, rank: int, world: int) -> list[list[int]]:
-    """This process's rows of a roll-out batch (rows rank, rank + world, …), one list per forward/backward
-    pass: packed by ``micro_batch_tokens`` (:func:`token_parts`), or ``micro_batch_size`` rows split into
-    equal passes, or all in one."""
+def live_rows(ro: dict, cfg: GRPOConfig) -> list[int]:
+    """The rows of a roll-out batch that the trainer computes: with ``beta`` 0, only those whose advantage is
+    not 0. Every loss variant is a clipped ratio times the advantage, so a row with advantage 0 adds exactly
+    nothing to the loss or its gradient (its tokens still count in the normaliser, through
+    ``losses.shard_weight``): skipping its forward and backward gives the same update. With a KL term every
+    row counts."""
+    adv = ro["adv"]
+    return list(range(adv.shape[0])) if cfg.beta > 0 else torch.nonzero(adv != 0)[:, 0].tolist()
+
+
+def part_rows(mask: torch.Tensor, cfg: GRPOConfig, rank: int, world: int, live: list[int] | None = None) -> list[list[int]]:
+    """This process's rows of a roll-out batch (the ``live`` rows — default all — rank, rank + world, …), one
+    list per forward/backward pass: packed by ``micro_batch_tokens`` (:func:`token_parts`), or
+    ``micro_batch_size`` rows split into equal passes, or all in one."""
     if cfg.micro_batch_tokens:
-        return token_parts(mask, world, cfg.micro_batch_tokens)[rank]
-    mine = list(range(rank, mask.shape[0], world))
+        return token_parts(mask, world, cfg.micro_batch_tokens, live)[rank]
+    mine = list(range(mask.shape[0]) if live is None else live)[rank::world]
     m = cfg.micro_batch_size
     parts = max(1, -(-len(mine) // m)) if m else 1
     size = -(-len(mine) // parts)
     return [mine[k * size : (k + 1) * size] for k in range(parts)]
 
 
-def token_parts(mask: torch.Tensor, world: int, budget: int) -> list[list[list[int]]]:
-    """Per process (rows rank, rank + world, …), its rows packed into parts by need (:func:`needed_lengths`),
-    longest first: a part takes rows while (its rows × its first, longest, row's need) ≤ ``budget``; a row
-    needing more than the budget is a part of its own. Row indices ascending within a part."""
+def token_parts(mask: torch.Tensor, world: int, budget: int, live: list[int] | None = None) -> list[list[list[int]]]:
+    """Per process (the ``live`` rows — default all — rank, rank + world, …), its rows packed into parts by
+    need (:func:`needed_lengths`), longest first: a part takes rows while (its rows × its first, longest,
+    row's need) ≤ ``budget``; a row needing more than the budget is a part of its own. Row indices ascending
+    within a part."""
     need = needed_lengths(mask).tolist()
+    rows = list(range(len(need)) if live is None else live)
     out = []
     for rank in range(world):
         parts: list[list[int]] = []
-        for i in sorted(range(rank, len(need), world), key=lambda i: (-need[i], i)):
+        for i in sorted(rows[rank::world], key=lambda i: (-need[i], i)):
             if parts and (len(parts[-1]) + 1) * need[parts[-1][0]] <= budget:
                 parts[-1].append(i)
             else:
@@ -403,7 +419,10 @@ def make_loss_fn(cfg: GRPOConfig, ref_model=None):
         if ro["ids"] is None:  # every group was dropped: the loop makes no update this step
             return None, stats
         part, parts = mb.get("part", 0), mb.get("parts", 1)
-        mine = part_rows(ro["mask"], cfg, rank, world)
+        live = live_rows(ro, cfg)
+        if not live:  # every advantage 0 and no KL: nothing to learn, on any process (no update, as for no rows)
+            return None, {**stats, **dict.fromkeys(ROW_STATS, 0.0)}
+        mine = part_rows(ro["mask"], cfg, rank, world, live)
         rows = torch.tensor(mine[part] if part < len(mine) else [], dtype=torch.long)
         ids, mask, old, adv = ro["ids"][rows], ro["mask"][rows], ro["old_logp"][rows], ro["adv"][rows]
         if len(rows):  # cut to the longest need of these rows (the rest is padding or masked: same values)
@@ -430,14 +449,15 @@ def make_loss_fn(cfg: GRPOConfig, ref_model=None):
             stats["kl"] = float(kl.detach())
         # These rows' share of the batch loss's normaliser (1.0 for a whole batch on one process): the
         # weighted losses of all parts on all processes sum to the loss of the whole batch.
-        weight = shard_weight(variant, ro["mask"], rows) if world > 1 or parts > 1 else 1.0
+        weight = shard_weight(variant, ro["mask"], rows)
         loss = loss * weight
         if "kl" in stats:  # the loop averages over parts and ranks: this makes the average the batch's KL
             stats["kl"] *= weight * world * parts
         n = ro["mask"].sum().clamp(min=1) / (world * parts)  # token means over the batch once averaged
+        n_live = ro["mask"][live].sum().clamp(min=1) / (world * parts)  # (entropy: over the rows computed)
         low_clip, high_clip = variant.clip_fractions(logp, old, adv, mask, **eps)
         stats.update({  # ROW_STATS
-            "entropy": float((entropy * mask).sum() / n),
+            "entropy": float((entropy * mask).sum() / n_live),
             "clip_ratio/low_mean": float(low_clip.sum() / n),
             "clip_ratio/high_mean": float(high_clip.sum() / n),
             "clip_ratio/region_mean": float((low_clip + high_clip).sum() / n),

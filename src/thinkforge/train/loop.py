@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from thinkforge.config import ConfigError, check, option
-from thinkforge.models import add_lora, is_lora, is_sharded, load_model, replace_dir, save_merged, save_model
+from thinkforge.models import (add_lora, is_lora, is_sharded, load_model, replace_dir, save_merged, save_model,
+                               shared_tempdir, write_sharded_weights)
 
 
 @dataclass
@@ -136,19 +137,37 @@ def shard_model(model):
     return model
 
 
-def full_state(model, optimizer=None) -> tuple[dict | None, dict | None]:
-    """A sharded model's full parameters (and optimizer state) on rank 0, on CPU (None elsewhere). Every
-    process must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+SHARDED_OPTIMIZER = "optimizer"  # run/checkpoint/optimizer/: a sharded model's AdamW state, one file per process
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    sd = get_model_state_dict(model, options=opts)
-    if getattr(model.config, "tie_word_embeddings", False):  # one copy of a tied weight, as save_pretrained writes
-        for tied in (getattr(model, "all_tied_weights_keys", None) or {}):
-            sd.pop(tied, None)
-    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
-    first = torch.distributed.get_rank() == 0
-    return (sd, osd) if first else (None, None)
+
+def save_sharded_optimizer(model, optimizer, folder: Path) -> None:
+    """Every process writes its own shard of the optimizer state (torch.distributed.checkpoint; nothing
+    gathered). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+
+
+def load_sharded_optimizer(model, optimizer, folder: Path) -> None:
+    """The optimizer state :func:`save_sharded_optimizer` wrote, each process reading the part its shards
+    need: the same or another process count, sharded or not (a 1-process run resumes a 2-process one)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # (allocates AdamW's state to read into)
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def by_name(model, optimizer, state: dict) -> dict:
+    """``optimizer.state_dict()`` of an unsharded run (parameters numbered in the groups' order) keyed by
+    parameter name instead, the form torch.distributed.checkpoint's ``set_optimizer_state_dict`` reads;
+    ``optimizer`` (built by :func:`make_optimizer` for the same model) gives the order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {order[i]: v for i, v in state["state"].items()}, "param_groups": groups}
 
 
 def checkpointing(model, cfg: ModelOptions):
@@ -162,11 +181,11 @@ def checkpointing(model, cfg: ModelOptions):
     return model
 
 
-def save_final(model, tokenizer, run: Path, merge: bool = True, state: dict | None = None) -> None:
+def save_final(model, tokenizer, run: Path, merge: bool = True) -> None:
     """``run/model``; a LoRA model also writes ``run/adapter`` and, with ``merge``, a plain merged ``run/model``.
-    ``state``: a sharded model's gathered full parameters."""
+    A sharded model's every process must call it (each writes its shard)."""
     if not is_lora(model):
-        save_model(model, tokenizer, run / "model", state)
+        save_model(model, tokenizer, run / "model")
         return
     save_model(model, tokenizer, run / "adapter")
     (save_merged if merge else save_model)(model, tokenizer, run / "model")
@@ -372,24 +391,35 @@ def check_free_space(run: Path, model) -> None:
                           f"(two checkpoints while one replaces the other, plus the final model)")
 
 
-def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, data_state: dict, scaler=None,
-                    full: tuple | None = None) -> None:
+def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, data_state: dict, scaler=None) -> None:
     """Write ``run/checkpoint`` atomically: a crash, or a full disk, leaves the previous checkpoint whole.
-    ``full``: a sharded model's gathered (parameters, optimizer state) from :func:`full_state`."""
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
+
+    An FSDP2-sharded model's checkpoint is written by every process at once, nothing gathered: the weights
+    as a plain HF folder (:func:`models.write_sharded_weights`) and the optimizer state in one file per
+    process under ``optimizer/``; rank 0 then writes the rest and moves the folder into place."""
+    sharded = is_sharded(model)
+    first = not sharded or torch.distributed.get_rank() == 0
+    tmp = shared_tempdir(run, ".checkpoint.") if sharded else Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
     try:
-        model.save_pretrained(tmp, **({"state_dict": full[0]} if full else {}))
-        tokenizer.save_pretrained(tmp)
-        optim_state = full[1] if full else optimizer.state_dict()
-        torch.save({"step": step, "optimizer": optim_state, "rng": _rng_state(), "data": data_state,
-                    "scaler": scaler.state_dict() if scaler is not None else None},
-                   tmp / "trainer_state.pt")
-        replace_dir(tmp, run / "checkpoint")
+        if sharded:
+            write_sharded_weights(model, tmp)
+            save_sharded_optimizer(model, optimizer, tmp / SHARDED_OPTIMIZER)
+        else:
+            model.save_pretrained(tmp)
+        if first:
+            tokenizer.save_pretrained(tmp)
+            torch.save({"step": step, "optimizer": None if sharded else optimizer.state_dict(), "rng": _rng_state(),
+                        "data": data_state, "scaler": scaler.state_dict() if scaler is not None else None},
+                       tmp / "trainer_state.pt")
+            replace_dir(tmp, run / "checkpoint")
     except OSError as e:  # disk full, quota, folder removed under us: say so, keep the last good checkpoint
         kept = f"the previous checkpoint in {run / 'checkpoint'} is intact" if (run / "checkpoint").exists() else "no earlier checkpoint exists"
         raise RuntimeError(f"step {step}: could not write the checkpoint ({e.strerror or e}); {kept}") from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if first:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if sharded:
+        torch.distributed.barrier()  # the checkpoint is whole before any process goes on
 
 
 def load_checkpoint(run: Path) -> dict:
@@ -445,10 +475,13 @@ def run_training(
     start = 0
     if resume:
         st = load_checkpoint(run)  # the caller built ``model`` from run/checkpoint
-        if is_sharded(model):  # a full (gathered) state: each process keeps its shard of it
+        if st["optimizer"] is None:  # written by a sharded run: one file per process, read back in shards
+            load_sharded_optimizer(model, optimizer, run / "checkpoint" / SHARDED_OPTIMIZER)
+        elif sharded:  # a 1-process (or DDP) checkpoint resumed under FSDP: each process keeps its shard of it
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(model, optimizer, st["optimizer"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(model, optimizer, by_name(model, optimizer, st["optimizer"]),
+                                     options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(st["optimizer"])
         if scaler is not None and st.get("scaler"):
@@ -540,16 +573,13 @@ def run_training(
                     board.flush()
                 progress.update(bar, advance=1, description=f"{run.name} {describe(row)} {row['tokens_per_s']:.0f} tok/s")
             done = step + 1
-            if saves_after(done, settings):
-                full = full_state(model, optimizer) if sharded else None  # (collective: every rank gathers)
-                if rank == 0:
-                    save_checkpoint(run, model, tokenizer, optimizer, done, data_state, scaler, full)
+            if saves_after(done, settings) and (rank == 0 or sharded):  # (sharded: every process writes its shard)
+                save_checkpoint(run, model, tokenizer, optimizer, done, data_state, scaler)
     if board is not None:
         board.close()
     model.eval()
-    final = full_state(model)[0] if sharded else None
-    if rank == 0:
-        save_final(model, tokenizer, run, merge, final)
+    if rank == 0 or sharded:
+        save_final(model, tokenizer, run, merge)
     if world > 1:
         torch.distributed.barrier()  # no rank leaves before the model is written
     return rows

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from thinkforge import format as fmt
+from thinkforge import models
 from thinkforge.config import ConfigError, check, option, save_config
-from thinkforge.models import TINY_SIZES, char_tokenizer, is_sharded, resolve_device, tiny_model
+from thinkforge.models import TINY_SIZES, char_tokenizer, gathered_call, head_logprobs, plain_head, resolve_device, tiny_model
 from thinkforge.tasks import get_task
 from thinkforge.train.loop import (
     EpochStream,
@@ -183,16 +184,27 @@ class Batcher:
 
 
 def sft_loss(model, mb: dict):
-    """Summed next-token cross-entropy over completion tokens; logits only where there is a label (an
-    FSDP-sharded model runs its own forward, head included: its logits for the micro-batch's every position)."""
+    """Summed next-token cross-entropy over completion tokens, the output head applied only where there is a
+    label: all at once when those logits fit in one block of ``models.LOGIT_BLOCK_BYTES`` (a small vocabulary),
+    else a block of positions at a time (:func:`models.head_logprobs`: no (tokens × vocab) logits). An
+    FSDP2-sharded model the same, inside :func:`models.gathered_call`."""
+    return gathered_call(model, _sft_loss, mb)
+
+
+def _sft_loss(model, mb: dict):
     targets = mb["labels"][:, 1:]  # (b, T-1)
     sel = targets != -100
     inputs = dict(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"])
-    if is_sharded(model):
+    head = plain_head(model)
+    if head is None:  # a capped or scaled head: the model's own logits
         logits = model(**inputs).logits[:, :-1][sel].float()  # (n, V)
     else:
-        h = model.get_decoder()(**inputs).last_hidden_state  # (b, T, H)
-        logits = model.get_output_embeddings()(h[:, :-1][sel]).float()  # (n, V)
+        h = model.get_decoder()(**inputs).last_hidden_state[:, :-1][sel]  # (n, H)
+        if h.shape[0] * head.weight.shape[0] * 4 > models.LOGIT_BLOCK_BYTES:
+            hits = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+            loss = -head_logprobs(head, h, targets[sel], correct=hits).sum()
+            return loss, {"token_accuracy": float(hits.float().mean()) if sel.any() else 0.0}
+        logits = head(h).float()  # (n, V): one block
     loss = F.cross_entropy(logits, targets[sel], reduction="sum")
     acc = float((logits.argmax(-1) == targets[sel]).float().mean()) if sel.any() else 0.0
     return loss, {"token_accuracy": acc}
