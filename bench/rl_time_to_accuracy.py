@@ -11,7 +11,9 @@ the same completion text — TRL's reward function decodes ``completion_ids`` it
 functions text with the special tokens, ``<think>`` and ``<answer>`` among them, stripped), the DAPO loss,
 group-scaled advantages, beta = 0, one optimizer step per roll-out batch, AdamW (betas 0.9/0.95, no weight
 decay), constant learning rate 6e-5 without warm-up, gradient clipping at 1.0, fp32. thinkforge's dynamic
-sampling is off (``--dynamic-sampling`` turns it on), so the two run the same algorithm.
+sampling is off (``--dynamic-sampling`` turns it on), so the two run the same algorithm; thinkforge skips
+the forward and backward of completions whose advantage is 0 (the same update; ``--compute-zero-advantage``
+computes them, as TRL does).
 
 Each side trains until its training clock (the sum of its step times: generation, rewards, forward,
 backward, optimizer; not evaluation or checkpointing) passes ``--budget`` seconds. Every ``--every`` steps
@@ -61,7 +63,8 @@ def evaluate(start: str, state: dict | None, problems: list[Problem], task) -> f
     return sum(g.correct[0] for g in graded) / len(graded)
 
 
-def run_thinkforge(start: str, budget: float, every: int, dynamic: bool, seed: int) -> list[tuple[int, float, dict]]:
+def run_thinkforge(start: str, budget: float, every: int, dynamic: bool, seed: int,
+                   skip: bool = True) -> list[tuple[int, float, dict]]:
     """(step, training seconds, state dict) snapshots, one per segment of ``every`` steps."""
     from thinkforge.train.grpo import GRPOConfig, train_grpo
 
@@ -73,12 +76,14 @@ def run_thinkforge(start: str, budget: float, every: int, dynamic: bool, seed: i
             model=start, task="mul", task_options=TASK_OPTIONS, out=str(out), steps=steps, prompts_per_step=P,
             group_size=G, max_new_tokens=NEW, temperature=1.0, lr=LR, warmup=0, loss="dapo", beta=0.0,
             rewards=REWARDS, scale_rewards="group", dynamic_sampling=dynamic, save_every=every, seed=seed,
-            resume=steps > every, overwrite=steps == every, trace_groups=0))
+            resume=steps > every, overwrite=steps == every, trace_groups=0, skip_zero_advantage=skip))
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
         clock = sum(r["step_time"] for r in rows)
         model, _ = load_model(str(run / "model"), device="cpu")
         snaps.append((steps, clock, {k: v.clone() for k, v in model.state_dict().items()}))
-        print(f"  thinkforge step {steps:4d}  {clock:6.1f} s", flush=True)
+        zero = sum(r["frac_reward_zero_std"] for r in rows) / len(rows)
+        print(f"  thinkforge step {steps:4d}  {clock:6.1f} s  ({clock / len(rows):.2f} s/step; groups whose rewards "
+              f"are all equal: {zero:.0%})", flush=True)
     return snaps
 
 
@@ -160,6 +165,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=20, help="steps between snapshots")
     ap.add_argument("--eval-problems", type=int, default=300)
     ap.add_argument("--dynamic-sampling", action="store_true", help="thinkforge with DAPO's dynamic sampling")
+    ap.add_argument("--compute-zero-advantage", action="store_true",
+                    help="thinkforge computes every completion, as TRL does (default: none whose advantage is 0)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="docs/rl-tta.png")
@@ -179,7 +186,8 @@ def main() -> None:
     print(f"start model: greedy accuracy {start_acc:.3f} on {len(test)} held-out problems")
     snaps = {}
     sides = [("TRL", lambda: run_trl(args.start, args.budget, args.every, args.seed)),
-             ("thinkforge", lambda: run_thinkforge(args.start, args.budget, args.every, args.dynamic_sampling, args.seed))]
+             ("thinkforge", lambda: run_thinkforge(args.start, args.budget, args.every, args.dynamic_sampling, args.seed,
+                                                         not args.compute_zero_advantage))]
     for name, run in sides if args.order == "trl-first" else sides[::-1]:
         print(f"{name}:")
         snaps[name] = run()

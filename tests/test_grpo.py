@@ -274,6 +274,7 @@ def test_rows_with_zero_advantage_are_not_computed_and_the_update_is_the_same(sf
         assert total == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-7)
         assert max((want[n] - p.grad).abs().max().item() for n, p in model.named_parameters()) < 1e-6
     assert grpo.live_rows(ro, grpo_cfg(sft_model, tmp_path, beta=0.04)) == [0, 1, 2, 3, 4]
+    assert grpo.live_rows(ro, grpo_cfg(sft_model, tmp_path, skip_zero_advantage=False)) == [0, 1, 2, 3, 4]
     ro["adv"] = torch.zeros(5)
     assert grpo.make_loss_fn(grpo_cfg(sft_model, tmp_path, loss=name))(model, mb)[0] is None  # nothing to learn
 

@@ -96,6 +96,9 @@ class GRPOConfig(ModelOptions):
     kl_bias_correction: bool = option(False, "weight the KL by π_θ/π_old (DeepSeek-V3.2; TRL's use_bias_correction_kl)")
     scale_rewards: str = option("group", "advantage scaling: group (GRPO), batch or none (Dr. GRPO)")
     dynamic_sampling: bool = option(True, "drop groups whose accuracy has zero variance (DAPO)")
+    skip_zero_advantage: bool = option(True, "with beta 0, no forward or backward for completions whose advantage "
+                                             "is 0: the same update, less compute (entropy is then logged over "
+                                             "the completions computed); false computes every completion")
     resample: bool = option(True, "refill dropped groups with new problems")
     max_resample: int = option(3, "extra sampling rounds per batch when resampling")
     mask_truncated: bool = option(False, "exclude completions that hit max_new_tokens from the loss")
@@ -319,13 +322,15 @@ def needed_lengths(mask: torch.Tensor) -> torch.Tensor:
 
 
 def live_rows(ro: dict, cfg: GRPOConfig) -> list[int]:
-    """The rows of a roll-out batch that the trainer computes: with ``beta`` 0, only those whose advantage is
-    not 0. Every loss variant is a clipped ratio times the advantage, so a row with advantage 0 adds exactly
+    """The rows of a roll-out batch that the trainer computes: with ``beta`` 0 (and ``skip_zero_advantage``),
+    only those whose advantage is not 0. Every loss variant is a clipped ratio times the advantage, so a row with advantage 0 adds exactly
     nothing to the loss or its gradient (its tokens still count in the normaliser, through
     ``losses.shard_weight``): skipping its forward and backward gives the same update. With a KL term every
     row counts."""
     adv = ro["adv"]
-    return list(range(adv.shape[0])) if cfg.beta > 0 else torch.nonzero(adv != 0)[:, 0].tolist()
+    if cfg.beta > 0 or not cfg.skip_zero_advantage:
+        return list(range(adv.shape[0]))
+    return torch.nonzero(adv != 0)[:, 0].tolist()
 
 
 def part_rows(mask: torch.Tensor, cfg: GRPOConfig, rank: int, world: int, live: list[int] | None = None) -> list[list[int]]:
