@@ -168,3 +168,28 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, one_process_sft):
         assert worst < 1e-5, worst
         assert losses(run) == pytest.approx(losses(one), rel=1e-5)
     assert max(float((a[k] - halfway[k]).abs().max()) for k in a) > 1e-4  # steps 3 and 4 moved the weights
+
+
+@pytest.mark.timeout(240)
+def test_fsdp_checkpoint_that_cannot_be_written_is_every_processs_error(tmp_path):
+    """A checkpoint write that fails (files capped at 64 KB here, so each process's shard of the weights
+    cannot be written) stops both FSDP processes with the same clear error instead of leaving one waiting on
+    the other, and leaves no half-written folder."""
+    import resource
+
+    def cap_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))  # (Python ignores SIGXFSZ: EFBIG)
+
+    out = tmp_path / "run"
+    half = [x if x != "4" else "2" for x in ARGS]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", str(port), "-m", "thinkforge", *half, "--out", str(out),
+                        "--fsdp", "true"], capture_output=True, text=True, timeout=200, preexec_fn=cap_files)
+    assert r.returncode != 0
+    said = r.stderr[-4000:]
+    assert said.count("error: step 2: could not write the checkpoint (process 0: File too large; process 1: "
+                      "File too large); no earlier checkpoint exists") == 2, said
+    assert not (out / "checkpoint").exists() and not list(out.glob(".checkpoint.*"))

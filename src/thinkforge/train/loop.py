@@ -396,13 +396,17 @@ def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, data_stat
 
     An FSDP2-sharded model's checkpoint is written by every process at once, nothing gathered: the weights
     as a plain HF folder (:func:`models.write_sharded_weights`) and the optimizer state in one file per
-    process under ``optimizer/``; rank 0 then writes the rest and moves the folder into place."""
+    process under ``optimizer/``; rank 0 then writes the rest and moves the folder into place. A failure on
+    any process (a full disk) is every process's error, not a hang of the others."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     sharded = is_sharded(model)
     first = not sharded or torch.distributed.get_rank() == 0
     tmp = shared_tempdir(run, ".checkpoint.") if sharded else Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run))
+    failed = None
     try:
         if sharded:
-            write_sharded_weights(model, tmp)
+            write_sharded_weights(model, tmp)  # (a write that fails on one process raises on all of them)
             save_sharded_optimizer(model, optimizer, tmp / SHARDED_OPTIMIZER)
         else:
             model.save_pretrained(tmp)
@@ -413,13 +417,20 @@ def save_checkpoint(run: Path, model, tokenizer, optimizer, step: int, data_stat
                        tmp / "trainer_state.pt")
             replace_dir(tmp, run / "checkpoint")
     except OSError as e:  # disk full, quota, folder removed under us: say so, keep the last good checkpoint
-        kept = f"the previous checkpoint in {run / 'checkpoint'} is intact" if (run / "checkpoint").exists() else "no earlier checkpoint exists"
-        raise RuntimeError(f"step {step}: could not write the checkpoint ({e.strerror or e}); {kept}") from e
+        failed = e.strerror or str(e)
+    except CheckpointException as e:
+        why = {r: x[0] if isinstance(x, tuple) else x for r, x in getattr(e, "failures", {}).items()}  # (error, frames)
+        failed = "; ".join(f"process {r}: {getattr(x, 'strerror', None) or x}" for r, x in why.items()) or str(e)
     finally:
         if first:
             shutil.rmtree(tmp, ignore_errors=True)
-    if sharded:
-        torch.distributed.barrier()  # the checkpoint is whole before any process goes on
+    if sharded:  # every process learns whether any failed
+        said = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(said, failed)
+        failed = next((x for x in said if x), None)
+    if failed:
+        kept = f"the previous checkpoint in {run / 'checkpoint'} is intact" if (run / "checkpoint").exists() else "no earlier checkpoint exists"
+        raise RuntimeError(f"step {step}: could not write the checkpoint ({failed}); {kept}")
 
 
 def load_checkpoint(run: Path) -> dict:
