@@ -40,3 +40,17 @@ def test_load_errors(tmp_path, char_tok):
     tiny_model(char_tok, "micro").save_pretrained(tmp_path / "notok")
     with pytest.raises(ModelLoadError, match="no tokenizer"):
         load_model(str(tmp_path / "notok"))
+
+
+def test_architecture_without_weights_has_meta_parameters_and_real_buffers(tmp_path, char_tok):
+    """What an FSDP2 process other than rank 0 builds before receiving its shards: no parameter memory, but
+    the rotary tables (buffers) equal those of the loaded model, and no parameter registration left patched."""
+    path = save_model(tiny_model(char_tok, "micro"), char_tok, tmp_path / "m")
+    full, _ = load_model(str(path), device="cpu")
+    empty, tok = load_model(str(path), device="cpu", weights=False)
+    assert len(tok) == len(char_tok)
+    assert [n for n, _ in empty.named_parameters()] == [n for n, _ in full.named_parameters()]
+    assert all(p.device.type == "meta" for p in empty.parameters())
+    buffers = dict(full.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[n]) for n, b in empty.named_buffers())
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"

@@ -100,11 +100,14 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def load_model(name: str, device: str = "auto", dtype: torch.dtype | None = None, trainable: bool = False):
+def load_model(name: str, device: str = "auto", dtype: torch.dtype | None = None, trainable: bool = False,
+               weights: bool = True):
     """(model, tokenizer) from a local folder or a hub id, in eval mode on ``device``. A LoRA folder loads its
     base model (``base_model_name_or_path`` in its adapter config) with the adapter on top (``trainable``:
-    the adapter's weights require gradients, to resume training)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    the adapter's weights require gradients, to resume training). ``weights=False``: the architecture only,
+    its parameters on the meta device (no memory; buffers such as rotary tables real, on the CPU), for a
+    process that receives its shard of the weights from another (FSDP2 loading)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if (Path(name).expanduser() / "adapter_config.json").is_file():
         return _load_adapter(Path(name).expanduser(), device, dtype, trainable)
@@ -119,9 +122,14 @@ def load_model(name: str, device: str = "auto", dtype: torch.dtype | None = None
         raise ModelLoadError(f"{name}: no such model folder")
     try:
         tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path) if path.exists() else name, dtype=dtype or default_dtype(dev)
-        )
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path) if path.exists() else name, dtype=dtype or default_dtype(dev)
+            )
+        else:
+            with _parameters_on_meta():
+                config = AutoConfig.from_pretrained(str(path) if path.exists() else name)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype or default_dtype(dev))
     except OSError as e:
         if path.exists():
             raise ModelLoadError(f"{path}: cannot load the model ({e})") from None
@@ -140,7 +148,25 @@ def load_model(name: str, device: str = "auto", dtype: torch.dtype | None = None
             f"{name}: tokenizer has {len(tok)} tokens but the model's embedding has "
             f"{model.get_input_embeddings().num_embeddings}"
         )
-    return model.to(dev).eval(), tok
+    return (model.to(dev) if weights else model).eval(), tok
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside keep their parameters on the meta device (each allocated only while it is being
+    registered) and their buffers for real: ``torch.device("meta")`` would leave rotary tables unset too."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def is_lora(model) -> bool:

@@ -53,9 +53,9 @@ from thinkforge.train.loop import (
     autocast_dtype,
     distributed,
     load_checkpoint,
+    load_sharded,
     load_trainee,
     run_training,
-    shard_model,
     start_run,
     trim_jsonl,
 )
@@ -496,11 +496,13 @@ def train_grpo(cfg: GRPOConfig) -> Path:
     model, tok = load_trainee(cfg, cfg.model, run, device)
     ref = None
     if cfg.beta > 0 and not is_lora(model):  # the reference is the starting model, also on resume
-        fresh = cfg.resume or is_sharded(model)  # (a sharded model cannot be copied: the reference is sharded too)
-        ref = load_model(cfg.model, device=str(device), dtype=torch.float32)[0] if fresh else copy.deepcopy(model)
+        if is_sharded(model):  # (a sharded model cannot be copied: the reference is sharded too, loaded the same way)
+            ref = load_sharded(cfg.model, device, dataclasses.replace(cfg, gradient_checkpointing=False))[0]
+        elif cfg.resume:
+            ref = load_model(cfg.model, device=str(device), dtype=torch.float32)[0]
+        else:
+            ref = copy.deepcopy(model)
         ref.requires_grad_(False).eval()  # (with LoRA: the same model with its adapter off, no copy)
-        if is_sharded(model):
-            shard_model(ref)
     save_config(cfg, run / "config.toml")
     settings = LoopSettings(cfg.steps, cfg.lr, cfg.warmup, 1.0, cfg.weight_decay, cfg.grad_clip, cfg.save_every, cfg.seed)
     source = RolloutSource(cfg, model, tok, task, problems, device)

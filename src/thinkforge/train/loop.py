@@ -103,6 +103,8 @@ def load_trainee(cfg: ModelOptions, start: str, run: Path, device, keep: tuple[s
     """(model, tokenizer) a trainer starts from: ``run/checkpoint`` on resume (a LoRA checkpoint with its
     adapter trainable again), else ``start`` with LoRA adapters when ``cfg.lora_r``. Weights are fp32 (the
     master copy mixed precision updates); activation checkpointing is switched on when asked."""
+    if cfg.fsdp and distributed()[1] > 1:  # (no LoRA: refused with fsdp)
+        return load_sharded(str(run / "checkpoint") if cfg.resume else start, device, cfg)
     if cfg.resume:
         model, tok = load_model(str(run / "checkpoint"), device=str(device), dtype=torch.float32, trainable=True)
     else:
@@ -111,6 +113,26 @@ def load_trainee(cfg: ModelOptions, start: str, run: Path, device, keep: tuple[s
             torch.manual_seed(cfg.seed)  # the adapters' initial weights
             model = add_lora(model, start, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout, keep)
     return prepare(model, cfg), tok
+
+
+def load_sharded(src: str, device, cfg: ModelOptions):
+    """(model, tokenizer) for FSDP2 with one full copy of the weights in memory in all: rank 0 reads the
+    checkpoint; every other process builds the architecture without weights (meta parameters); all shard it,
+    and rank 0 sends each process its shards (``broadcast_from_rank0``). Without this every process would
+    hold the whole model before sharding it (eight copies of a 7B model on an 8-GPU host)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    first = distributed()[0] == 0
+    model, tok = load_model(src, device=str(device), dtype=torch.float32, weights=first)
+    full = model.state_dict() if first else {}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    model = prepare(model, cfg)
+    model.to_empty(device=device)  # this process's shards, allocated (rank 0's too: filled below like the rest)
+    with torch.no_grad():
+        for n, b in model.named_buffers():  # (to_empty leaves buffers unset: the rotary tables, as built)
+            b.copy_(buffers[n])
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model, tok
 
 
 def prepare(model, cfg: ModelOptions):
