@@ -323,17 +323,18 @@ def needed_lengths(mask: torch.Tensor) -> torch.Tensor:
 
 def live_rows(ro: dict, cfg: GRPOConfig) -> list[int]:
     """The rows of a roll-out batch that the trainer computes: with ``beta`` 0 (and ``skip_zero_advantage``),
-    only those whose advantage is not 0. Every loss variant is a clipped ratio times the advantage, so a row with advantage 0 adds exactly
-    nothing to the loss or its gradient (its tokens still count in the normaliser, through
-    ``losses.shard_weight``): skipping its forward and backward gives the same update. With a KL term every
-    row counts."""
+    only those whose advantage is not 0. Every loss variant is a clipped ratio times the advantage, so a row
+    with advantage 0 adds exactly nothing to the loss or its gradient (its tokens still count in the
+    normaliser, through ``losses.shard_weight``): skipping its forward and backward gives the same update.
+    With a KL term every row counts."""
     adv = ro["adv"]
     if cfg.beta > 0 or not cfg.skip_zero_advantage:
         return list(range(adv.shape[0]))
     return torch.nonzero(adv != 0)[:, 0].tolist()
 
 
-def part_rows(mask: torch.Tensor, cfg: GRPOConfig, rank: int, world: int, live: list[int] | None = None) -> list[list[int]]:
+def part_rows(mask: torch.Tensor, cfg: GRPOConfig, rank: int, world: int,
+              live: list[int] | None = None) -> list[list[int]]:
     """This process's rows of a roll-out batch (the ``live`` rows — default all — rank, rank + world, …), one
     list per forward/backward pass: packed by ``micro_batch_tokens`` (:func:`token_parts`), or
     ``micro_batch_size`` rows split into equal passes, or all in one."""

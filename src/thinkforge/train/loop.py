@@ -14,7 +14,9 @@ batch, keeps its rows (``shard``), divides its loss by the global token count an
 
 Run folder ``runs/<name>/``: ``config.toml``, ``metrics.jsonl`` (one row per step), ``checkpoint/``
 (HF folder + ``trainer_state.pt``: optimizer, RNG states, step, data position) replaced atomically
-(written to a temporary folder, then renamed), and ``model/``, the final model. ``resume=True`` loads
+(written to a temporary folder, then renamed), and ``model/``, the final model. Under FSDP2 (``--fsdp``)
+every process writes its own shards, nothing gathered: the weights still as a plain HF folder, the optimizer
+state as one file per process in ``checkpoint/optimizer/`` (read back on any process count). ``resume=True`` loads
 ``checkpoint/`` and continues exactly: same next batch, same losses as an uninterrupted run; metric rows
 written after the checkpoint are dropped and recomputed.
 """

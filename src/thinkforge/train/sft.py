@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from thinkforge import format as fmt
 from thinkforge import models
 from thinkforge.config import ConfigError, check, option, save_config
-from thinkforge.models import TINY_SIZES, char_tokenizer, gathered_call, head_logprobs, plain_head, resolve_device, tiny_model
+from thinkforge.models import (TINY_SIZES, char_tokenizer, gathered_call, head_logprobs, plain_head, resolve_device,
+                               tiny_model)
 from thinkforge.tasks import get_task
 from thinkforge.train.loop import (
     EpochStream,
