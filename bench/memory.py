@@ -16,7 +16,10 @@ is the same on both sides, so the difference is what the step itself allocates �
 almost never writes the end-of-turn token, so both sides generate ~``--new`` tokens per row; each prints
 the tokens it trained on. ``--micro-batch-size M`` adds a thinkforge run in passes of M rows. Not a speed
 comparison (see ``bench/grpo_vs_trl.py``): memory does not depend on what else the machine runs, time does.
-Ends with: RESULT memory thinkforge_mb=… trl_mb=… ratio=… (ratio = thinkforge / TRL)
+A side whose resident memory passes ``--cap-mb`` (default 20,000: the machine has 24 GB) is stopped and
+reported as ``>cap``. Every reward is 0 (both sides still compute every row: thinkforge with
+``skip_zero_advantage`` off).
+Ends with: RESULT memory thinkforge_mb=… trl_mb=… ratio=… (ratio = thinkforge / TRL; ``<x`` when TRL passed the cap)
 """
 from __future__ import annotations
 
@@ -72,7 +75,8 @@ def side_thinkforge(model: str, a) -> dict:
     train_grpo(GRPOConfig(model=model, task="add", task_options={"digits": 2}, out=str(out), steps=1,
                           prompts_per_step=a.prompts, group_size=a.group, max_new_tokens=a.new, beta=0.0, loss="dapo",
                           dynamic_sampling=False, lr=1e-6, save_every=10**6, train_problems=a.prompts, warmup=0,
-                          micro_batch_size=a.micro, threads=a.threads, gradient_checkpointing=a.checkpointing))
+                          micro_batch_size=a.micro, threads=a.threads, gradient_checkpointing=a.checkpointing,
+                          skip_zero_advantage=False))  # (every reward is 0 here: compute every row, as TRL does)
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     shutil.rmtree(out.parent, ignore_errors=True)  # the final model and checkpoint: ~7 GB at this shape
     return {"tokens": round(row["completions/mean_length"] * a.prompts * a.group)}
@@ -117,6 +121,8 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=0, help="thinkforge's micro_batch_size (0: the whole batch)")
     ap.add_argument("--micro-batch-size", type=int, default=0, help="also run thinkforge in passes of this many rows")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
+    ap.add_argument("--cap-mb", type=int, default=20000,
+                    help="stop a side whose resident memory passes this (the machine's RAM is 24 GB): reported as >cap")
     ap.add_argument("--side", choices=["thinkforge", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -148,17 +154,48 @@ def run_sides(folder: Path, a) -> None:
         cmd = [sys.executable, __file__, "--side", side, "--model", str(folder), "--prompts", str(a.prompts),
                "--group", str(a.group), "--new", str(a.new), "--threads", str(a.threads), "--micro", str(micro)]
         cmd += ["--checkpointing"] if a.checkpointing else []
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((x for x in p.stdout.splitlines() if x.startswith("SIDE ")), None)
-        if p.returncode != 0 or line is None:
-            sys.exit(f"{side} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+        code, out, err, over = watched(cmd, a.cap_mb)
+        label = side + (f" (micro-batches of {micro})" if micro else "")
+        if over:
+            res[(side, micro)] = {"peak_mb": float("inf")}
+            print(f"  {label:<34} stopped: resident memory passed {a.cap_mb} MB")
+            continue
+        line = next((x for x in out.splitlines() if x.startswith("SIDE ")), None)
+        if code != 0 or line is None:
+            sys.exit(f"{side} failed (exit {code}):\n{err[-3000:]}")
         got = json.loads(line[5:])
         res[(side, micro)] = got
-        label = side + (f" (micro-batches of {micro})" if micro else "")
         print(f"  {label:<34} peak RSS {got['peak_mb']:>8.0f} MB   {got['tokens']} completion tokens")
     tf, trl = res[("thinkforge", 0)]["peak_mb"], res[("trl", 0)]["peak_mb"]
     extra = f" thinkforge_micro_mb={res[('thinkforge', a.micro_batch_size)]['peak_mb']:.0f}" if a.micro_batch_size else ""
-    print(f"RESULT memory thinkforge_mb={tf:.0f} trl_mb={trl:.0f} ratio={tf / trl:.2f}{extra}")
+    mb = lambda x: f">{a.cap_mb}" if x == float("inf") else f"{x:.0f}"  # noqa: E731
+    ratio = (f"<{tf / a.cap_mb:.2f}" if trl == float("inf") and tf != float("inf") else
+             "unknown" if trl == float("inf") else f"{tf / trl:.2f}")
+    print(f"RESULT memory thinkforge_mb={mb(tf)} trl_mb={mb(trl)} ratio={ratio}{extra}")
+
+
+def watched(cmd: list[str], cap_mb: int) -> tuple[int, str, str, bool]:
+    """Run ``cmd``; stop it if its resident memory passes ``cap_mb`` (read from /proc every 0.2 s), before the
+    kernel's out-of-memory killer picks a process. (exit code, stdout, stderr, whether it was stopped)."""
+    import time
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        over = False
+        while p.poll() is None:
+            try:
+                rss = next(int(x.split()[1]) for x in open(f"/proc/{p.pid}/status") if x.startswith("VmRSS:")) / 1024
+            except (OSError, StopIteration):
+                rss = 0
+            if rss > cap_mb:
+                over = True
+                p.kill()
+                p.wait()
+                break
+            time.sleep(0.2)
+        out.seek(0)
+        err.seek(0)
+        return p.returncode, out.read(), err.read(), over
 
 
 if __name__ == "__main__":
