@@ -410,9 +410,7 @@ def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: b
     at 8 × 4,096 tokens would otherwise be 20 GB of float32 per forward. Models whose head is not a plain
     linear layer (logit soft-capping, scaling) take the direct path. An FSDP2-sharded model runs the same
     inside :func:`gathered_call`."""
-    if is_sharded(model):
-        return gathered_call(model, _token_logprobs, ids, temperature, with_entropy, rows)
-    return _token_logprobs(model, ids, temperature, with_entropy, rows)
+    return gathered_call(model, _token_logprobs, ids, temperature, with_entropy, rows)
 
 
 def _token_logprobs(model, ids, temperature, with_entropy, rows):

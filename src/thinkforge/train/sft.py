@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from thinkforge import format as fmt
-from thinkforge import models
 from thinkforge.config import ConfigError, check, option, save_config
-from thinkforge.models import (TINY_SIZES, char_tokenizer, gathered_call, head_logprobs, plain_head, resolve_device,
-                               tiny_model)
+from thinkforge.models import (TINY_SIZES, char_tokenizer, gathered_call, head_logprobs, logit_rows, plain_head,
+                               resolve_device, tiny_model)
 from thinkforge.tasks import get_task
 from thinkforge.train.loop import (
     EpochStream,
@@ -186,7 +185,7 @@ class Batcher:
 
 def sft_loss(model, mb: dict):
     """Summed next-token cross-entropy over completion tokens, the output head applied only where there is a
-    label: all at once when those logits fit in one block of ``models.LOGIT_BLOCK_BYTES`` (a small vocabulary),
+    label: all at once when those logits fit in one block (``models.logit_rows``: a small vocabulary),
     else a block of positions at a time (:func:`models.head_logprobs`: no (tokens × vocab) logits). An
     FSDP2-sharded model the same, inside :func:`models.gathered_call`."""
     return gathered_call(model, _sft_loss, mb)
@@ -201,7 +200,7 @@ def _sft_loss(model, mb: dict):
         logits = model(**inputs).logits[:, :-1][sel].float()  # (n, V)
     else:
         h = model.get_decoder()(**inputs).last_hidden_state[:, :-1][sel]  # (n, H)
-        if h.shape[0] * head.weight.shape[0] * 4 > models.LOGIT_BLOCK_BYTES:
+        if h.shape[0] > logit_rows(head.weight.shape[0]):  # more than one block of logits
             hits = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
             loss = -head_logprobs(head, h, targets[sel], correct=hits).sum()
             return loss, {"token_accuracy": float(hits.float().mean()) if sel.any() else 0.0}
