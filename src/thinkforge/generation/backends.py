@@ -31,9 +31,10 @@ from thinkforge.models import adapted_weight as _weight
 FAST_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
 _CAUSAL = "causal"  # attention-mask sentinel: SDPA's own causal path (prefill without padding)
 # The cache's time axis grows by max(GROW, capacity // 8) slots when full (nothing is preallocated for
-# max_new_tokens). A decode step attends over the whole capacity, unused slots masked: a contiguous read
-# of every row's (capacity, head_dim) block runs ~3x faster per byte on a CPU than the strided slice of the
-# used slots (measured: 0.15 vs 0.37 ms for 512 heads x 51 slots), and the capacity stays within ~1/8 of use.
+# max_new_tokens). A decode step reads only slots [lo, t]: from the first slot any active row uses to the
+# newest, neither the growth chunk ahead nor the leading slots of rows that left (under serving load those
+# were half of what a step read: 22% dead leading slots, 5% growth; bench/serve_load.py). A slice of the
+# time axis costs the same per byte as the whole axis here (measured, 128 rows x 4 heads x 51 of 73 slots).
 GROW = 16
 
 
@@ -130,6 +131,7 @@ class FastBackend:
         model = _unwrap(model)
         self.model, cfg = model, model.config
         self.k = None  # no running batch yet
+        self.lo: int | None = None  # the first slot an active row uses (None: not known since rows changed)
         self.row_limit: int | None = None  # the most rows a scheduler will ever join (caps the store's growth)
         inner = model.model
         self.embed = inner.embed_tokens.weight
@@ -187,8 +189,9 @@ class FastBackend:
             self.v[i][:B, :, t0:t1] = v
             if t0 == 0:  # a prefill (the store is fresh): every key is in this call's k, v
                 att = self._attend(q, k, v, attn_mask, L["scale"])  # (B, nh, T, hd)
-            else:  # a decode step: the whole capacity, unused slots masked (see GROW)
-                att = self._attend(q, self.k[i][:B], self.v[i][:B], attn_mask, L["scale"])
+            else:  # a decode step: the slots [lo, t] rows use, those of other rows masked (see GROW)
+                att = self._attend(q, self.k[i][:B, :, self.lo : t1], self.v[i][:B, :, self.lo : t1], attn_mask,
+                                   L["scale"])
             x = _residual(x, att.transpose(1, 2).reshape(B, T, nq), L["o"], L["o_bias"])
             h = F.rms_norm(x, (x.shape[-1],), L["ln2"], self.eps)
             gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)  # (B, T, I) each
@@ -250,6 +253,7 @@ class FastBackend:
             # A pad query row with no valid key would give NaN: let it see itself (its output is unused).
             mask = ((causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device))[:, None]
         h = self._forward(ids, pos, mask)  # mask: (P, 1, T, T) or causal
+        self.lo = None
         # Expand every prompt's cache to its n rows.
         rep = _repeats(P, n, device)
         self.k = [c.index_select(0, rep) for c in self.k]
@@ -283,7 +287,7 @@ class FastBackend:
         self.valid[b0:b1] = False
         self.valid[b0:b1, t0 : self.t] = new["valid"][:, :T]
         self.next_pos[b0:b1] = new["next_pos"]
-        self.B, self.padded = b1, True
+        self.B, self.padded, self.lo = b1, True, None
         return logits
 
     def rows(self) -> int:
@@ -311,7 +315,7 @@ class FastBackend:
         self.k, self.v, self.valid = [move(c) for c in self.k], [move(c) for c in self.v], move(self.valid)
         pos = self.next_pos.new_zeros(rows)
         pos[: self.B] = self.next_pos[: self.B]
-        self.next_pos, self.t, self.capacity = pos, shift + n, slots
+        self.next_pos, self.t, self.capacity, self.lo = pos, shift + n, slots, None
 
     def trim(self) -> None:
         """When the first half of the time axis is slots no active row uses, drop them: the active rows move
@@ -329,11 +333,14 @@ class FastBackend:
             self._reshape(self.k[0].shape[0], self.capacity + max(GROW, self.capacity // 8))
         B = self.B
         self.valid[:B, self.t] = True
-        full = not self.padded and self.t + 1 == self.capacity
+        if self.lo is None:
+            used = self.valid[:B, : self.t + 1].any(0)
+            self.lo = int(used.float().argmax())
         mask = None
-        if not full:  # one additive bias for every layer and kv head: 0 where a slot is valid, -inf elsewhere
-            mask = torch.zeros(self.valid[:B].shape, dtype=self.embed.dtype, device=self.embed.device)
-            mask = mask.masked_fill_(~self.valid[:B], float("-inf")).repeat_interleave(self.n_kv, 0)[:, None]
+        if self.padded:  # one additive bias for every layer and kv head: 0 where a slot is valid, -inf elsewhere
+            valid = self.valid[:B, self.lo : self.t + 1]
+            mask = torch.zeros(valid.shape, dtype=self.embed.dtype, device=self.embed.device)
+            mask = mask.masked_fill_(~valid, float("-inf")).repeat_interleave(self.n_kv, 0)[:, None]
         h = self._forward(tokens[:, None], self.next_pos[:B, None], mask)
         self.next_pos[:B] += 1
         return F.linear(h, self.head)  # (B, V)
@@ -362,7 +369,7 @@ class FastBackend:
                 c[d] = c[i]
             self.valid[d] = self.valid[i]
             self.next_pos[d] = self.next_pos[i]
-        self.B = nb
+        self.B, self.lo = nb, None
         return order
 
 
