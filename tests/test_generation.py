@@ -44,6 +44,21 @@ def test_sampling_is_reproducible_by_seed(model, char_tok):
     assert [o.ids for o in a] != [o.ids for o in c]
 
 
+def test_unseeded_sampling_leaves_the_global_random_state_alone(model, char_tok):
+    """seed=None draws a fresh seed for its own stream; the caller's torch.manual_seed reproducibility (a
+    training run's dropout, data order) must not change because a generation happened in between."""
+    eng = Engine(model, char_tok)
+    p = SamplingParams(temperature=1.0, n=2, max_new_tokens=8, seed=None)
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    first = eng.generate(PROMPTS, p)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(5)
+    again = eng.generate(PROMPTS, p)
+    assert [o.ids for o in first] != [o.ids for o in again]  # unseeded: a new stream each call
+
+
 def test_per_prompt_seeds_make_samples_independent_of_the_batch(model, char_tok):
     """With one seed per prompt, a prompt's samples are the same alone or beside others, in any position:
     what lets GRPO split its roll-outs over processes and still sample what one process would."""

@@ -146,7 +146,10 @@ class Engine:
             gen = [torch.Generator(device=device).manual_seed(s) for s in params.seed]
         else:
             gen = torch.Generator(device=device)
-            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            if params.seed is None:
+                gen.seed()  # a fresh non-deterministic seed for this stream only (torch.seed() would reseed the
+            else:  # global generator too, which a caller's torch.manual_seed reproducibility depends on)
+                gen.manual_seed(params.seed)
         stops = self.stop_ids(params)
         wait_ids = self.tok.encode(params.wait_text, add_special_tokens=False)
         watch = self.watch_ids(stops)
