@@ -193,6 +193,48 @@ def test_finished_rows_leave_the_batch(model, char_tok):
     assert backend.calls[0] == 4 and backend.calls[1] == 3  # the finished row costs nothing after step 1
 
 
+def test_rows_moved_into_holes_sample_what_rows_kept_in_order_do(model, char_tok, monkeypatch):
+    """With one stream per prompt the engine lets the backend fill finished rows' holes with the last rows
+    (fewer cache copies); every completion must be what in-order compaction gives."""
+    from thinkforge.generation.backends import FastBackend
+
+    p = SamplingParams(temperature=1.0, n=4, max_new_tokens=30, seed=[1, 2, 3, 4], stop=["e", "a", "1"])
+    moved = []
+    select = FastBackend.select
+
+    def watching(self, rows, reorder=False):
+        order = select(self, rows, reorder)
+        moved.append(order != sorted(order))
+        return order
+
+    monkeypatch.setattr(FastBackend, "select", watching)
+    holes_filled = Engine(model, char_tok, backend="fast").generate(PROMPTS, p)
+    assert any(moved)  # rows did move into holes
+    monkeypatch.setattr(FastBackend, "select", lambda self, rows, reorder=False: select(self, rows))
+    in_order = Engine(model, char_tok, backend="fast").generate(PROMPTS, p)
+    assert [o.ids for o in holes_filled] == [o.ids for o in in_order]
+    for a, b in zip(holes_filled, in_order):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_prompt_uniforms_drawn_in_chunks_equal_one_draw_per_step():
+    """Each prompt's stream gives a step's n numbers whether drawn per step or many steps at once, across chunk
+    boundaries and as rows leave or move."""
+    from thinkforge.generation import _PromptUniforms
+
+    n, P, chunk = 3, 4, 4
+    seeds = [7, 8, 9, 10]
+    draws = _PromptUniforms([torch.Generator().manual_seed(s) for s in seeds], n, "cpu", chunk=chunk)
+    ref = [torch.Generator().manual_seed(s) for s in seeds]
+    active = list(range(P * n))
+    for step in range(11):
+        if step in (3, 6):  # rows leave; prompt 1 entirely at step 6; the rest in a new order
+            active = [s for s in active if s % 2 == 0 or s // n == 0][::-1] if step == 3 else [s for s in active if s // n != 1]
+        per_step = {p: torch.rand(n, generator=ref[p]) for p in sorted({s // n for s in active})}
+        expected = torch.stack([per_step[s // n][s % n] for s in active])
+        assert torch.equal(draws(step, active), expected), step
+
+
 def test_bad_params():
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)

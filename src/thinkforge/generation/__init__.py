@@ -159,8 +159,9 @@ class Engine:
         logits = backend.prefill(p_ids, params.n, params.max_new_tokens)  # (B, V)
         seqs = [s for p in p_ids for s in self.new_seqs(p, params.n)]
         active = list(range(len(rows)))  # seqs still generating, in backend row order
+        uniforms = _PromptUniforms(gen, params.n, device) if isinstance(gen, list) else None
         for step in range(params.max_new_tokens):
-            u = _prompt_uniforms(gen, active, params.n, device) if isinstance(gen, list) else None
+            u = uniforms(step, active) if uniforms is not None else None
             tokens, logps = _sample(logits, params, gen, u)  # (b,), (b,)
             tokens_l, logps_l = tokens.tolist(), logps.tolist()
             for j, s_idx in enumerate(active):
@@ -173,7 +174,9 @@ class Engine:
             if not keep:
                 break
             if len(keep) < len(active):
-                order = backend.select(keep)
+                # With one stream per prompt a row's draw does not depend on its place in the batch, so the last
+                # rows may move into the holes (only they are copied); one shared stream draws in row order.
+                order = backend.select(keep, reorder=True) if isinstance(gen, list) else backend.select(keep)
                 order = keep if order is None else order  # a backend may move kept rows into the holes
                 active = [active[j] for j in order]
                 tokens_l = [tokens_l[j] for j in order]
@@ -282,14 +285,25 @@ class Engine:
         return spans
 
 
-def _prompt_uniforms(streams: list[torch.Generator], active: list[int], n: int, device) -> torch.Tensor:
-    """One uniform per active row, from its prompt's own stream: every prompt with a row still generating
-    draws ``n`` numbers (one per sample, finished ones included), so what a prompt draws at each step depends
-    only on its own rows."""
-    prompts = sorted({s // n for s in active})
-    draws = torch.stack([torch.rand(n, generator=streams[p], device=device) for p in prompts])  # (k, n)
-    at = {p: i for i, p in enumerate(prompts)}
-    return draws.view(-1)[torch.tensor([at[s // n] * n + s % n for s in active], device=device)]  # (b,)
+class _PromptUniforms:
+    """One uniform per active row, from its prompt's own stream: a prompt draws ``n`` numbers per step (one per
+    sample, finished ones included), so what it draws at each step depends only on its own rows. Drawn
+    ``chunk`` steps at a time: a CPU generator gives the same numbers however its draws are split (tested),
+    and one draw per prompt per 64 steps replaces one per step."""
+
+    def __init__(self, streams: list[torch.Generator], n: int, device, chunk: int = 64):
+        self.streams, self.n, self.device, self.chunk = streams, n, device, chunk
+        self.table, self.start, self.rows, self.at = None, 0, None, None
+
+    def __call__(self, step: int, active: list[int]) -> torch.Tensor:
+        n, chunk = self.n, self.chunk
+        if self.table is None or step >= self.start + chunk:
+            self.start = step
+            self.table = torch.stack([torch.rand(chunk * n, generator=g, device=self.device) for g in self.streams])
+        if active is not self.rows:  # rows left or moved: where each active row's numbers sit in the table
+            self.rows = active
+            self.at = torch.tensor([(s // n) * chunk * n + s % n for s in active], device=self.device)
+        return self.table.view(-1)[self.at + (step - self.start) * n]  # (b,)
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, u: torch.Tensor | None = None):
