@@ -9,6 +9,13 @@ problems × G = 16 samples, temperature 1, at most 96 new tokens, per-prompt see
 sides alternate every round, so a busy neighbour hits both alike; medians are reported. First it checks
 that the two sample the same tokens on one batch and prints the largest log-prob difference.
 Ends with: RESULT engine_ab this_s=… other_s=… speedup=… (speedup = other / this)
+
+``--serve``: the serving workload instead, in process (no HTTP): each side's continuous-batching scheduler
+(``generation.scheduler``) under 64 client threads sending the mix of ``bench/serve_load.py`` (the README's
+syllogism question in the chat template; temperature 0, 0.7 or 1; max_tokens 16, 64 or 256; unseeded),
+384 requests per round, sides alternating. It also prints what the KV cache's time axis held at this
+tree's decode steps: slots valid for their row, slots of other rows (ragged starts), leading slots no
+active row uses, and the growth chunk ahead. Ends with: RESULT engine_ab_serve this_rps=… other_rps=… speedup=…
 """
 from __future__ import annotations
 
@@ -49,6 +56,9 @@ def main() -> None:
     ap.add_argument("--model", default="runs/demo/grpo/model")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--serve", action="store_true", help="the serving workload (see the docstring)")
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=384)
     args = ap.parse_args()
     if not (Path(args.model) / "config.json").exists():
         sys.exit(f"{args.model}: no model there; `make demo` trains it (or pass --model)")
@@ -61,6 +71,13 @@ def main() -> None:
         generation, models, tasks = load_thinkforge(src)
         model, tok = models.load_model(args.model, device="cpu")
         sides[name] = (generation, generation.Engine(model.eval(), tok))
+        if args.serve:
+            import thinkforge.generation.backends as backends
+            import thinkforge.generation.scheduler as scheduler
+
+            sides[name] += (scheduler, backends)
+    if args.serve:
+        return serve(args, sides)
     task = tasks.get_task("mul", digits_a=3, digits_b=2)
     chat = sides["this"][1].chat
     problems = task.problems(8 * (args.rounds + 1), "test", seed=1)
@@ -86,6 +103,69 @@ def main() -> None:
     print(f"this tree        median {med['this'] * 1000:7.1f} ms per batch")
     print(f"{args.against:<16} median {med['other'] * 1000:7.1f} ms per batch")
     print(f"RESULT engine_ab this_s={med['this']:.3f} other_s={med['other']:.3f} speedup={med['other'] / med['this']:.2f}")
+
+
+def serve(args, sides) -> None:
+    import random
+    import threading
+
+    question = "Q: If all bloops are razzies and all razzies are lazzies, are all bloops definitely lazzies?"
+    engine = sides["this"][1]
+    prompt = engine.tok.encode(engine.chat.prompt(question), add_special_tokens=False)
+    slots = {"valid": 0, "other rows": 0, "leading": 0, "growth": 0}
+    fast = sides["this"][3].FastBackend
+    decode = fast.decode
+
+    def counting(self, tokens):  # what the time axis holds at this step (before the step writes slot t)
+        valid = self.valid[: self.B, : self.t]
+        used = valid.any(0)
+        lead = int(used.float().argmax()) if bool(used.any()) else self.t
+        slots["valid"] += int(valid.sum())
+        slots["leading"] += self.B * lead
+        slots["other rows"] += self.B * (self.t - lead) - int(valid.sum())
+        slots["growth"] += self.B * (self.capacity - self.t)
+        return decode(self, tokens)
+
+    def one_round(name: str, r: int) -> float:
+        generation, eng, scheduler, _ = sides[name]
+        rng = random.Random(r)
+        jobs = [dict(temperature=rng.choice([0.0, 0.7, 1.0]), max_new_tokens=rng.choice([16, 64, 256]))
+                for _ in range(args.requests)]
+        sched = scheduler.Scheduler(eng, max_rows=256, max_waiting=args.requests)
+        lock = threading.Lock()
+
+        def client():
+            while True:
+                with lock:
+                    if not jobs:
+                        return
+                    job = jobs.pop()
+                sched.submit(prompt, generation.SamplingParams(**job, seed=None)).wait(600)
+
+        t = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+        sched.close()
+        return args.requests / wall
+
+    fast.decode = counting
+    one_round("this", 0)  # warm-up, and the slot count
+    fast.decode = decode
+    total = sum(slots.values())
+    print("this tree's KV time axis at its decode steps: " + ", ".join(f"{k} {v / total:.0%}" for k, v in slots.items()))
+    rps = {"this": [], "other": []}
+    for r in range(args.rounds):
+        for name in ("other", "this") if r % 2 == 0 else ("this", "other"):
+            rps[name].append(one_round(name, r + 1))
+            print(f"round {r + 1} {name:5s} {rps[name][-1]:6.1f} req/s", flush=True)
+    med = {k: statistics.median(v) for k, v in rps.items()}
+    print(f"{args.model}, {args.clients} clients x {args.requests} requests per round, {args.threads} threads")
+    print(f"RESULT engine_ab_serve this_rps={med['this']:.1f} other_rps={med['other']:.1f} "
+          f"speedup={med['this'] / med['other']:.2f}")
 
 
 if __name__ == "__main__":

@@ -32,9 +32,8 @@ FAST_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
 _CAUSAL = "causal"  # attention-mask sentinel: SDPA's own causal path (prefill without padding)
 # The cache's time axis grows by max(GROW, capacity // 8) slots when full (nothing is preallocated for
 # max_new_tokens). A decode step reads only slots [lo, t]: from the first slot any active row uses to the
-# newest, neither the growth chunk ahead nor the leading slots of rows that left (under serving load those
-# were half of what a step read: 22% dead leading slots, 5% growth; bench/serve_load.py). A slice of the
-# time axis costs the same per byte as the whole axis here (measured, 128 rows x 4 heads x 51 of 73 slots).
+# newest, neither the growth chunk ahead nor the leading slots of rows that left (under serving load 6% and
+# 22% of the time axis: python bench/engine_ab.py --serve); the batched GEMMs take the slice as a view.
 GROW = 16
 
 
