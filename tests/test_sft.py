@@ -61,8 +61,8 @@ def test_loss_in_head_blocks_equals_full_logits_cross_entropy(char_tok, monkeypa
     ref.backward()
     assert float(loss) == pytest.approx(float(ref), rel=1e-5)
     assert stats["token_accuracy"] == pytest.approx(float((logits[sel].argmax(-1) == targets[sel]).float().mean()))
-    for g, p in zip(mine, model.parameters()):
-        assert torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4)
+    for g, p in zip(mine, model.parameters()):  # float sums in another order: relative to the tensor's scale
+        assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max() + 1e-9
 
 
 def test_completion_only_labels(char_tok):
