@@ -145,10 +145,12 @@ class Engine:
                 raise ValueError(f"{len(params.seed)} seeds for {len(p_ids)} prompts: give one seed per prompt")
             gen = [torch.Generator(device=device).manual_seed(s) for s in params.seed]
         else:
+            # Unseeded: a fresh seed for this stream only (torch.seed() would reseed the global generator too,
+            # on which a caller's torch.manual_seed reproducibility depends).
             gen = torch.Generator(device=device)
             if params.seed is None:
-                gen.seed()  # a fresh non-deterministic seed for this stream only (torch.seed() would reseed the
-            else:  # global generator too, which a caller's torch.manual_seed reproducibility depends on)
+                gen.seed()
+            else:
                 gen.manual_seed(params.seed)
         stops = self.stop_ids(params)
         wait_ids = self.tok.encode(params.wait_text, add_special_tokens=False)

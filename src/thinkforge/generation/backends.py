@@ -316,14 +316,18 @@ class FastBackend:
         pos[: self.B] = self.next_pos[: self.B]
         self.next_pos, self.t, self.capacity, self.lo = pos, shift + n, slots, None
 
+    def _first_used(self, end: int) -> int:
+        """The first slot before ``end`` that an active row uses (``end`` when none does)."""
+        used = self.valid[: self.B, :end].any(0)
+        return int(used.float().argmax()) if bool(used.any()) else end
+
     def trim(self) -> None:
         """When the first half of the time axis is slots no active row uses, drop them: the active rows move
         left into a store sized to what they use (a copy paid once per halving: constant per decoded token)."""
         if not self.rows():
             self.k = None
             return
-        used = self.valid[: self.B, : self.t].any(0)
-        first = int(used.float().argmax()) if bool(used.any()) else self.t
+        first = self._first_used(self.t)
         if first >= max(64, self.t // 2):
             self._reshape(self.k[0].shape[0], self.t - first + GROW, start=first)
 
@@ -333,8 +337,7 @@ class FastBackend:
         B = self.B
         self.valid[:B, self.t] = True
         if self.lo is None:
-            used = self.valid[:B, : self.t + 1].any(0)
-            self.lo = int(used.float().argmax())
+            self.lo = self._first_used(self.t + 1)
         mask = None
         if self.padded:  # one additive bias for every layer and kv head: 0 where a slot is valid, -inf elsewhere
             valid = self.valid[:B, self.lo : self.t + 1]
