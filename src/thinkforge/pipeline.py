@@ -46,6 +46,10 @@ class DemoConfig:
     samples: int = option(8, "samples per problem for pass@1, pass@k and maj@k (quick: 4)")
     grpo_steps: int = option(200, "GRPO steps on top of the CoT model (0 = skip; quick: 4)")
     grpo_lr: float = option(6e-5, "GRPO learning rate (chosen among 2e-5, 4e-5, 6e-5, 8e-5 on other held-out problems)")
+    grpo_dynamic_sampling: bool = option(False, "DAPO's dynamic sampling in the GRPO stage (resample problems whose "
+                                                "group is all right or all wrong). Off: one roll-out batch per step; "
+                                                "measured on 2026-12-02 (AVX2 AMD EPYC), 200 steps from the same CoT "
+                                                "model: on 599 s, greedy 24.7% -> 43.0%; off 342 s, -> 40.0%")
     test_time: bool = option(True, "test-time section: train a PRM, then greedy vs maj@N vs PRM best-of-N vs PRM "
                                    "beam search vs thinking budgets on the final model")
     prm_problems: int = option(300, "training problems whose sampled completions (4 each) label the PRM (quick: 60)")
@@ -116,7 +120,7 @@ def _grpo_stage(cfg: DemoConfig, out: Path, task, test, models, train, per_probl
     run = train_grpo(GRPOConfig(
         model=models["sft-cot"], task=cfg.task, task_options=cfg.task_options, out=str(out / "grpo"),
         steps=cfg.grpo_steps, lr=cfg.grpo_lr, prompts_per_step=8, group_size=16, max_new_tokens=96,
-        save_every=cfg.grpo_steps, overwrite=True, seed=cfg.seed,
+        save_every=cfg.grpo_steps, overwrite=True, seed=cfg.seed, dynamic_sampling=cfg.grpo_dynamic_sampling,
     ))
     train["grpo"] = _train_stats(run, time.perf_counter() - t0)
     models["grpo"] = str(run / "model")
