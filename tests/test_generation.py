@@ -338,8 +338,8 @@ class _ScriptedBackend:
 def test_scheduler_short_request_leaves_before_a_long_one_and_faults_stay_isolated(model, char_tok):
     from thinkforge.generation.scheduler import Cancelled, DeadlineExceeded, QueueFull, Scheduler
 
-    backend = _ScriptedBackend(len(char_tok), fail_on=[9, 9])
-    sched = Scheduler(Engine(model, char_tok, backend=lambda m: backend), max_rows=4, max_waiting=3)
+    backend = _ScriptedBackend(len(char_tok), fail_on=[9, 9])  # (one backend object: no express batch here)
+    sched = Scheduler(Engine(model, char_tok, backend=lambda m: backend), max_rows=4, max_waiting=3, express_rows=0)
     try:
         long = sched.submit([1, 2], SamplingParams(max_new_tokens=400, ignore_eos=True))
         short = sched.submit([3], SamplingParams(max_new_tokens=3, ignore_eos=True))
@@ -369,6 +369,56 @@ def test_scheduler_short_request_leaves_before_a_long_one_and_faults_stay_isolat
             r.cancel()
     finally:
         sched.close()
+
+
+def test_a_short_request_runs_beside_a_full_batch_of_long_ones(model, char_tok):
+    """The main batch is full (4 rows of one long request): a short request does not wait for a free row nor
+    for the long request to end — it runs in the express batch — and gets the engine's tokens alone; a long
+    request that finds no row waits, and a short one that arrived after it passes it."""
+    from thinkforge.generation.scheduler import Scheduler
+
+    eng = Engine(model, char_tok, backend="fast")
+    sched = Scheduler(eng, max_rows=4, express_tokens=16, express_rows=2)
+    prompt = fmt.render_prompt("qq")
+    ids = char_tok.encode(prompt, add_special_tokens=False)
+    try:
+        long = sched.submit(ids, SamplingParams(n=4, temperature=1.0, max_new_tokens=600, ignore_eos=True, seed=1))
+        while len(sched.main.running) < 4:
+            time.sleep(0.001)
+        blocked = sched.submit(ids, SamplingParams(n=1, max_new_tokens=40, ignore_eos=True))  # no main row free
+        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, ignore_eos=True, seed=3)
+        short = sched.submit(ids, params)  # 2 x 8 tokens <= 16: express
+        got = short.wait(60)
+        assert not long.done.is_set() and not blocked.done.is_set() and sched.main.steps < 600
+        assert sched.express.steps >= 7  # (its 8th token ends it inside the 8th step, counted after)
+        alone = eng.generate([prompt], SamplingParams(**{**params.__dict__, "seed": [params.seed]}))
+        assert [c.ids for c in got] == [c.ids for c in alone]
+        long.cancel()
+        assert len(blocked.wait(60)[0].ids) == 40
+    finally:
+        sched.close()
+
+
+def test_express_steps_take_at_most_half_the_time_when_both_batches_run(model, char_tok):
+    """The loop's choice: the express batch while it has rows and has spent less time since the main batch's
+    last step than that step took; the main batch otherwise; whichever has rows when the other has none."""
+    from thinkforge.generation.scheduler import Scheduler
+
+    sched = Scheduler(Engine(model, char_tok, backend="fast"), max_rows=4)
+    sched.close()  # driven by hand
+    row = (object(), 0)
+    assert sched._next() is None
+    sched.main.running = [row]
+    assert sched._next() is sched.main
+    sched.express.running = [row]
+    sched.main.last_step, sched.express_spent = 0.006, 0.0
+    assert sched._next() is sched.express
+    sched.express_spent = 0.0059
+    assert sched._next() is sched.express
+    sched.express_spent = 0.006
+    assert sched._next() is sched.main
+    sched.main.running = []
+    assert sched._next() is sched.express
 
 
 def test_scheduler_under_churn_matches_the_engine(model, char_tok, monkeypatch):

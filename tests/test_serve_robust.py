@@ -161,14 +161,14 @@ def test_body_limit_counts_chunked_bytes(server):
 
 def test_queue_full_is_429_with_retry_after(syllogism_model):
     model, tok, _ = syllogism_model
-    with running_server(model, tok, name="syl", max_batch_rows=1, max_queued=1) as url:
+    with running_server(model, tok, name="syl", max_batch_rows=1, max_queued=1, express_rows=0) as url:
         svc = running_server.last
         hold = threading.Event()
         real = svc.scheduler._step
 
-        def slow_step():  # keep the one row busy until released
+        def slow_step(batch=None):  # keep the one row busy until released
             hold.wait(30)
-            real()
+            real(batch)
 
         svc.scheduler._step = slow_step
         c = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)

@@ -14,6 +14,12 @@ Nothing is allocated for a request's ``max_new_tokens`` ahead of time: the cache
 trims slots no row uses, so memory follows the tokens that exist. Bound: ``max_rows`` rows × at most
 3 × context slots (dead leading slots are trimmed once they are half the axis, and the axis grows by half).
 
+Short requests (``n × max_new_tokens`` at most ``express_tokens``) run in a second, small batch of their
+own (``express_rows`` rows, its own cache): its decode steps are cheap (few rows, short cache), so a short
+request is not slowed to the pace of a batch of long ones, nor does it wait for one of their rows to free.
+The loop steps the express batch while it has rows, for at most as long as the main batch's last step took
+since the main batch last stepped (so neither batch gets less than half the time when both are busy).
+
 A fault inside a decode step (all rows share it) fails the requests running at that moment with the
 error and resets the batch; waiting requests and later ones are served normally.
 """
@@ -76,16 +82,33 @@ class Request:
         return self.result
 
 
+@dataclass(eq=False)
+class _Batch:
+    """One running batch: its rows, their next-token logits and the cache that holds them."""
+
+    max_rows: int
+    running: list[tuple[Request, int]] = field(default_factory=list)  # backend row -> (request, sample index)
+    logits: torch.Tensor | None = None  # (rows, V): the next token's logits of every running row
+    backend: object = None
+    steps: int = 0
+    last_step: float = 0.0  # seconds the last decode step took
+
+    def reset(self) -> None:
+        self.running, self.logits, self.backend = [], None, None
+
+
 class Scheduler:
-    def __init__(self, engine: Engine, max_rows: int = 64, max_waiting: int = 256):
-        if max_rows < 1 or max_waiting < 0:
-            raise ValueError(f"need max_rows >= 1 and max_waiting >= 0, got {max_rows}, {max_waiting}")
+    def __init__(self, engine: Engine, max_rows: int = 64, max_waiting: int = 256, express_tokens: int = 32,
+                 express_rows: int = 8):
+        if max_rows < 1 or max_waiting < 0 or express_tokens < 0 or express_rows < 0:
+            raise ValueError(f"need max_rows >= 1 and max_waiting, express_tokens, express_rows >= 0, got {max_rows}, "
+                             f"{max_waiting}, {express_tokens}, {express_rows}")
         self.engine, self.max_rows, self.max_waiting = engine, max_rows, max_waiting
+        self.express_tokens = express_tokens if express_rows else 0
         self.waiting: collections.deque[Request] = collections.deque()
-        self.running: list[tuple[Request, int]] = []  # backend row -> (request, sample index)
-        self.logits: torch.Tensor | None = None  # (rows, V): the next token's logits of every running row
+        self.main, self.express = _Batch(max_rows), _Batch(express_rows)
+        self.express_spent = 0.0  # seconds of express steps since the main batch last stepped
         self.cv = threading.Condition()
-        self.backend = None
         self.gen = torch.Generator(device=next(engine.model.parameters()).device)
         self.gen.manual_seed(int(torch.randint(0, 2**62, (1,))))
         self.steps = 0
@@ -109,6 +132,16 @@ class Scheduler:
             self.waiting.append(req)
             self.cv.notify()
         return req
+
+    @property
+    def running(self) -> list[tuple[Request, int]]:
+        """Every running row: the main batch's, then the express batch's."""
+        return self.main.running + self.express.running
+
+    @property
+    def backend(self):
+        """The main batch's cache."""
+        return self.main.backend
 
     def load(self) -> dict:
         with self.cv:
@@ -135,70 +168,97 @@ class Scheduler:
                     return
             if self.waiting:
                 self._admit()
-            if not self.running:
+            batch = self._next()
+            if batch is None:
                 continue
             try:
-                self._step()
+                self._step(batch)
             except Exception as e:  # a fault shared by the whole batch: fail its requests, keep serving
-                for req in {r for r, _ in self.running}:
+                for req in {r for r, _ in batch.running}:
                     self._fail(req, e)
-                self.running, self.logits, self.backend = [], None, None
+                batch.reset()
+
+    def _next(self) -> _Batch | None:
+        """The batch to step: the express one while it has rows and has not used the main batch's last step
+        time since the main batch stepped; else the main one."""
+        main, express = self.main, self.express
+        if express.running and (not main.running or self.express_spent < main.last_step):
+            return express
+        return main if main.running else None
 
     @torch.no_grad()
     def _admit(self) -> None:
-        """Join every waiting request that fits, in one prefill; if that prefill fails, each request is
-        joined alone so that only the one at fault fails."""
-        batch, now = [], time.monotonic()
+        """Join every waiting request that fits into its batch (short ones into the express batch while it has
+        rows, else the main one), one prefill per batch."""
+        taken: dict[_Batch, list[Request]] = {self.main: [], self.express: []}
+        now = time.monotonic()
         with self.cv:
-            rows = len(self.running)
-            while self.waiting and rows + self.waiting[0].params.n <= self.max_rows:
+            free = {b: b.max_rows - len(b.running) for b in taken}
+            later: collections.deque[Request] = collections.deque()
+            main_blocked = False  # long requests are admitted in arrival order; short ones may pass them
+            while self.waiting:
                 req = self.waiting.popleft()
                 if req.cancelled:
                     self._fail(req, Cancelled())
-                elif req.deadline is not None and now > req.deadline:
+                    continue
+                if req.deadline is not None and now > req.deadline:
                     self._fail(req, DeadlineExceeded("the request waited past its deadline"))
+                    continue
+                n, short = req.params.n, req.params.n * req.params.max_new_tokens <= self.express_tokens
+                if short and n <= free[self.express]:
+                    batch = self.express
+                elif not main_blocked and n <= free[self.main]:
+                    batch = self.main
                 else:
-                    batch.append(req)
-                    rows += req.params.n
-        ready = []
-        for req in batch:
-            try:
-                self._prepare(req)
-                ready.append(req)
-            except Exception as e:
-                self._fail(req, e)
-        if not ready:
-            return
+                    main_blocked |= not short
+                    later.append(req)
+                    continue
+                taken[batch].append(req)
+                free[batch] -= n
+            self.waiting = later
+        for batch, reqs in taken.items():
+            ready = []
+            for req in reqs:
+                try:
+                    self._prepare(req)
+                    ready.append(req)
+                except Exception as e:
+                    self._fail(req, e)
+            if ready:
+                self._join_all(batch, ready)
+
+    def _join_all(self, batch: _Batch, ready: list[Request]) -> None:
+        """Join ``ready`` in one prefill; if that fails, each alone, so that only the one at fault fails."""
         try:
-            self._join(ready)
+            self._join(batch, ready)
         except Exception:
             if len(ready) == 1:
                 self._fail(ready[0], sys.exc_info()[1])
                 return
             for req in ready:
                 try:
-                    self._join([req])
+                    self._join(batch, [req])
                 except Exception as e:  # this request's own prefill failed: only it fails
                     self._fail(req, e)
 
-    def _join(self, reqs: list[Request]) -> None:
-        if self.backend is None or not self.running:
-            self.backend = self._new_backend()
+    def _join(self, batch: _Batch, reqs: list[Request]) -> None:
+        if batch.backend is None or not batch.running:
+            batch.backend = self._new_backend(batch.max_rows)
         try:
-            logits = self.backend.join([r.prompt_ids for r in reqs], [r.params.n for r in reqs])
+            logits = batch.backend.join([r.prompt_ids for r in reqs], [r.params.n for r in reqs])
         except Exception:
-            if not self.running:
-                self.backend = None
+            if not batch.running:
+                batch.backend = None
             raise
-        self.running += [(r, i) for r in reqs for i in range(r.params.n)]
-        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        batch.running += [(r, i) for r in reqs for i in range(r.params.n)]
+        batch.logits = logits if batch.logits is None else torch.cat([batch.logits, logits])
 
-    def _new_backend(self):
+    def _new_backend(self, rows: int):
         from thinkforge.generation.backends import make_backend
 
         e = self.engine
         backend = e.backend_name(e.model) if callable(e.backend_name) else make_backend(e.model, e.backend_name)
-        backend.row_limit = self.max_rows
+        backend.row_limit = rows
         return backend
 
     def _prepare(self, req: Request) -> None:
@@ -213,14 +273,28 @@ class Scheduler:
         req.wait_ids = tok.encode(p.wait_text, add_special_tokens=False)
 
     @torch.no_grad()
-    def _step(self) -> None:
-        e = self.engine
-        reqs = list(dict.fromkeys(r for r, _ in self.running))  # in row order, each once
+    def _step(self, batch: _Batch | None = None) -> None:
+        """Sample, advance and decode one token for every row of ``batch`` (default: the one ``_next`` picks)."""
+        batch = batch or self._next()
+        if batch is None:
+            return
+        start = time.perf_counter()
+        self._advance(batch)
+        batch.steps += 1
+        batch.last_step = time.perf_counter() - start
+        if batch is self.main:
+            self.express_spent = 0.0
+        else:
+            self.express_spent += batch.last_step
+
+    def _advance(self, batch: _Batch) -> None:
+        e, running = self.engine, batch.running
+        reqs = list(dict.fromkeys(r for r, _ in running))  # in row order, each once
         u = None
         if any(r.params.temperature >= GREEDY_BELOW for r in reqs):
-            u = torch.rand(len(self.running), generator=self.gen, device=self.gen.device)  # unseeded rows
+            u = torch.rand(len(running), generator=self.gen, device=self.gen.device)  # unseeded rows
             seeded: dict[Request, tuple[list[int], list[int]]] = {}
-            for j, (r, i) in enumerate(self.running):
+            for j, (r, i) in enumerate(running):
                 if r.gen is not None:
                     rows, samples = seeded.setdefault(r, ([], []))
                     rows.append(j)
@@ -230,22 +304,22 @@ class Scheduler:
                 u[torch.tensor(rows, device=u.device)] = draws[torch.tensor(samples, device=draws.device)]
         keys = {(r.params.temperature, r.params.top_p, r.params.top_k) for r in reqs}
         if len(keys) == 1:  # one kind of sampling for the whole batch: one call, no gathers
-            t, lp = _sample(self.logits, reqs[0].params, None, u)
+            t, lp = _sample(batch.logits, reqs[0].params, None, u)
             tokens, logps = t.tolist(), lp.tolist()
         else:
-            tokens = [0] * len(self.running)
-            logps = [0.0] * len(self.running)
+            tokens = [0] * len(running)
+            logps = [0.0] * len(running)
             groups: dict[tuple, list[int]] = {}
-            for j, (r, _) in enumerate(self.running):
+            for j, (r, _) in enumerate(running):
                 groups.setdefault((r.params.temperature, r.params.top_p, r.params.top_k), []).append(j)
             for rows in groups.values():
-                idx = torch.tensor(rows, device=self.logits.device)
-                t, lp = _sample(self.logits.index_select(0, idx), self.running[rows[0]][0].params, None,
+                idx = torch.tensor(rows, device=batch.logits.device)
+                t, lp = _sample(batch.logits.index_select(0, idx), running[rows[0]][0].params, None,
                                 None if u is None else u[idx.to(u.device)])
                 for j, a, b in zip(rows, t.tolist(), lp.tolist()):
                     tokens[j], logps[j] = a, b
         emitted: dict[Request, list[tuple[int, int]]] = {}
-        for j, (r, i) in enumerate(self.running):
+        for j, (r, i) in enumerate(running):
             s = r.seqs[i]
             tokens[j] = e._advance(s, tokens[j], logps[j], r.params, r.stops, r.wait_ids, r.watch)
             if r.stop_text and s.done is None and not s.forced and _ends_with_stop(e.tok, s.ids, r.stop_text):
@@ -260,7 +334,7 @@ class Scheduler:
                 except Exception:  # a broken listener cancels its own request only
                     r.cancelled = True
         keep, finished = [], []
-        for j, (r, i) in enumerate(self.running):
+        for j, (r, i) in enumerate(running):
             if r.cancelled or (r.deadline is not None and now > r.deadline):
                 continue
             if r.seqs[i].done is None:
@@ -275,17 +349,17 @@ class Scheduler:
         for r in finished:
             r.result = [self._finish(r, s) for s in r.seqs]
             self._done(r)
-        if len(keep) < len(self.running):
-            order = self.backend.select(keep, reorder=True)
+        if len(keep) < len(running):
+            order = batch.backend.select(keep, reorder=True)
             order = keep if order is None else order
-            self.backend.trim()
-            self.running = [self.running[j] for j in order]
+            batch.backend.trim()
+            batch.running = [running[j] for j in order]
             tokens = [tokens[j] for j in order]
-        if not self.running:
-            self.logits = None
+        if not batch.running:
+            batch.logits = None
             return
-        device = self.logits.device
-        self.logits = self.backend.decode(torch.tensor(tokens, device=device))
+        device = batch.logits.device
+        batch.logits = batch.backend.decode(torch.tensor(tokens, device=device))
 
     def _finish(self, r: Request, s: _Seq) -> Completion:
         c = self.engine._finish(s, r.prompt_ids, r.params, r.stops)
