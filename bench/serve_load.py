@@ -111,13 +111,15 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--baseline", default="070116e", help="git revision of the server to compare against")
     ap.add_argument("--levels", default="1,16,64,200")
+    ap.add_argument("--today-args", default="", help="more `thinkforge serve` options for today's server, e.g. "
+                                                     "'--express-rows 0'")
     ap.add_argument("--single", type=int, default=0,
                     help="only this many single requests (T=0.7, max_tokens 64), alternating between the servers")
     args = ap.parse_args()
     model = args.model or tiny_model()
     base_dir = Path(scratch())
     subprocess.run(f"git -C {ROOT} archive {args.baseline} src | tar -x -C {base_dir}", shell=True, check=True)
-    sides = {"baseline": (base_dir / "src", []), "today": (ROOT / "src", ["--max-queued", "1000"])}
+    sides = {"baseline": (base_dir / "src", []), "today": (ROOT / "src", ["--max-queued", "1000", *args.today_args.split()])}
     servers = {k: start(model, src, extra) for k, (src, extra) in sides.items()}
     table: dict[tuple[str, int], dict] = {}
     if args.single:

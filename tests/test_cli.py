@@ -38,28 +38,37 @@ def test_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert main(["frobnicate"]) == 2
 
 
-def test_parallel_sft_stages_train_what_one_process_trains(tmp_path):
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """``thinkforge demo --quick`` once for this file: (its folder, its results)."""
+    out = tmp_path_factory.mktemp("quick") / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.timeout(900)  # (it runs the quick demo first: a hang guard, as below)
+def test_parallel_sft_stages_train_what_one_process_trains(tmp_path, quick_demo):
     """The demo trains its direct model in a second process (threads / 2 each): the same losses and rows as
     that model trained in this process at that thread count."""
     import torch
 
-    from thinkforge.pipeline import DemoConfig, _mean_length, _sft_stage, run_demo
+    from thinkforge.pipeline import DemoConfig, _mean_length, _sft_stage
     from thinkforge.tasks import get_task
 
-    cfg = DemoConfig(quick=True, steps=6, grpo_steps=0, test_time=False, eval_problems=8, threads=2,
-                     out=str(tmp_path / "parallel"))
-    res = run_demo(cfg)
+    out, res = quick_demo
+    cfg = DemoConfig(quick=True, out=str(out))
+    assert cfg.parallel_sft and cfg.threads == 2 and res["config"] == {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
     task = get_task(cfg.task, **cfg.task_options)
     lengths = {t: _mean_length(task, t, cfg.seed) for t in ("direct", "cot")}
-    alone = DemoConfig(**{**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "out": str(tmp_path / "alone")})
+    alone = DemoConfig(quick=True, out=str(tmp_path / "alone"))
     threads = torch.get_num_threads()
     try:
         stage, stats, rows, _ = _sft_stage(alone, "direct", lengths, threads=1)
     finally:
         torch.set_num_threads(threads)
-    losses = [[json.loads(x)["loss"] for x in (tmp_path / run / "sft-direct" / "metrics.jsonl").read_text().splitlines()]
-              for run in ("parallel", "alone")]
-    assert losses[0] == losses[1] and len(losses[0]) == 6
+    losses = [[json.loads(x)["loss"] for x in (run / "sft-direct" / "metrics.jsonl").read_text().splitlines()]
+              for run in (out, tmp_path / "alone")]
+    assert losses[0] == losses[1] and len(losses[0]) == 40
     key = lambda r: (r["stage"], r["method"], r["metric"], r["value"])  # noqa: E731
     assert [key(r) for r in res["rows"][: len(rows)]] == [key(r) for r in rows]  # its rows first, as before
     assert res["train"]["sft-direct"]["steps"] == stats["steps"] and stage == "sft-direct"
@@ -71,10 +80,8 @@ def test_console_script_runs():
 
 
 @pytest.mark.timeout(900)  # a hang guard, not a speed check: a busy 2-core machine may take minutes
-def test_quick_demo_writes_results_and_report(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    res = json.loads((out / "results.json").read_text())
+def test_quick_demo_writes_results_and_report(quick_demo, capsys):
+    out, res = quick_demo
     assert {r["stage"] for r in res["rows"]} == {"sft-direct", "sft-cot", "grpo", "test-time"}
     assert {r.get("from") for r in res["rows"] if r["stage"] == "grpo"} == {"sft-cot"}  # read against its start
     assert {r.get("from") for r in res["rows"] if r["stage"] == "test-time"} == {"grpo"}

@@ -399,9 +399,10 @@ def test_a_short_request_runs_beside_a_full_batch_of_long_ones(model, char_tok):
         sched.close()
 
 
-def test_express_steps_take_at_most_half_the_time_when_both_batches_run(model, char_tok):
+def test_express_steps_take_at_most_their_share_of_the_time_when_both_batches_run(model, char_tok):
     """The loop's choice: the express batch while it has rows and has spent less time since the main batch's
-    last step than that step took; the main batch otherwise; whichever has rows when the other has none."""
+    last step than its share allows (0.5: that step's time); the main batch otherwise; whichever has rows when
+    the other has none."""
     from thinkforge.generation.scheduler import Scheduler
 
     sched = Scheduler(Engine(model, char_tok, backend="fast"), max_rows=4)
@@ -419,6 +420,13 @@ def test_express_steps_take_at_most_half_the_time_when_both_batches_run(model, c
     assert sched._next() is sched.main
     sched.main.running = []
     assert sched._next() is sched.express
+    third = Scheduler(Engine(model, char_tok, backend="fast"), max_rows=4, express_share=0.25)
+    third.close()  # a quarter of the time: a third of the main step's time between main steps
+    third.main.running, third.express.running, third.main.last_step = [row], [row], 0.006
+    third.express_spent = 0.0019
+    assert third._next() is third.express
+    third.express_spent = 0.0021
+    assert third._next() is third.main
 
 
 def test_scheduler_under_churn_matches_the_engine(model, char_tok, monkeypatch):

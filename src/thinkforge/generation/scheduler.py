@@ -14,11 +14,12 @@ Nothing is allocated for a request's ``max_new_tokens`` ahead of time: the cache
 trims slots no row uses, so memory follows the tokens that exist. Bound: ``max_rows`` rows × at most
 3 × context slots (dead leading slots are trimmed once they are half the axis, and the axis grows by half).
 
-Short requests (``n × max_new_tokens`` at most ``express_tokens``) run in a second, small batch of their
-own (``express_rows`` rows, its own cache): its decode steps are cheap (few rows, short cache), so a short
-request is not slowed to the pace of a batch of long ones, nor does it wait for one of their rows to free.
-The loop steps the express batch while it has rows, for at most as long as the main batch's last step took
-since the main batch last stepped (so neither batch gets less than half the time when both are busy).
+With ``express_tokens`` > 0, short requests (``n × max_new_tokens`` at most that) run in a second, small
+batch of their own (``express_rows`` rows, its own cache): its decode steps are cheap (few rows, short
+cache), so a short request is not slowed to the pace of a batch of long ones, nor does it wait for one of
+their rows to free. While both batches have rows, the express one takes at most ``express_share`` of the
+time. It trades throughput for latency — small steps do less work per second — so it is off by default,
+as priority scheduling is in vLLM.
 
 A fault inside a decode step (all rows share it) fails the requests running at that moment with the
 error and resets the batch; waiting requests and later ones are served normally.
@@ -98,16 +99,17 @@ class _Batch:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_rows: int = 64, max_waiting: int = 256, express_tokens: int = 32,
-                 express_rows: int = 8):
-        if max_rows < 1 or max_waiting < 0 or express_tokens < 0 or express_rows < 0:
-            raise ValueError(f"need max_rows >= 1 and max_waiting, express_tokens, express_rows >= 0, got {max_rows}, "
-                             f"{max_waiting}, {express_tokens}, {express_rows}")
+    def __init__(self, engine: Engine, max_rows: int = 64, max_waiting: int = 256, express_tokens: int = 0,
+                 express_rows: int = 8, express_share: float = 0.5):
+        if max_rows < 1 or max_waiting < 0 or express_tokens < 0 or express_rows < 0 or not 0 < express_share < 1:
+            raise ValueError(f"need max_rows >= 1, max_waiting, express_tokens, express_rows >= 0 and 0 < express_share "
+                             f"< 1, got {max_rows}, {max_waiting}, {express_tokens}, {express_rows}, {express_share}")
         self.engine, self.max_rows, self.max_waiting = engine, max_rows, max_waiting
         self.express_tokens = express_tokens if express_rows else 0
         self.waiting: collections.deque[Request] = collections.deque()
         self.main, self.express = _Batch(max_rows), _Batch(express_rows)
         self.express_spent = 0.0  # seconds of express steps since the main batch last stepped
+        self.express_ratio = express_share / (1 - express_share)  # express time allowed per second of main steps
         self.cv = threading.Condition()
         self.gen = torch.Generator(device=next(engine.model.parameters()).device)
         self.gen.manual_seed(int(torch.randint(0, 2**62, (1,))))
@@ -179,10 +181,10 @@ class Scheduler:
                 batch.reset()
 
     def _next(self) -> _Batch | None:
-        """The batch to step: the express one while it has rows and has not used the main batch's last step
-        time since the main batch stepped; else the main one."""
+        """The batch to step: the express one while it has rows and has spent less time since the main batch
+        last stepped than its share allows against that step's time; else the main one."""
         main, express = self.main, self.express
-        if express.running and (not main.running or self.express_spent < main.last_step):
+        if express.running and (not main.running or self.express_spent < self.express_ratio * main.last_step):
             return express
         return main if main.running else None
 

@@ -43,9 +43,11 @@ class ServeConfig:
     max_body_bytes: int = option(1_000_000, "larger request bodies are refused with 413 (counted as they arrive)")
     max_batch_rows: int = option(256, "sequences decoded together (KV cache <= rows x 3 x context slots); more wait for a free row")
     max_queued: int = option(256, "requests waiting for rows; more are refused with 429 + Retry-After")
-    express_tokens: int = option(32, "requests with n x max_tokens up to this run in a small batch of their own, "
-                                     "stepped between the main batch's steps (0: off)")
+    express_tokens: int = option(0, "requests with n x max_tokens up to this run in a small batch of their own, "
+                                    "stepped between the main batch's steps: lower latency for short requests under "
+                                    "load, less throughput (0: off; see the README's serving section)")
     express_rows: int = option(8, "rows of that batch (a short request that finds it full joins the main batch)")
+    express_share: float = option(0.5, "the most of the time that batch takes while the main one also has rows")
     timeout: float = option(300.0, "seconds a request may take from arrival to its last token (504 after)")
     drain_seconds: float = option(10.0, "on SIGTERM, how long running requests may finish before the server exits")
     store_size: int = option(1000, "responses kept for previous_response_id (oldest dropped first)")
@@ -58,9 +60,9 @@ class ServeConfig:
         check(self.max_tokens_limit >= 1 and self.max_total_tokens >= 1 and self.max_batch_rows >= 1
               and self.max_queued >= 0 and self.timeout > 0 and self.drain_seconds >= 0 and self.store_size >= 0
               and self.threads >= 0 and (self.context is None or self.context >= 2)
-              and self.express_tokens >= 0 and self.express_rows >= 0,
+              and self.express_tokens >= 0 and self.express_rows >= 0 and 0 < self.express_share < 1,
               "need max_tokens_limit, max_total_tokens, max_batch_rows >= 1; max_queued, store_size, threads, "
-              "express_tokens, express_rows >= 0; "
+              "express_tokens, express_rows >= 0; 0 < express_share < 1; "
               "timeout > 0; drain_seconds >= 0; context >= 2")
 
 
@@ -146,7 +148,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
     limits = Limits(context=context, default_max_tokens=cfg.max_tokens, max_tokens=cfg.max_tokens_limit,
                     max_total_tokens=cfg.max_total_tokens, timeout=cfg.timeout)
     svc = ReasoningService(model, tokenizer, name, limits, cfg.max_batch_rows, cfg.max_queued, cfg.store_size,
-                           cfg.express_tokens, cfg.express_rows)
+                           cfg.express_tokens, cfg.express_rows, cfg.express_share)
     app = FastAPI(title="thinkforge", docs_url=None, redoc_url=None)
     app.state.service = svc
     created = int(time.time())

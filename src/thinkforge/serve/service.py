@@ -122,12 +122,14 @@ def _check_text(where: str, text: str) -> None:
 
 class ReasoningService:
     def __init__(self, model, tokenizer, model_name: str, limits: Limits | None = None, max_rows: int = 64,
-                 max_waiting: int = 256, store_size: int = 1000, express_tokens: int = 32, express_rows: int = 8):
+                 max_waiting: int = 256, store_size: int = 1000, express_tokens: int = 0, express_rows: int = 8,
+                 express_share: float = 0.5):
         self.tok, self.model_name = tokenizer, model_name
         self.limits = limits or Limits(context=model_context(model))
         self.engine = Engine(model, tokenizer)
         self.scheduler = Scheduler(self.engine, max_rows=max_rows, max_waiting=max_waiting,
-                                   express_tokens=express_tokens, express_rows=express_rows)
+                                   express_tokens=express_tokens, express_rows=express_rows,
+                                   express_share=express_share)
         self.store: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.store_size = store_size
         self.lock = threading.Lock()
