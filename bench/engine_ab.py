@@ -118,8 +118,7 @@ def serve(args, sides) -> None:
 
     def counting(self, tokens):  # what the time axis holds at this step (before the step writes slot t)
         valid = self.valid[: self.B, : self.t]
-        used = valid.any(0)
-        lead = int(used.float().argmax()) if bool(used.any()) else self.t
+        lead = self._first_used(self.t)
         slots["valid"] += int(valid.sum())
         slots["leading"] += self.B * lead
         slots["other rows"] += self.B * (self.t - lead) - int(valid.sum())

@@ -164,7 +164,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while not self._stop and not self.waiting and not self.running:
+                while not self._stop and not self.waiting and not (self.main.running or self.express.running):
                     self.cv.wait()
                 if self._stop:
                     return
