@@ -33,7 +33,13 @@ def command(trainer: str, out: Path, model: str | None, resume: bool) -> list[st
         args = ["train", "grpo", "--model", model, "--task", "add", "--task-options", "digits=2", "--steps", "6",
                 "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "24", "--train-problems", "50",
                 "--dynamic-sampling", "false", "--rewards", "accuracy=1.0,format=0.5", "--lr", "1e-3", "--warmup", "1"]
-    return [sys.executable, "-m", "thinkforge", *args, *common, *(["--resume"] if resume else ["--overwrite"])]
+    return [*args, *common, *(["--resume"] if resume else ["--overwrite"])]
+
+
+def start(args: list[str]):
+    """``python -m thinkforge <args>`` in a new process, output discarded (the default launcher)."""
+    return subprocess.Popen([sys.executable, "-m", "thinkforge", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -63,35 +69,42 @@ def finished(out: Path) -> bool:
     return (out / "model" / "config.json").exists()
 
 
-def run_trials(trainer: str, trials: int, seed: int = 0, model: str | None = None) -> dict:
+def run_trials(trainer: str, trials: int, seed: int = 0, model: str | None = None, launch=start,
+               max_kills: int | None = None) -> dict:
+    """``launch(args)``: starts ``thinkforge <args>`` and returns a ``subprocess.Popen``-like handle (``wait``,
+    ``kill``, ``returncode``); the test suite's forks a preloaded process, so a kill does not land during
+    the interpreter's start-up (seconds of imports) most of the time. ``max_kills``: per trial, after which
+    the run is left to finish (bounds the time; None = kill until it finishes within a draw)."""
     base = Path(tempfile.mkdtemp(prefix="crash-"))
     try:  # the trials' run folders are removed afterwards: the test suite calls this on every run
-        return _trials(trainer, trials, seed, model, base)
+        return _trials(trainer, trials, seed, model, base, launch, max_kills)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _trials(trainer: str, trials: int, seed: int, model: str | None, base: Path) -> dict:
+def _trials(trainer: str, trials: int, seed: int, model: str | None, base: Path, launch, max_kills) -> dict:
     rng = random.Random(seed)
     ref = base / "reference"
     t = time.perf_counter()
-    subprocess.run(command(trainer, ref, model, False), check=True, capture_output=True)
+    if launch(command(trainer, ref, model, False)).wait() != 0:
+        raise RuntimeError(f"the reference run failed: thinkforge {' '.join(command(trainer, ref, model, False))}")
     full_time = time.perf_counter() - t
     expected = metrics(ref)
     stats = {"trials": trials, "identical": 0, "kills": 0, "kills_during_write": 0, "broken_checkpoints": 0}
     for i in range(trials):
         out = base / f"trial{i}"
-        resume = False
+        resume, kills = False, 0
         while not finished(out):
-            proc = subprocess.Popen(command(trainer, out, model, resume), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-            delay = rng.uniform(0.3, 1.0) * full_time
+            proc = launch(command(trainer, out, model, resume))
+            delay = rng.uniform(0.3, 1.0) * full_time if max_kills is None or kills < max_kills else None
             try:
-                proc.wait(timeout=delay)
+                if proc.wait(timeout=delay) != 0:
+                    raise RuntimeError(f"trial {i}: the run failed on its own: thinkforge {' '.join(command(trainer, out, model, resume))}")
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
                 stats["kills"] += 1
+                kills += 1
                 if out.exists() and any(p.name.startswith(".checkpoint.") for p in out.iterdir()):  # mid-write
                     stats["kills_during_write"] += 1
                 stats["broken_checkpoints"] += not checkpoint_ok(out)
@@ -110,7 +123,8 @@ def main() -> None:
     model, scratch = None, Path(tempfile.mkdtemp(prefix="crash-start-"))
     try:
         if args.trainer == "grpo":  # a small SFT model to start RL from
-            subprocess.run(command("sft", scratch / "start", None, False), check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "thinkforge", *command("sft", scratch / "start", None, False)],
+                           check=True, capture_output=True)
             model = str(scratch / "start" / "model")
         s = run_trials(args.trainer, args.trials, args.seed, model)
     finally:

@@ -1,9 +1,13 @@
-"""torchrun with 2 CPU processes (gloo) gives the same parameters as 1 process on the same global batch."""
+"""torchrun with 2 CPU processes (gloo) gives the same parameters as 1 process on the same global batch.
+
+One test goes through torchrun itself; the others run their ranks with tests/ranks.py (the same command
+line and rendezvous environment, forked from a process that has imported torch once)."""
 import socket
 import subprocess
 import sys
 
 import pytest
+import ranks
 from safetensors.torch import load_file
 
 ARGS = ["train", "sft", "--task", "add", "--task-options", "digits=2", "--size", "micro", "--steps", "4",
@@ -15,7 +19,8 @@ ARGS = ["train", "sft", "--task", "add", "--task-options", "digits=2", "--size",
 def one_process_sft(tmp_path_factory):
     """The 1-process SFT run both the DDP and the FSDP runs are held to."""
     one = tmp_path_factory.mktemp("sft") / "one"
-    subprocess.run([sys.executable, "-m", "thinkforge", *ARGS, "--out", str(one)], check=True, capture_output=True)
+    r = ranks.run([*ARGS, "--out", str(one)], world=1)
+    assert r.returncode == 0, r.stderr[-2000:]
     return one
 
 
@@ -46,19 +51,12 @@ def _torchrun(args, env=None):
                           capture_output=True, text=True, timeout=200, env=env)
 
 
-def _ranks_said(stderr: str) -> str:
-    """What the ranks printed, without torchrun's own traceback (which names only the signal)."""
-    own = ("torch/distributed/", "Traceback", "File ", "return ", "raise ", "^^^", "main()", "run(args)", "elastic_launch(")
-    return "\n".join(x for x in stderr.splitlines() if not any(o in x for o in own))[-4000:]
-
-
 @pytest.mark.timeout(240)
 def test_grpo_two_processes_match_one(tmp_path):
     """Roll-outs split over 2 processes (3 prompts: 2 on rank 0, 1 on rank 1), rewards gathered, each rank
     trains on its rows in micro-batches of 5: same roll-outs, rewards and parameters as 1 process in one pass
     (KL term and mu = 2 included)."""
     import json
-    import os
 
     from thinkforge.models import char_tokenizer, save_model, tiny_model
 
@@ -68,16 +66,14 @@ def test_grpo_two_processes_match_one(tmp_path):
             "--prompts-per-step", "3", "--group-size", "4", "--max-new-tokens", "16", "--rewards",
             "test_ddp:letters=1.0", "--dynamic-sampling", "false", "--beta", "0.04", "--mu", "2", "--lr", "1e-3",
             "--warmup", "1", "--train-problems", "50", "--threads", "1"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    one, two = tmp_path / "one", tmp_path / "two"
-    r = subprocess.run([sys.executable, "-m", "thinkforge", *args, "--out", str(one)], capture_output=True, text=True,
-                       env=env)
+    one, two = tmp_path / "one", tmp_path / "two"  # (the ranks import this file for the reward, as sys.path has it)
+    r = ranks.run([*args, "--out", str(one)], world=1)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _torchrun([*args, "--out", str(two), "--micro-batch-size", "5"], env)  # and 6 rows per rank in 5 + 1
-    assert r.returncode == 0, _ranks_said(r.stderr)
+    r = ranks.run([*args, "--out", str(two), "--micro-batch-size", "5"])  # and 6 rows per rank in 5 + 1
+    assert r.returncode == 0, r.stderr[-4000:]
     sharded = tmp_path / "fsdp"  # FSDP2: generation on gathered weights, a sharded reference, the same update
-    r = _torchrun([*args, "--out", str(sharded), "--micro-batch-size", "5", "--fsdp", "true"], env)
-    assert r.returncode == 0, _ranks_said(r.stderr)
+    r = ranks.run([*args, "--out", str(sharded), "--micro-batch-size", "5", "--fsdp", "true"])
+    assert r.returncode == 0, r.stderr[-4000:]
     rows = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two, sharded)]
     assert len(rows[0]) == len(rows[1]) == len(rows[2]) == 3
     for a, b in [*zip(rows[0], rows[1]), *zip(rows[0], rows[2])]:  # same roll-outs: rewards and lengths equal; losses and KL within float noise
@@ -113,10 +109,10 @@ def test_preference_trainers_two_processes_match_one(tmp_path, trainer):
     args = (["train", "dpo", "--model", str(start), "--eval-problems", "0", "--lr", "3e-4", *common] if trainer == "dpo" else
             ["train", "rm", "--kind", "preference", "--policy", str(start), "--eval-share", "0.2", "--lr", "3e-4", *common])
     one, two = tmp_path / "one", tmp_path / "two"
-    r = subprocess.run([sys.executable, "-m", "thinkforge", *args, "--out", str(one)], capture_output=True, text=True)
+    r = ranks.run([*args, "--out", str(one)], world=1)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _torchrun([*args, "--out", str(two)])
-    assert r.returncode == 0, _ranks_said(r.stderr)
+    r = ranks.run([*args, "--out", str(two)])
+    assert r.returncode == 0, r.stderr[-4000:]
     a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"{trainer}: max parameter difference, 2 processes vs 1: {worst:.1e}")
@@ -139,8 +135,8 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, one_process_sft):
 
     one, two, single = one_process_sft, tmp_path / "two", tmp_path / "single"
     half = [x if x != "4" else "2" for x in ARGS]
-    r = _torchrun([*half, "--out", str(two), "--fsdp", "true"])
-    assert r.returncode == 0, _ranks_said(r.stderr)
+    r = ranks.run([*half, "--out", str(two), "--fsdp", "true"])
+    assert r.returncode == 0, r.stderr[-4000:]
     ck = two / "checkpoint"
     assert sorted(p.name for p in (ck / "optimizer").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not list(ck.glob("sharded")) and (ck / "model.safetensors").is_file()
@@ -148,16 +144,15 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, one_process_sft):
     assert halfway.keys() == load_file(two / "model" / "model.safetensors").keys()
     assert load_model(str(ck), device="cpu")[0].num_parameters() > 0
     shutil.copytree(two, single)
-    r = _torchrun([*ARGS, "--out", str(two), "--fsdp", "true", "--resume", "true"])
-    assert r.returncode == 0, _ranks_said(r.stderr)
-    r = subprocess.run([sys.executable, "-m", "thinkforge", *ARGS, "--out", str(single), "--resume", "true"],
-                       capture_output=True, text=True)
+    r = ranks.run([*ARGS, "--out", str(two), "--fsdp", "true", "--resume", "true"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = ranks.run([*ARGS, "--out", str(single), "--resume", "true"], world=1)
     assert r.returncode == 0, r.stderr[-2000:]
     grown = tmp_path / "grown"  # and the other way: a 1-process checkpoint resumed by 2 FSDP processes
-    r = subprocess.run([sys.executable, "-m", "thinkforge", *half, "--out", str(grown)], capture_output=True, text=True)
+    r = ranks.run([*half, "--out", str(grown)], world=1)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _torchrun([*ARGS, "--out", str(grown), "--fsdp", "true", "--resume", "true"])
-    assert r.returncode == 0, _ranks_said(r.stderr)
+    r = ranks.run([*ARGS, "--out", str(grown), "--fsdp", "true", "--resume", "true"])
+    assert r.returncode == 0, r.stderr[-4000:]
     a = load_file(one / "model" / "model.safetensors")
     losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     for run in (two, single, grown):
@@ -175,19 +170,9 @@ def test_fsdp_checkpoint_that_cannot_be_written_is_every_processs_error(tmp_path
     """A checkpoint write that fails (files capped at 64 KB here, so each process's shard of the weights
     cannot be written) stops both FSDP processes with the same clear error instead of leaving one waiting on
     the other, and leaves no half-written folder."""
-    import resource
-
-    def cap_files():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))  # (Python ignores SIGXFSZ: EFBIG)
-
     out = tmp_path / "run"
     half = [x if x != "4" else "2" for x in ARGS]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                        "127.0.0.1", "--master-port", str(port), "-m", "thinkforge", *half, "--out", str(out),
-                        "--fsdp", "true"], capture_output=True, text=True, timeout=200, preexec_fn=cap_files)
+    r = ranks.run([*half, "--out", str(out), "--fsdp", "true"], file_limit=64 * 1024)
     assert r.returncode != 0
     said = r.stderr[-4000:]
     assert said.count("error: step 2: could not write the checkpoint (process 0: File too large; process 1: "

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from thinkforge.format import SPECIAL_TOKENS
-from thinkforge.models import ModelLoadError, char_tokenizer, load_model, save_model, tiny_model
+from thinkforge.models import ModelLoadError, char_tokenizer, keeps_torch_threads, load_model, save_model, tiny_model
 
 
 def test_char_tokenizer_round_trip(char_tok):
@@ -54,3 +54,24 @@ def test_architecture_without_weights_has_meta_parameters_and_real_buffers(tmp_p
     buffers = dict(full.named_buffers())
     assert buffers and all(torch.equal(b, buffers[n]) for n, b in empty.named_buffers())
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+
+
+def test_commands_give_back_the_callers_thread_count():
+    """run_demo, run_recipe and the other commands set torch's threads for their work; the caller's count
+    comes back when they return or fail."""
+    from thinkforge import aha, attack, overopt, pipeline
+
+    @keeps_torch_threads
+    def busy(n, fail):
+        torch.set_num_threads(n)
+        if fail:
+            raise RuntimeError("x")
+        return torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    assert busy(before + 1, False) == before + 1 and torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        busy(before + 2, True)
+    assert torch.get_num_threads() == before
+    for fn in (pipeline.run_demo, pipeline.run_recipe, aha.run_aha, attack.run_attack, overopt.run_overopt):
+        assert fn.__code__ is busy.__code__, fn  # wrapped by keeps_torch_threads

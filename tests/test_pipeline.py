@@ -13,7 +13,7 @@ eval_problems = 5
 eval_samples = 2
 max_new_tokens = 48
 seed = 0
-threads = 2
+threads = 1
 
 [[stage]]
 name = "cold"
@@ -228,7 +228,7 @@ train_problems = 40
 
 def test_rlhf_recipe_runs_preferences_rm_dpo_grpo_and_ppo_with_gold_rows(tmp_path):
     f = tmp_path / "r.toml"
-    f.write_text(RECIPE.format(more=RLHF).replace("threads = 2\n", "threads = 2\ngold = true\n", 1).replace(
+    f.write_text(RECIPE.format(more=RLHF).replace("threads = 1\n", "threads = 1\ngold = true\n", 1).replace(
         "\ngold = true\n\n[[stage]]\nname = \"prefs\"", "\n[[stage]]\nname = \"prefs\""))
     res = run_recipe(str(f), str(tmp_path / "out"))
     assert set(res["models"]) == {"cold", "dpo", "grpo-rm", "ppo-rm"} and set(res["data"]) == {"prefs"}

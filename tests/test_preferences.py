@@ -135,6 +135,25 @@ def rm_cfg(policy, tmp_path, data, **kw):
     return RMConfig(**{**base, **kw})
 
 
+def test_held_out_measures_without_rows_or_without_a_gold_order(char_tok):
+    """A proxy whose hold-out got no prompts (small preference files in ``thinkforge overopt``), or whose
+    held-out rankings are all gold ties, gets the measures that exist instead of a bootstrap error."""
+    from thinkforge.preferences import Ranking
+    from thinkforge.train.preference_rm import evaluate_preference_rm
+
+    class Longer:  # scores a completion by its length
+        tok = char_tok
+
+        def score(self, prompts, completions):
+            return [[float(len(c))] for c in completions]
+
+    assert evaluate_preference_rm(Longer(), []) == {"held_out_rankings": 0, "held_out_pairs": 0}
+    rep = evaluate_preference_rm(Longer(), [Ranking("1+1", ["aa", "a"], [0, 1], gold_ranks=[0, 0])])
+    assert rep["accuracy"]["mean"] == 1.0 and rep["held_out_pairs"] == 1 and "rm_agreement_with_gold" not in rep
+    rep = evaluate_preference_rm(Longer(), [Ranking("1+1", ["aa", "a"], [0, 1], gold_ranks=[1, 0])])
+    assert rep["rm_agreement_with_gold"]["mean"] == 0.0 and rep["labeller_agreement_with_gold"]["mean"] == 0.0
+
+
 def test_bt_reward_model_learns_a_preference_and_scores_it(policy, tmp_path):
     from thinkforge.scorers import RewardModel
     from thinkforge.train.reward_model import train_reward_model
@@ -579,11 +598,15 @@ def test_gao_forms_are_recovered_with_their_peaks():
     assert kl_bon(1) == 0.0 and abs(kl_bon(4) - (np.log(4) - 0.75)) < 1e-15
 
 
-def test_overopt_command_measures_proxies_best_of_n_and_rl_and_continues(syllogism_model, tmp_path):
+def test_overopt_command_measures_proxies_best_of_n_and_rl_and_continues(tmp_path):
     from thinkforge.config import ConfigError
     from thinkforge.overopt import OveroptConfig, run_overopt
+    from thinkforge.train.sft import SFTConfig, train_sft
 
-    cfg = dict(task="syllogism", task_options={}, policy=syllogism_model[2], out=str(tmp_path / "o"),
+    policy = str(train_sft(SFTConfig(task="syllogism", size="micro", steps=60, batch_size=16, max_len=256, lr=3e-3, min_lr_ratio=1.0,
+                                     out=str(tmp_path / "policy"), train_problems=500, save_every=60)) / "model")
+
+    cfg = dict(task="syllogism", task_options={}, policy=policy, out=str(tmp_path / "o"),
                data_sizes=[6, 16], k=3, rm_steps=3, rm_batch_size=4, bon_problems=3, bon_n=4, rl_steps=2, rl_every=1,
                rl_lr=1e-3, prompts_per_step=2, group_size=2, eval_problems=3, eval_samples=2, max_new_tokens=64)
     res = run_overopt(OveroptConfig(**cfg))

@@ -36,6 +36,7 @@ import torch
 
 from thinkforge.config import ConfigError, check, claim_folder, option, write_json
 from thinkforge.metrics import ci_record, paired_bootstrap
+from thinkforge.models import keeps_torch_threads
 
 ARMS = ("primed", "control")
 CHECK = re.compile(r"^\W*check\b", re.IGNORECASE)
@@ -170,6 +171,7 @@ def _paired(a: dict, b: dict) -> dict:
     return {k: paired_bootstrap(a["per_problem"][k], b["per_problem"][k]) for k in COMPARED}
 
 
+@keeps_torch_threads
 def run_aha(cfg: AhaConfig) -> dict:
     from thinkforge.tasks import get_task
 

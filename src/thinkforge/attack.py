@@ -42,6 +42,7 @@ import torch
 from thinkforge import format as fmt
 from thinkforge.config import ConfigError, check, claim_folder, option, write_json
 from thinkforge.metrics import ci_record
+from thinkforge.models import keeps_torch_threads
 
 SOFT = fmt.UNK  # the placeholder token a soft vector replaces (never in a task's prompt)
 GOALS = ("42", "plus1", "times7", "think-less")
@@ -236,6 +237,7 @@ def _defender(cfg: AttackConfig, out: Path) -> str:
     return cfg.model or cold_start(out / "sft", cfg.task, cfg.task_options, cfg.sft_steps, cfg.seed, cfg.threads)
 
 
+@keeps_torch_threads
 def run_attack(cfg: AttackConfig) -> dict:
     from thinkforge.models import load_model
     from thinkforge.tasks import get_task

@@ -20,6 +20,7 @@ time, so (rows × length × vocab) float32 logits never exist at once (every tra
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -61,6 +62,21 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def keeps_torch_threads(fn):
+    """``fn`` may set torch's CPU thread count for its work (a command's ``threads``); it is restored when
+    ``fn`` returns or raises, so a library caller (or the next test in the process) keeps its own."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapped
 
 
 def char_tokenizer(texts: list[str] = ()):

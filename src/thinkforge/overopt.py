@@ -43,6 +43,7 @@ import torch
 
 from thinkforge.config import ConfigError, check, claim_folder, option, write_json
 from thinkforge.metrics import ci_record
+from thinkforge.models import keeps_torch_threads
 
 
 @dataclass
@@ -348,6 +349,7 @@ def _plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@keeps_torch_threads
 def run_overopt(cfg: OveroptConfig) -> dict:
     from thinkforge.tasks import get_task
 
@@ -394,6 +396,9 @@ def summary(results: dict) -> str:
     """The report: each proxy's accuracy, then best-of-n and RL gold/proxy at their measured points and fits."""
     lines = [f"over-optimisation on {results['task']} from {results['policy']}"]
     for size, ev in results["reward_models"].items():
+        if "accuracy" not in ev:
+            lines.append(f"proxy RM on {size} prompts ({ev['train_rankings']} rankings): no held-out rankings")
+            continue
         a, g = ev["accuracy"], ev.get("rm_agreement_with_gold") or {}
         lab = ev.get("labeller_agreement_with_gold") or {}
         lines.append(f"proxy RM on {size} prompts ({ev['train_rankings']} rankings): held-out accuracy "

@@ -25,7 +25,7 @@ import torch
 from thinkforge.config import check, option
 from thinkforge.evaluate import evaluate_model, format_rows, sweep
 from thinkforge.metrics import paired_bootstrap
-from thinkforge.models import load_model
+from thinkforge.models import keeps_torch_threads, load_model
 from thinkforge.tasks import get_task
 
 
@@ -176,6 +176,7 @@ def _train_stats(run: Path, seconds: float) -> dict:
             "seen_tokens": sum(r["seen_tokens"] for r in rows), "seconds": seconds}
 
 
+@keeps_torch_threads
 def run_demo(cfg: DemoConfig) -> dict:
     from thinkforge.report import write_report
 
@@ -358,6 +359,7 @@ def _by_family(task, test: list) -> list[tuple[str | None, list]]:
     return [(f, [p for p in test if p.meta.get("family") == f]) for f in families]
 
 
+@keeps_torch_threads
 def run_recipe(path: str, out: str | None = None) -> dict:
     """Run every ``[[stage]]`` of a recipe in order; each writes its own folder and, if it makes a model,
     evaluation rows with ``"from"`` = the stage it started from. Writes ``<out>/results.json``.

@@ -140,7 +140,10 @@ def evaluate_preference_rm(rm: RewardModel, rankings: list[Ranking], seed: int =
     """Held-out pairwise accuracy on the labels, agreement with gold, and the labeller's own agreement with
     gold; 95% intervals bootstrap over prompts (a prompt's pairs move together). Every distinct (prompt,
     completion) is scored once, in the reward model's batches: a completion that appears twice has one score,
-    so such a pair stays a tie (0.5) whatever batch it fell in."""
+    so such a pair stays a tie (0.5) whatever batch it fell in. No rankings: only the counts (0); no prompt with
+    a gold-ordered pair: no agreement measures."""
+    if not rankings:
+        return {"held_out_rankings": 0, "held_out_pairs": 0}
     texts = [prompt_text(r.prompt, rm.tok) for r in rankings]
     unique = list(dict.fromkeys((t, c) for t, r in zip(texts, rankings) for c in r.completions))
     got = dict(zip(unique, (s[0] for s in rm.score([t for t, _ in unique], [c for _, c in unique]))))
@@ -156,6 +159,7 @@ def evaluate_preference_rm(rm: RewardModel, rankings: list[Ranking], seed: int =
         rm_gold = [agreement([r], [sc])[0] for r, sc in zip(rankings, scores) if r.gold_ranks is not None]
         lab_gold = [agreement([r])[0] for r in gold]
         keep = [i for i, a in enumerate(rm_gold) if a]  # prompts with at least one gold-ordered pair
+    if gold and keep:
         report["rm_agreement_with_gold"] = ci_record([sum(rm_gold[i]) / len(rm_gold[i]) for i in keep], seed)
         report["labeller_agreement_with_gold"] = ci_record([sum(lab_gold[i]) / len(lab_gold[i]) for i in keep], seed)
     return report
