@@ -79,7 +79,8 @@ def warm() -> None:
 
 def run(args: list[str], world: int = 2, env: dict | None = None, timeout: float = 200, grace: float = 20,
         file_limit: int | None = None) -> Result:
-    """``torchrun --nproc-per-node <world> -m thinkforge <args>`` (``world`` 1: ``python -m thinkforge <args>``)."""
+    """``torchrun --nproc-per-node <world> -m thinkforge <args>`` (``world`` 1: ``python -m thinkforge <args>``).
+    A rank's environment is the fork server's (this process's when it was started) updated with ``env``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
