@@ -98,8 +98,7 @@ def _trials(trainer: str, trials: int, seed: int, model: str | None, base: Path,
             proc = launch(command(trainer, out, model, resume))
             delay = rng.uniform(0.3, 1.0) * full_time if max_kills is None or kills < max_kills else None
             try:
-                if proc.wait(timeout=delay) != 0:
-                    raise RuntimeError(f"trial {i}: the run failed on its own: thinkforge {' '.join(command(trainer, out, model, resume))}")
+                code = proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -108,6 +107,13 @@ def _trials(trainer: str, trials: int, seed: int, model: str | None, base: Path,
                 if out.exists() and any(p.name.startswith(".checkpoint.") for p in out.iterdir()):  # mid-write
                     stats["kills_during_write"] += 1
                 stats["broken_checkpoints"] += not checkpoint_ok(out)
+            except BaseException:  # (^C or a test's timeout: leave no trainer running)
+                proc.kill()
+                raise
+            else:
+                if code != 0:
+                    raise RuntimeError(f"trial {i}: the run failed on its own: thinkforge "
+                                       f"{' '.join(command(trainer, out, model, resume))}")
             resume = (out / "checkpoint").exists()
         stats["identical"] += metrics(out) == expected
         print(f"  trial {i}: identical={metrics(out) == expected} kills so far={stats['kills']}", flush=True)

@@ -86,24 +86,31 @@ def run(args: list[str], world: int = 2, env: dict | None = None, timeout: float
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as logs:
         procs = []
-        for rank in range(world):
-            rank_env = dict(env or {})
-            if world > 1:
-                rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                                GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            procs.append(Process(args, rank_env, os.path.join(logs, f"{rank}.log"), file_limit))
-        deadline, failed_at = time.monotonic() + timeout, None
-        while any(p.returncode is None for p in procs):
-            now = time.monotonic()
-            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
-                failed_at = now
-            if now > deadline or (failed_at is not None and now > failed_at + grace):
+        try:
+            for rank in range(world):
+                rank_env = dict(env or {})
+                if world > 1:
+                    rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                                    LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+                                    MASTER_PORT=str(port))
+                procs.append(Process(args, rank_env, os.path.join(logs, f"{rank}.log"), file_limit))
+            deadline, failed_at = time.monotonic() + timeout, None
+            while any(p.returncode is None for p in procs):
+                now = time.monotonic()
+                if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+                    failed_at = now
+                if now > deadline or (failed_at is not None and now > failed_at + grace):
+                    for p in procs:
+                        if p.returncode is None:
+                            p.kill()
                 for p in procs:
-                    if p.returncode is None:
-                        p.kill()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        p.wait(0.05)
+        finally:  # (a test timeout or ^C here leaves no rank running)
             for p in procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(0.05)
+                if p.returncode is None:
+                    p.kill()
+                    p.wait()
         codes = [p.returncode for p in procs]
         said = "".join(open(p, errors="replace").read() for p in (os.path.join(logs, f"{r}.log") for r in range(world))
                        if os.path.exists(p))
