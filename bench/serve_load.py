@@ -7,7 +7,8 @@ this tree) and take turns: for each number of concurrent clients (1, 16, 64, 200
 today's, so a busy neighbour hurts both alike. Each client sends chat requests through the official
 openai client with a mix of sampling parameters and lengths (temperature 0, 0.7 or 1.0; max_tokens 16,
 64 or 256), as real traffic has. Then "short under long": the latency of a short greedy request (max_tokens 8) alone, and
-while 8 clients keep sending long ones (n=8, max_tokens 256, temperature 1). ``--single N``: only N single
+while 8 clients keep sending long ones (n=8, max_tokens 256, temperature 1); ``--short-tier priority`` sends
+the short ones with that ``service_tier``. ``--single N``: only N single
 requests, alternating (one client's latency). Without ``--model`` a tiny syllogism model is trained first
 (about 10 s). Ends with
 ``RESULT serve_load c64_ratio=… c200_ratio=… short_under_long_p99_x=… …``.
@@ -81,8 +82,8 @@ def load(client, clients: int, requests: int, seed: int) -> dict:
             "errors": len(errors)}
 
 
-def short_under_long(client, shorts: int = 20) -> tuple[float, float]:
-    short = dict(temperature=0.0, max_tokens=8)
+def short_under_long(client, shorts: int = 20, tier: str | None = None) -> tuple[float, float]:
+    short = dict(temperature=0.0, max_tokens=8, **({"service_tier": tier} if tier else {}))
     alone = sorted(ask(client, None, **short)[0] for _ in range(shorts))
     stop = threading.Event()
 
@@ -113,6 +114,8 @@ def main() -> None:
     ap.add_argument("--levels", default="1,16,64,200")
     ap.add_argument("--today-args", default="", help="more `thinkforge serve` options for today's server, e.g. "
                                                      "'--express-rows 0'")
+    ap.add_argument("--short-tier", default=None, help="service_tier of the short requests of 'short under long' "
+                                                       "(e.g. priority; the long ones and the mixed load: none)")
     ap.add_argument("--single", type=int, default=0,
                     help="only this many single requests (T=0.7, max_tokens 64), alternating between the servers")
     args = ap.parse_args()
@@ -144,7 +147,7 @@ def main() -> None:
                       f"p99 {r['p99']:6.0f} ms  errors {r['errors']}", flush=True)
         sul = {}
         for side in sides:
-            sul[side] = short_under_long(servers[side][1])
+            sul[side] = short_under_long(servers[side][1], tier=args.short_tier)
             print(f"{side:8s} short request p99: alone {sul[side][0]:.0f} ms, under long requests {sul[side][1]:.0f} ms "
                   f"({sul[side][1] / sul[side][0]:.1f}x)", flush=True)
     finally:

@@ -399,6 +399,33 @@ def test_a_short_request_runs_beside_a_full_batch_of_long_ones(model, char_tok):
         sched.close()
 
 
+def test_a_priority_request_runs_beside_a_full_batch_and_others_do_not(model, char_tok):
+    """With no short-request rule (express_tokens 0), only a request submitted with ``priority`` takes the
+    express batch: beside a full main batch it runs and ends, with the engine's tokens, while one without
+    priority (the same parameters, submitted first) waits for a main row."""
+    from thinkforge.generation.scheduler import Scheduler
+
+    eng = Engine(model, char_tok, backend="fast")
+    sched = Scheduler(eng, max_rows=4, express_rows=2)
+    prompt = fmt.render_prompt("qq")
+    ids = char_tok.encode(prompt, add_special_tokens=False)
+    try:
+        long = sched.submit(ids, SamplingParams(n=4, temperature=1.0, max_new_tokens=600, ignore_eos=True, seed=1))
+        while len(sched.main.running) < 4:
+            time.sleep(0.001)
+        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=30, ignore_eos=True, seed=3)
+        plain = sched.submit(ids, params)
+        fast = sched.submit(ids, params, priority=True)
+        got = fast.wait(60)
+        assert fast.batch == "express" and plain.batch is None and not plain.done.is_set() and not long.done.is_set()
+        alone = eng.generate([prompt], SamplingParams(**{**params.__dict__, "seed": [params.seed]}))
+        assert [c.ids for c in got] == [c.ids for c in alone]
+        long.cancel()
+        assert plain.wait(60) and plain.batch == "main"
+    finally:
+        sched.close()
+
+
 def test_express_steps_take_at_most_their_share_of_the_time_when_both_batches_run(model, char_tok):
     """The loop's choice: the express batch while it has rows and has spent less time since the main batch's
     last step than its share allows (0.5: that step's time); the main batch otherwise; whichever has rows when

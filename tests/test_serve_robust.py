@@ -381,6 +381,29 @@ def test_models_by_id_stop_seed_logprobs_and_lowercase_bearer(syllogism_model, c
         assert httpx.get(f"{url}/models", headers={"Authorization": "Basic k"}).status_code == 401
 
 
+def test_service_tier_priority_takes_the_express_batch(syllogism_model, client):
+    """``service_tier: "priority"`` runs a request in the express batch (with express_tokens 0, nothing else
+    does), with the tokens it would get in the main one; an unknown tier is a 400 that names the field."""
+    from thinkforge.serve.protocol import ChatRequest
+    from thinkforge.serve.service import ReasoningService
+
+    model, tok, _ = syllogism_model
+    svc = ReasoningService(model, tok, "syl", max_rows=4)
+    try:
+        for tier, batch in (("default", "main"), ("priority", "express"), (None, "main"), ("flex", "main")):
+            job = svc.start_chat(ChatRequest(model="syl", messages=MSG, max_tokens=6, service_tier=tier))
+            assert len(job.request.wait(60)[0].ids) > 0 and job.request.batch == batch, tier
+    finally:
+        svc.scheduler.close()
+    ask = dict(model="syl", messages=MSG, temperature=1.0, seed=7, max_tokens=40)
+    plain, fast = client.chat.completions.create(**ask), client.chat.completions.create(**ask, service_tier="priority")
+    assert fast.choices[0].message == plain.choices[0].message
+    r = client.responses.create(model="syl", input=SEED_PROMPT, max_output_tokens=20, service_tier="priority")
+    assert r.status in ("completed", "incomplete")
+    with pytest.raises(openai.BadRequestError, match="service_tier"):
+        client.chat.completions.create(**ask, service_tier="urgent")
+
+
 def test_control_tokens_typed_by_a_user_stay_text(syllogism_model):
     from thinkforge.serve.service import ReasoningService
 

@@ -14,12 +14,14 @@ Nothing is allocated for a request's ``max_new_tokens`` ahead of time: the cache
 trims slots no row uses, so memory follows the tokens that exist. Bound: ``max_rows`` rows × at most
 3 × context slots (dead leading slots are trimmed once they are half the axis, and the axis grows by half).
 
-With ``express_tokens`` > 0, short requests (``n × max_new_tokens`` at most that) run in a second, small
-batch of their own (``express_rows`` rows, its own cache): its decode steps are cheap (few rows, short
-cache), so a short request is not slowed to the pace of a batch of long ones, nor does it wait for one of
-their rows to free. While both batches have rows, the express one takes at most ``express_share`` of the
-time. It trades throughput for latency — small steps do less work per second — so it is off by default,
-as priority scheduling is in vLLM.
+Requests submitted with ``priority`` (the API's ``service_tier: "priority"``) and, with ``express_tokens``
+> 0, short ones (``n × max_new_tokens`` at most that) run in a second, small batch of their own
+(``express_rows`` rows, its own cache): its decode steps are cheap (few rows, short cache), so such a request
+is not slowed to the pace of a batch of long ones, nor does it wait for one of their rows to free. While
+both batches have rows, the express one takes at most ``express_share`` of the time. It trades throughput
+for latency — small steps do less work per second — so it is for the requests that ask (or, opted in,
+the short ones), as priority scheduling is opt-in in vLLM. One that finds the express batch full joins
+the main one.
 
 A fault inside a decode step (all rows share it) fails the requests running at that moment with the
 error and resets the batch; waiting requests and later ones are served normally.
@@ -62,6 +64,8 @@ class Request:
     result: list[Completion] | None = None
     error: Exception | None = None
     on_done: Callable[[], None] | None = None  # called once, from the scheduler's thread, when it ends
+    priority: bool = False  # the express batch when it has rows (service_tier "priority")
+    batch: str | None = None  # the batch it joined: "main" or "express"
 
     def __post_init__(self):
         self.done = threading.Event()
@@ -122,12 +126,13 @@ class Scheduler:
     # ---- API ------------------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_token=None, deadline: float | None = None,
-               stop_text: list[str] | None = None, on_done=None) -> Request:
+               stop_text: list[str] | None = None, on_done=None, priority: bool = False) -> Request:
         if not prompt_ids:
             raise ValueError("empty prompt")
         if params.n > self.max_rows:
             raise ValueError(f"n={params.n} is more than the {self.max_rows} rows a batch holds")
-        req = Request(list(prompt_ids), params, on_token, deadline, list(stop_text or []), on_done=on_done)
+        req = Request(list(prompt_ids), params, on_token, deadline, list(stop_text or []), on_done=on_done,
+                      priority=priority)
         with self.cv:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
@@ -190,14 +195,14 @@ class Scheduler:
 
     @torch.no_grad()
     def _admit(self) -> None:
-        """Join every waiting request that fits into its batch (short ones into the express batch while it has
-        rows, else the main one), one prefill per batch."""
+        """Join every waiting request that fits into its batch (priority and short ones into the express batch
+        while it has rows, else the main one), one prefill per batch."""
         taken: dict[_Batch, list[Request]] = {self.main: [], self.express: []}
         now = time.monotonic()
         with self.cv:
             free = {b: b.max_rows - len(b.running) for b in taken}
             later: collections.deque[Request] = collections.deque()
-            main_blocked = False  # long requests are admitted in arrival order; short ones may pass them
+            main_blocked = False  # other requests are admitted in arrival order; express ones may pass them
             while self.waiting:
                 req = self.waiting.popleft()
                 if req.cancelled:
@@ -206,17 +211,19 @@ class Scheduler:
                 if req.deadline is not None and now > req.deadline:
                     self._fail(req, DeadlineExceeded("the request waited past its deadline"))
                     continue
-                n, short = req.params.n, req.params.n * req.params.max_new_tokens <= self.express_tokens
-                if short and n <= free[self.express]:
+                n = req.params.n
+                fast = req.priority or n * req.params.max_new_tokens <= self.express_tokens
+                if fast and n <= free[self.express]:
                     batch = self.express
                 elif not main_blocked and n <= free[self.main]:
                     batch = self.main
                 else:
-                    main_blocked |= not short
+                    main_blocked |= not fast
                     later.append(req)
                     continue
                 taken[batch].append(req)
                 free[batch] -= n
+                req.batch = "express" if batch is self.express else "main"
             self.waiting = later
         for batch, reqs in taken.items():
             ready = []

@@ -43,10 +43,12 @@ class ServeConfig:
     max_body_bytes: int = option(1_000_000, "larger request bodies are refused with 413 (counted as they arrive)")
     max_batch_rows: int = option(256, "sequences decoded together (KV cache <= rows x 3 x context slots); more wait for a free row")
     max_queued: int = option(256, "requests waiting for rows; more are refused with 429 + Retry-After")
-    express_tokens: int = option(0, "requests with n x max_tokens up to this run in a small batch of their own, "
-                                    "stepped between the main batch's steps: lower latency for short requests under "
-                                    "load, less throughput (0: off; see the README's serving section)")
-    express_rows: int = option(8, "rows of that batch (a short request that finds it full joins the main batch)")
+    express_tokens: int = option(0, "requests with n x max_tokens up to this also run in the express batch (a small "
+                                    "batch of their own, stepped between the main batch's steps): lower latency for "
+                                    "short requests under load, less throughput (0: only service_tier 'priority' "
+                                    "requests; see the README's serving section)")
+    express_rows: int = option(8, "rows of the express batch, which requests with service_tier 'priority' use (0: "
+                                  "none; one that finds it full joins the main batch)")
     express_share: float = option(0.5, "the most of the time that batch takes while the main one also has rows")
     timeout: float = option(300.0, "seconds a request may take from arrival to its last token (504 after)")
     drain_seconds: float = option(10.0, "on SIGTERM, how long running requests may finish before the server exits")

@@ -2,7 +2,8 @@
 
 Wrong types and out-of-range values are rejected (400 with the field named). A parameter this server
 cannot honour is refused with a 400 that names it (``unsupported``), never silently ignored; fields that
-change nothing here (``metadata``, ``user``, ``service_tier``, ``parallel_tool_calls`` …) are accepted.
+change nothing here (``metadata``, ``user``, ``parallel_tool_calls`` …) are accepted. ``service_tier``
+"priority" asks for the express batch (see ``generation.scheduler``); the other tiers are the default one.
 Responses are built as plain dicts in ``service.py``: the SDK does not validate them, so their shape is
 pinned by tests with the real clients.
 """
@@ -13,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
 
 
 class _Body(BaseModel):
@@ -92,6 +94,7 @@ class ResponsesRequest(_Body):
     max_output_tokens: int | None = Field(default=None, gt=0)
     previous_response_id: str | None = None
     reasoning: Reasoning | None = None
+    service_tier: ServiceTier | None = None
     store: bool = True
     stream: bool = False
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -119,6 +122,7 @@ class ChatRequest(_Body):
     n: int = Field(default=1, ge=1, le=16)
     reasoning_effort: Effort | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    service_tier: ServiceTier | None = None
     stop: str | list[str] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)

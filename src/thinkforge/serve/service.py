@@ -209,7 +209,8 @@ class ReasoningService:
     def submit(self, job: Job, on_token=None, on_done=None, stop_text=None) -> Job:
         deadline = time.monotonic() + self.limits.timeout
         try:
-            job.request = self.scheduler.submit(job.prompt_ids, job.params, on_token, deadline, stop_text, on_done)
+            job.request = self.scheduler.submit(job.prompt_ids, job.params, on_token, deadline, stop_text, on_done,
+                                                priority=job.body.service_tier == "priority")
         except QueueFull as e:
             raise APIError(429, f"The server is busy ({e}); retry shortly.", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
