@@ -1,3 +1,4 @@
+import contextlib
 import time
 
 import pytest
@@ -371,20 +372,29 @@ def test_scheduler_short_request_leaves_before_a_long_one_and_faults_stay_isolat
         sched.close()
 
 
-def test_a_short_request_runs_beside_a_full_batch_of_long_ones(model, char_tok):
-    """The main batch is full (4 rows of one long request): a short request does not wait for a free row nor
-    for the long request to end — it runs in the express batch — and gets the engine's tokens alone; a long
-    request that finds no row waits, and a short one that arrived after it passes it."""
+@contextlib.contextmanager
+def _full_main_batch(model, char_tok, **express):
+    """A scheduler of 4 main rows, all taken by one long request: (engine, scheduler, prompt, its ids, that request)."""
     from thinkforge.generation.scheduler import Scheduler
 
     eng = Engine(model, char_tok, backend="fast")
-    sched = Scheduler(eng, max_rows=4, express_tokens=16, express_rows=2)
+    sched = Scheduler(eng, max_rows=4, **express)
     prompt = fmt.render_prompt("qq")
     ids = char_tok.encode(prompt, add_special_tokens=False)
     try:
         long = sched.submit(ids, SamplingParams(n=4, temperature=1.0, max_new_tokens=600, ignore_eos=True, seed=1))
         while len(sched.main.running) < 4:
             time.sleep(0.001)
+        yield eng, sched, prompt, ids, long
+    finally:
+        sched.close()
+
+
+def test_a_short_request_runs_beside_a_full_batch_of_long_ones(model, char_tok):
+    """The main batch is full (4 rows of one long request): a short request does not wait for a free row nor
+    for the long request to end — it runs in the express batch — and gets the engine's tokens alone; a long
+    request that finds no row waits, and a short one that arrived after it passes it."""
+    with _full_main_batch(model, char_tok, express_tokens=16, express_rows=2) as (eng, sched, prompt, ids, long):
         blocked = sched.submit(ids, SamplingParams(n=1, max_new_tokens=40, ignore_eos=True))  # no main row free
         params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, ignore_eos=True, seed=3)
         short = sched.submit(ids, params)  # 2 x 8 tokens <= 16: express
@@ -395,24 +405,13 @@ def test_a_short_request_runs_beside_a_full_batch_of_long_ones(model, char_tok):
         assert [c.ids for c in got] == [c.ids for c in alone]
         long.cancel()
         assert len(blocked.wait(60)[0].ids) == 40
-    finally:
-        sched.close()
 
 
 def test_a_priority_request_runs_beside_a_full_batch_and_others_do_not(model, char_tok):
     """With no short-request rule (express_tokens 0), only a request submitted with ``priority`` takes the
     express batch: beside a full main batch it runs and ends, with the engine's tokens, while one without
     priority (the same parameters, submitted first) waits for a main row."""
-    from thinkforge.generation.scheduler import Scheduler
-
-    eng = Engine(model, char_tok, backend="fast")
-    sched = Scheduler(eng, max_rows=4, express_rows=2)
-    prompt = fmt.render_prompt("qq")
-    ids = char_tok.encode(prompt, add_special_tokens=False)
-    try:
-        long = sched.submit(ids, SamplingParams(n=4, temperature=1.0, max_new_tokens=600, ignore_eos=True, seed=1))
-        while len(sched.main.running) < 4:
-            time.sleep(0.001)
+    with _full_main_batch(model, char_tok, express_rows=2) as (eng, sched, prompt, ids, long):
         params = SamplingParams(n=2, temperature=1.0, max_new_tokens=30, ignore_eos=True, seed=3)
         plain = sched.submit(ids, params)
         fast = sched.submit(ids, params, priority=True)
@@ -422,8 +421,6 @@ def test_a_priority_request_runs_beside_a_full_batch_and_others_do_not(model, ch
         assert [c.ids for c in got] == [c.ids for c in alone]
         long.cancel()
         assert plain.wait(60) and plain.batch == "main"
-    finally:
-        sched.close()
 
 
 def test_express_steps_take_at_most_their_share_of_the_time_when_both_batches_run(model, char_tok):
