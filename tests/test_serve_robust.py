@@ -383,7 +383,8 @@ def test_models_by_id_stop_seed_logprobs_and_lowercase_bearer(syllogism_model, c
 
 def test_service_tier_priority_takes_the_express_batch(syllogism_model, client):
     """``service_tier: "priority"`` runs a request in the express batch (with express_tokens 0, nothing else
-    does), with the tokens it would get in the main one; an unknown tier is a 400 that names the field."""
+    does), with the tokens it would get in the main one, and the response says which tier served it; an
+    unknown tier is a 400 that names the field."""
     from thinkforge.serve.protocol import ChatRequest
     from thinkforge.serve.service import ReasoningService
 
@@ -397,9 +398,12 @@ def test_service_tier_priority_takes_the_express_batch(syllogism_model, client):
         svc.scheduler.close()
     ask = dict(model="syl", messages=MSG, temperature=1.0, seed=7, max_tokens=40)
     plain, fast = client.chat.completions.create(**ask), client.chat.completions.create(**ask, service_tier="priority")
-    assert fast.choices[0].message == plain.choices[0].message
+    assert fast.choices[0].message == plain.choices[0].message  # the tier served is reported, as OpenAI does
+    assert (plain.service_tier, fast.service_tier) == ("default", "priority")
+    chunks = list(client.chat.completions.create(**ask, service_tier="priority", stream=True))
+    assert {c.service_tier for c in chunks} == {"priority"}
     r = client.responses.create(model="syl", input=SEED_PROMPT, max_output_tokens=20, service_tier="priority")
-    assert r.status in ("completed", "incomplete")
+    assert r.status in ("completed", "incomplete") and r.service_tier == "priority"
     with pytest.raises(openai.BadRequestError, match="service_tier"):
         client.chat.completions.create(**ask, service_tier="urgent")
 

@@ -111,6 +111,13 @@ class Job:
     context_mode: str = "current_turn"
 
 
+def service_tier(job: Job) -> str | None:
+    """The tier that served it, as OpenAI reports it: "priority" in the express batch, "default" in the main
+    one; None before it joins a batch (a stream's first Responses events)."""
+    batch = job.request.batch if job.request is not None else None
+    return None if batch is None else "priority" if batch == "express" else "default"
+
+
 def _check_text(where: str, text: str) -> None:
     try:
         text.encode("utf-8")
@@ -300,7 +307,7 @@ class ReasoningService:
             "max_output_tokens": req.max_output_tokens, "output": [], "parallel_tool_calls": False,
             "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": effort, "summary": summary_mode, "context": job.context_mode},
-            "store": req.store, "temperature": req.temperature,
+            "service_tier": service_tier(job), "store": req.store, "temperature": req.temperature,
             "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": req.top_p,
             "usage": None,
         }
@@ -388,7 +395,7 @@ class ReasoningService:
 
     def chat_result(self, job: Job, completions) -> dict:
         return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.body.model,
-                "choices": [self.chat_choice(job, i, c) for i, c in enumerate(completions)],
+                "service_tier": service_tier(job), "choices": [self.chat_choice(job, i, c) for i, c in enumerate(completions)],
                 "usage": self.chat_usage(job, completions)}
 
     def chat_usage(self, job: Job, comps) -> dict:

@@ -27,7 +27,7 @@ that fails sends ``{"error": …}`` instead (the openai client raises it).
 """
 from __future__ import annotations
 
-from thinkforge.serve.service import APIError, Job, ReasoningService, Split, split_text, summarize
+from thinkforge.serve.service import APIError, Job, ReasoningService, Split, service_tier, split_text, summarize
 
 
 class IncrementalText:
@@ -143,7 +143,8 @@ class ChatStream:
 
     def chunk(self, choices: list, usage: dict | None = None) -> dict:
         return {"id": self.job.id, "object": "chat.completion.chunk", "created": self.job.created,
-                "model": self.job.body.model, "choices": choices, **({"usage": usage} if usage is not None else {})}
+                "model": self.job.body.model, "service_tier": service_tier(self.job), "choices": choices,
+                **({"usage": usage} if usage is not None else {})}
 
     def start(self) -> list:
         return []
