@@ -86,8 +86,9 @@ def _trials(trainer: str, trials: int, seed: int, model: str | None, base: Path,
     rng = random.Random(seed)
     ref = base / "reference"
     t = time.perf_counter()
-    if launch(command(trainer, ref, model, False)).wait() != 0:
-        raise RuntimeError(f"the reference run failed: thinkforge {' '.join(command(trainer, ref, model, False))}")
+    args = command(trainer, ref, model, False)
+    if launch(args).wait() != 0:
+        raise RuntimeError(f"the reference run failed: thinkforge {' '.join(args)}")
     full_time = time.perf_counter() - t
     expected = metrics(ref)
     stats = {"trials": trials, "identical": 0, "kills": 0, "kills_during_write": 0, "broken_checkpoints": 0}

@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+
+from serve_helpers import free_port
 
 # Imported once by the fork server: what a rank imports. (Installed modules only: the fork server does not get
 # the tests' sys.path, and a preload that fails to import is skipped without a word.)
@@ -81,9 +82,7 @@ def run(args: list[str], world: int = 2, env: dict | None = None, timeout: float
         file_limit: int | None = None) -> Result:
     """``torchrun --nproc-per-node <world> -m thinkforge <args>`` (``world`` 1: ``python -m thinkforge <args>``).
     A rank's environment is the fork server's (this process's when it was started) updated with ``env``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as logs:
         procs = []
         try:

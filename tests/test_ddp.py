@@ -2,13 +2,13 @@
 
 One test goes through torchrun itself; the others run their ranks with tests/ranks.py (the same command
 line and rendezvous environment, forked from a process that has imported torch once)."""
-import socket
 import subprocess
 import sys
 
 import pytest
 import ranks
 from safetensors.torch import load_file
+from serve_helpers import free_port
 
 ARGS = ["train", "sft", "--task", "add", "--task-options", "digits=2", "--size", "micro", "--steps", "4",
         "--batch-size", "16", "--max-len", "64", "--train-problems", "200", "--warmup", "1", "--threads", "1",
@@ -42,13 +42,10 @@ def letters(completions, problems, **_):
     return [sum(ch.islower() for ch in c) / max(1, len(c)) for c in completions]
 
 
-def _torchrun(args, env=None):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def _torchrun(args):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                           "127.0.0.1", "--master-port", str(port), "-m", "thinkforge", *args],
-                          capture_output=True, text=True, timeout=200, env=env)
+                           "127.0.0.1", "--master-port", str(free_port()), "-m", "thinkforge", *args],
+                          capture_output=True, text=True, timeout=200)
 
 
 @pytest.mark.timeout(240)

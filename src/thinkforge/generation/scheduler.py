@@ -108,7 +108,7 @@ class Scheduler:
         if max_rows < 1 or max_waiting < 0 or express_tokens < 0 or express_rows < 0 or not 0 < express_share < 1:
             raise ValueError(f"need max_rows >= 1, max_waiting, express_tokens, express_rows >= 0 and 0 < express_share "
                              f"< 1, got {max_rows}, {max_waiting}, {express_tokens}, {express_rows}, {express_share}")
-        self.engine, self.max_rows, self.max_waiting = engine, max_rows, max_waiting
+        self.engine, self.max_waiting = engine, max_waiting
         self.express_tokens = express_tokens if express_rows else 0
         self.waiting: collections.deque[Request] = collections.deque()
         self.main, self.express = _Batch(max_rows), _Batch(express_rows)
@@ -144,6 +144,11 @@ class Scheduler:
     def running(self) -> list[tuple[Request, int]]:
         """Every running row: the main batch's, then the express batch's."""
         return self.main.running + self.express.running
+
+    @property
+    def max_rows(self) -> int:
+        """The main batch's rows: the most a request's n may be."""
+        return self.main.max_rows
 
     @property
     def backend(self):

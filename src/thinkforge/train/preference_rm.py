@@ -159,7 +159,7 @@ def evaluate_preference_rm(rm: RewardModel, rankings: list[Ranking], seed: int =
         rm_gold = [agreement([r], [sc])[0] for r, sc in zip(rankings, scores) if r.gold_ranks is not None]
         lab_gold = [agreement([r])[0] for r in gold]
         keep = [i for i, a in enumerate(rm_gold) if a]  # prompts with at least one gold-ordered pair
-    if gold and keep:
-        report["rm_agreement_with_gold"] = ci_record([sum(rm_gold[i]) / len(rm_gold[i]) for i in keep], seed)
-        report["labeller_agreement_with_gold"] = ci_record([sum(lab_gold[i]) / len(lab_gold[i]) for i in keep], seed)
+        if keep:
+            report["rm_agreement_with_gold"] = ci_record([sum(rm_gold[i]) / len(rm_gold[i]) for i in keep], seed)
+            report["labeller_agreement_with_gold"] = ci_record([sum(lab_gold[i]) / len(lab_gold[i]) for i in keep], seed)
     return report
