@@ -16,6 +16,26 @@ def test_help_lists_the_commands(capsys):
     assert "--max-len" in capsys.readouterr().out
 
 
+def test_help_and_unknown_commands_do_not_import_torch():
+    # the command table names config classes by path: `thinkforge --help` answers in a fraction of a second
+    # instead of importing every trainer (torch, transformers: ~5 s)
+    probe = ("import sys; from thinkforge.cli import main; codes = [main(['--help']), main(['frobnicate'])]; "
+             "sys.stdout.flush(); print('RESULT', codes, sorted({'torch', 'transformers'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "RESULT [0, 2] []"
+
+
+def test_every_command_has_its_config_and_field_help(capsys):
+    from dataclasses import is_dataclass
+
+    from thinkforge.cli import COMMANDS, _config_class
+
+    for name in COMMANDS:
+        assert is_dataclass(_config_class(name)), name
+        assert main([*name.split(), "--help"]) == 0
+        assert capsys.readouterr().out.startswith(f"thinkforge {name}: {COMMANDS[name][1]}\n\nfields")
+
+
 def test_tasks_show_prints_gold_traces(capsys):
     assert main(["tasks", "show", "mul", "-n", "2", "--options", "digits_a=2,digits_b=2"]) == 0
     out = capsys.readouterr().out

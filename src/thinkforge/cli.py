@@ -96,50 +96,6 @@ def _generate(cfg: GenerateConfig) -> None:
               + (f", waits {o.waits}" if o.waits else ""))
 
 
-def _commands():
-    from thinkforge.aha import AhaConfig
-    from thinkforge.attack import AttackConfig
-    from thinkforge.evaluate import EvalConfig
-    from thinkforge.overopt import OveroptConfig
-    from thinkforge.pipeline import DemoConfig
-    from thinkforge.preferences import PreferencesConfig
-    from thinkforge.rejection import SampleConfig
-    from thinkforge.serve import ServeConfig
-    from thinkforge.train.dpo import DPOConfig
-    from thinkforge.train.grpo import GRPOConfig
-    from thinkforge.train.ppo import PPOConfig
-    from thinkforge.train.reward_model import RMConfig
-    from thinkforge.train.sft import SFTConfig
-    from thinkforge.train.verifier import VerifierConfig
-    from thinkforge.ui import ExportConfig, UIConfig
-
-    return {
-        "train sft": (SFTConfig, "supervised fine-tuning on reasoning traces", _train_sft),
-        "train grpo": (GRPOConfig, "RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, BNPO, GSPO", _train_grpo),
-        "train rm": (RMConfig, "reward models: PRM (step labels: gold, judge, Monte-Carlo), ORM, or a Bradley-Terry "
-                               "preference RM", _train_rm),
-        "train ppo": (PPOConfig, "PPO with a value model, GAE and a KL penalty in the reward (classic RLHF)", _train_ppo),
-        "train verifier": (VerifierConfig, "a generative verifier: writes its own check, then yes/no (best-of-N)",
-                           _train_verifier),
-        "train dpo": (DPOConfig, "direct preference optimisation (DPO / IPO) from pairs or rankings", _train_dpo),
-        "preferences": (PreferencesConfig, "simulated labeller: rank a policy's samples by the task's gold "
-                                           "preference (+ noise) into a preference file", _preferences),
-        "overopt": (OveroptConfig, "reward over-optimisation measured: proxy RMs of two data sizes, best-of-n and RL "
-                                   "against each, gold vs proxy against sqrt(KL), Gao et al.'s fits", _overopt),
-        "aha": (AhaConfig, "does RL amplify self-checking? a primed cold start (checks, 'wait' fixes) vs a control, "
-                           "GRPO on accuracy, curves and paired CIs", _aha),
-        "attack": (AttackConfig, "soft-token attacks (answer 42 / +1 / x7, think less) against thinking budgets: "
-                                 "attack success by attacker resources and defender compute", _attack),
-        "sample": (SampleConfig, "rejection sampling: verified, well-formed traces to JSONL (for SFT --data)", _sample),
-        "eval": (EvalConfig, "pass@1 ± CI, pass@k, maj@k on held-out problems", _eval),
-        "generate": (GenerateConfig, "complete one prompt (thinking budget, budget forcing)", _generate),
-        "serve": (ServeConfig, "OpenAI-compatible server: /v1/responses, /v1/chat/completions, /v1/models", _serve),
-        "demo": (DemoConfig, "train direct vs chain-of-thought models at equal compute and compare", _demo),
-        "ui": (UIConfig, "the browser app: runs and their curves, traces, labelling (rankings, step marks) in SQLite", _ui),
-        "labels export": (ExportConfig, "write a queue's labels as rankings, pairs (preference RM, DPO) or steps (PRM)", _export),
-    }
-
-
 def _train_sft(cfg) -> None:
     from thinkforge.train.sft import train_sft
 
@@ -306,6 +262,51 @@ def _demo(cfg) -> None:
     print(f"serve it: thinkforge serve --model {results['models'][last]}   (OpenAI-compatible, model name '{last}')")
 
 
+# name -> (where its config class lives, what it does, what runs it). The class is imported only for the command
+# that runs (or whose --help is asked for): the trainers' modules import torch and transformers (~5 s), which
+# `thinkforge --help` and a mistyped command should not wait for.
+COMMANDS = {
+    "train sft": ("thinkforge.train.sft:SFTConfig", "supervised fine-tuning on reasoning traces", _train_sft),
+    "train grpo": ("thinkforge.train.grpo:GRPOConfig", "RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, BNPO, GSPO",
+                   _train_grpo),
+    "train rm": ("thinkforge.train.reward_model:RMConfig", "reward models: PRM (step labels: gold, judge, "
+                 "Monte-Carlo), ORM, or a Bradley-Terry preference RM", _train_rm),
+    "train ppo": ("thinkforge.train.ppo:PPOConfig", "PPO with a value model, GAE and a KL penalty in the reward "
+                  "(classic RLHF)", _train_ppo),
+    "train verifier": ("thinkforge.train.verifier:VerifierConfig", "a generative verifier: writes its own check, "
+                       "then yes/no (best-of-N)", _train_verifier),
+    "train dpo": ("thinkforge.train.dpo:DPOConfig", "direct preference optimisation (DPO / IPO) from pairs or "
+                  "rankings", _train_dpo),
+    "preferences": ("thinkforge.preferences:PreferencesConfig", "simulated labeller: rank a policy's samples by the "
+                    "task's gold preference (+ noise) into a preference file", _preferences),
+    "overopt": ("thinkforge.overopt:OveroptConfig", "reward over-optimisation measured: proxy RMs of two data sizes, "
+                "best-of-n and RL against each, gold vs proxy against sqrt(KL), Gao et al.'s fits", _overopt),
+    "aha": ("thinkforge.aha:AhaConfig", "does RL amplify self-checking? a primed cold start (checks, 'wait' fixes) "
+            "vs a control, GRPO on accuracy, curves and paired CIs", _aha),
+    "attack": ("thinkforge.attack:AttackConfig", "soft-token attacks (answer 42 / +1 / x7, think less) against "
+               "thinking budgets: attack success by attacker resources and defender compute", _attack),
+    "sample": ("thinkforge.rejection:SampleConfig", "rejection sampling: verified, well-formed traces to JSONL (for "
+               "SFT --data)", _sample),
+    "eval": ("thinkforge.evaluate:EvalConfig", "pass@1 ± CI, pass@k, maj@k on held-out problems", _eval),
+    "generate": ("thinkforge.cli:GenerateConfig", "complete one prompt (thinking budget, budget forcing)", _generate),
+    "serve": ("thinkforge.serve:ServeConfig", "OpenAI-compatible server: /v1/responses, /v1/chat/completions, "
+              "/v1/models", _serve),
+    "demo": ("thinkforge.pipeline:DemoConfig", "train direct vs chain-of-thought models at equal compute and compare",
+             _demo),
+    "ui": ("thinkforge.ui:UIConfig", "the browser app: runs and their curves, traces, labelling (rankings, step "
+           "marks) in SQLite", _ui),
+    "labels export": ("thinkforge.ui:ExportConfig", "write a queue's labels as rankings, pairs (preference RM, DPO) "
+                      "or steps (PRM)", _export),
+}
+
+
+def _config_class(name: str) -> type:
+    import importlib
+
+    module, cls = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 USAGE = """usage: thinkforge <command> [--field value ...]
 
 commands:
@@ -326,20 +327,20 @@ def main(argv: list[str] | None = None) -> int:
         argv.remove("--unsafe-sandbox")
         os.environ[UNSAFE_ENV] = "1"
     try:
+        name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else (argv[0] if argv else "")
+        if name not in COMMANDS and name not in ("tasks", "pipeline"):
+            lines = "\n".join(f"  {n:<30} {doc}" for n, (_, doc, _) in COMMANDS.items())
+            print(USAGE.format(commands=lines))
+            return 0 if not argv or argv[0] in ("-h", "--help") else 2
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        if argv and argv[0] in ("tasks", "pipeline"):
-            (_tasks if argv[0] == "tasks" else _pipeline)(argv[1:])
+        if name in ("tasks", "pipeline"):
+            (_tasks if name == "tasks" else _pipeline)(argv[1:])
             return 0
-        commands = _commands()
-        name = " ".join(argv[:2]) if " ".join(argv[:2]) in commands else (argv[0] if argv else "")
-        if name not in commands:
-            lines = "\n".join(f"  {n:<30} {doc}" for n, (_, doc, _) in commands.items())
-            print(USAGE.format(commands=lines))
-            return 0 if not argv or argv[0] in ("-h", "--help") else 2
-        cls, doc, fn = commands[name]
+        _, doc, fn = COMMANDS[name]
+        cls = _config_class(name)
         rest = argv[len(name.split()) :]
         if rest and rest[0] in ("-h", "--help"):
             print(f"thinkforge {name}: {doc}\n\nfields (--config FILE.toml sets any of them too):\n{config_help(cls)}")
