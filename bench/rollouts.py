@@ -10,7 +10,11 @@ order alternating, so a busy neighbour hits both alike; medians are reported. Th
 different tokens (different random streams), so the mean completion length of each is printed: the work
 is the same when those agree. Checks first: greedy completions identical to HF generate, and the engine's
 logprobs equal a full forward pass within 1e-4.
-Ends with: RESULT rollouts thinkforge_s=… hf_s=… speedup=…
+``--profile``: one more engine batch under torch's profiler; prints the time its matrix multiplies take (mm,
+addmm, bmm, baddbmm: the projections and the KV-cache reads) and the speed-up over HF generate the engine
+would have if it spent no time at all on anything else (the ceiling of any work on the rest of a decode
+step, Python included).
+Ends with: RESULT rollouts thinkforge_s=… hf_s=… speedup=… [gemm_s=… speedup_ceiling=…]
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=16)
     ap.add_argument("--max-new", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="also the engine's share of time in matmuls")
     args = ap.parse_args()
     if not (Path(args.model) / "config.json").exists():
         sys.exit(f"{args.model}: no model there; `make demo` trains it (or pass --model)")
@@ -104,7 +109,23 @@ def main() -> None:
         mean_len = statistics.mean(lengths[key])
         print(f"{name:<18} median {s * 1000:7.1f} ms per batch (min {min(times[key]) * 1000:.1f}); "
               f"mean completion {mean_len:.1f} tokens")
-    print(f"RESULT rollouts thinkforge_s={tf_s:.3f} hf_s={hf_s:.3f} speedup={hf_s / tf_s:.2f}")
+    extra = ""
+    if args.profile:
+        gemm = gemm_seconds(lambda: run_tf(batches[-1], args.rounds))
+        print(f"engine under the profiler: {gemm * 1000:.1f} ms of a batch in matmuls (mm, addmm, bmm, baddbmm); "
+              f"doing nothing else it would be {hf_s / gemm:.2f}x HF generate")
+        extra = f" gemm_s={gemm:.3f} speedup_ceiling={hf_s / gemm:.2f}"
+    print(f"RESULT rollouts thinkforge_s={tf_s:.3f} hf_s={hf_s:.3f} speedup={hf_s / tf_s:.2f}{extra}")
+
+
+def gemm_seconds(fn) -> float:
+    """Seconds the matmul operators of one call of ``fn`` take (their self time: nothing counted twice)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    gemms = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in gemms) / 1e6
 
 
 if __name__ == "__main__":
