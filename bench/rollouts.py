@@ -111,21 +111,32 @@ def main() -> None:
               f"mean completion {mean_len:.1f} tokens")
     extra = ""
     if args.profile:
-        gemm = gemm_seconds(lambda: run_tf(batches[-1], args.rounds))
-        print(f"engine under the profiler: {gemm * 1000:.1f} ms of a batch in matmuls (mm, addmm, bmm, baddbmm); "
-              f"doing nothing else it would be {hf_s / gemm:.2f}x HF generate")
+        proj, attn = gemm_seconds(lambda: run_tf(batches[-1], args.rounds))
+        gemm = proj[0] + attn[0]
+        from sft import matmul_peak  # bench/sft.py: the best of repeated 1024² and 2048² matmuls here
+
+        print(f"engine under the profiler: {gemm * 1000:.1f} ms of a batch in matmuls: projections (mm, addmm) "
+              f"{proj[0] * 1000:.1f} ms at {proj[1] / proj[0] / 1e9:.0f} GFLOP/s (square matmuls here: "
+              f"{matmul_peak([]) / 1e9:.0f}), attention (bmm, baddbmm) {attn[0] * 1000:.1f} ms; doing nothing else "
+              f"it would be {hf_s / gemm:.2f}x HF generate")
         extra = f" gemm_s={gemm:.3f} speedup_ceiling={hf_s / gemm:.2f}"
     print(f"RESULT rollouts thinkforge_s={tf_s:.3f} hf_s={hf_s:.3f} speedup={hf_s / tf_s:.2f}{extra}")
 
 
-def gemm_seconds(fn) -> float:
-    """Seconds the matmul operators of one call of ``fn`` take (their self time: nothing counted twice)."""
+def gemm_seconds(fn) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(seconds, floating-point operations) of one call of ``fn``'s projection matmuls (mm, addmm) and of its
+    attention ones (bmm, baddbmm): the operators' self time (nothing counted twice), the profiler's FLOP count."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         fn()
-    gemms = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in gemms) / 1e6
+    ops = prof.key_averages()
+
+    def total(names):
+        chosen = [e for e in ops if e.key in names]
+        return sum(e.self_cpu_time_total for e in chosen) / 1e6, sum(e.flops for e in chosen)
+
+    return total(("aten::mm", "aten::addmm")), total(("aten::bmm", "aten::baddbmm"))
 
 
 if __name__ == "__main__":
