@@ -38,11 +38,12 @@ def syllogism_model(tmp_path_factory):
 
 
 # Files in this order (each stays whole on one xdist worker, --dist loadfile): the heaviest first, as the
-# longest-first rule keeps the two workers' finishing times close; test_serve.py last, so the syllogism
-# model that test_serve_robust.py trains first is ready when it starts instead of keeping a worker waiting.
+# longest-first rule keeps the two workers' finishing times close; the other users of the syllogism model
+# (test_serve_metrics.py, test_serve.py) last, so the model that test_serve_robust.py trains first is ready
+# when they start instead of keeping a worker waiting.
 HEAVY_FIRST = ["test_serve_robust.py", "test_cli.py", "test_ddp.py", "test_grpo.py", "test_preferences.py", "test_ui.py",
                "test_pipeline.py", "test_attack.py"]
-LAST = ["test_serve.py"]
+LAST = ["test_serve_metrics.py", "test_serve.py"]
 
 
 def pytest_collection_modifyitems(items):

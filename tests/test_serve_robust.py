@@ -102,10 +102,10 @@ def test_an_engine_fault_is_one_requests_500_with_a_request_id(syllogism_model):
         finally:
             backends.FastBackend.join = backend_join
         for _ in range(200):  # finished rows leave the batch at the end of the step that answered them
-            if svc.scheduler.load() == {"waiting": 0, "running_rows": 0}:
+            if svc.scheduler.load() == {"waiting": 0, "running_rows": 0, "running": 0}:
                 break
             time.sleep(0.01)
-        assert svc.scheduler.load() == {"waiting": 0, "running_rows": 0}
+        assert svc.scheduler.load() == {"waiting": 0, "running_rows": 0, "running": 0}
 
 
 # ---- 2. limits ----------------------------------------------------------------------------------------

@@ -66,6 +66,10 @@ class Request:
     on_done: Callable[[], None] | None = None  # called once, from the scheduler's thread, when it ends
     priority: bool = False  # the express batch when it has rows (service_tier "priority")
     batch: str | None = None  # the batch it joined: "main" or "express"
+    # time.monotonic() when it was submitted, joined a batch (its prompt prefilled) and emitted its first token
+    submitted: float = 0.0
+    admitted: float | None = None
+    first_token: float | None = None
 
     def __post_init__(self):
         self.done = threading.Event()
@@ -118,6 +122,7 @@ class Scheduler:
         self.gen = torch.Generator(device=next(engine.model.parameters()).device)
         self.gen.manual_seed(int(torch.randint(0, 2**62, (1,))))
         self.steps = 0
+        self.on_end: Callable[[Request], None] | None = None  # called with every request that ends (metrics)
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name="thinkforge-scheduler", daemon=True)
         self.thread.start()
@@ -132,7 +137,7 @@ class Scheduler:
         if params.n > self.max_rows:
             raise ValueError(f"n={params.n} is more than the {self.max_rows} rows a batch holds")
         req = Request(list(prompt_ids), params, on_token, deadline, list(stop_text or []), on_done=on_done,
-                      priority=priority)
+                      priority=priority, submitted=time.monotonic())
         with self.cv:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
@@ -157,7 +162,9 @@ class Scheduler:
 
     def load(self) -> dict:
         with self.cv:
-            return {"waiting": len(self.waiting), "running_rows": len(self.running)}
+            running = self.running
+            return {"waiting": len(self.waiting), "running_rows": len(running),
+                    "running": len({id(r) for r, _ in running})}
 
     def close(self, wait: float = 10.0) -> None:
         """Stop the loop (after the current step) and fail what is still queued or running."""
@@ -266,6 +273,9 @@ class Scheduler:
             raise
         batch.running += [(r, i) for r in reqs for i in range(r.params.n)]
         batch.logits = logits if batch.logits is None else torch.cat([batch.logits, logits])
+        now = time.monotonic()
+        for r in reqs:
+            r.admitted = now
 
     def _new_backend(self, rows: int):
         from thinkforge.generation.backends import make_backend
@@ -342,6 +352,8 @@ class Scheduler:
         self.steps += 1
         now = time.monotonic()
         for r, pairs in emitted.items():
+            if r.first_token is None:
+                r.first_token = now
             if r.on_token is not None and not r.cancelled:
                 try:
                     r.on_token(pairs)
@@ -388,8 +400,12 @@ class Scheduler:
             req.error = error
             self._done(req)
 
-    @staticmethod
-    def _done(req: Request) -> None:
+    def _done(self, req: Request) -> None:
+        if self.on_end is not None:
+            try:
+                self.on_end(req)
+            except Exception as e:  # an observer's fault must not fail the request or stop the loop
+                print(f"scheduler on_end failed: {e!r}", file=sys.stderr)
         req.done.set()
         if req.on_done is not None:
             try:

@@ -11,7 +11,8 @@ Endpoints: ``POST /v1/responses`` (Responses API: ``reasoning.effort`` / ``summa
 ``max_output_tokens`` over reasoning + answer, ``status: "incomplete"``, streaming, multi-turn through
 ``previous_response_id`` or earlier output passed back as input), ``GET /v1/responses/{id}``, ``POST
 /v1/chat/completions`` (``reasoning_content``, ``reasoning_effort``, ``n``, ``stop``, ``seed``, ``logprobs``,
-streaming), ``GET /v1/models`` and ``GET /v1/models/{id}``. Errors are OpenAI-shaped (``{"error":
+streaming), ``GET /v1/models`` and ``GET /v1/models/{id}``; ``GET /health`` and ``GET /metrics`` (Prometheus,
+``serve.telemetry``), which need no API key. Errors are OpenAI-shaped (``{"error":
 {"message", "type", "param", "code"}}``); every request is validated on its own and a failure is its own.
 
 Limits (``ServeConfig``): body bytes (counted as they arrive, chunked or not), max_tokens, n × max_tokens,
@@ -73,18 +74,28 @@ def model_name(cfg: ServeConfig) -> str:
     return cfg.name or (p.parent.name if p.name == "model" else p.name)
 
 
+OPEN_PATHS = ("/health", "/metrics")  # no API key needed, as in vLLM: probes and scrapers carry none
+
+
 class _Guard:
-    """ASGI middleware: the API key (scheme case-insensitive, as RFC 7235 says) and the body limit, counted
-    on the bytes as they arrive — a chunked body without Content-Length is cut off at the limit too."""
+    """ASGI middleware: the API key (scheme case-insensitive, as RFC 7235 says; not for ``OPEN_PATHS``) and the
+    body limit, counted on the bytes as they arrive — a chunked body without Content-Length is cut off at the
+    limit too. Every response's status is counted (``telemetry``), its own refusals included."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app, api_key: str | None, max_body: int, metrics):
+        self.app, self.api_key, self.max_body, self.metrics = app, api_key, max_body, metrics
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope, receive, send_on):
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return await self.app(scope, receive, send_on)
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.response(message["status"])
+            await send_on(message)
+
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None:
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or token.strip() != self.api_key:
                 return await _send_error(send, 401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
@@ -129,10 +140,11 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
     """The ASGI app; ``model``/``tokenizer`` may be passed in (tests), else loaded from ``cfg.model``."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
+    from thinkforge.serve import telemetry
     from thinkforge.serve.protocol import ERRORS, ChatRequest, ResponsesRequest, error_body
     from thinkforge.serve.service import APIError, Limits, ReasoningService, model_context
     from thinkforge.serve.streams import ChatStream, IncrementalText, ResponsesStream
@@ -272,6 +284,20 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
             if not job.request.done.is_set():
                 job.request.cancel()  # the client disconnected mid-stream
 
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "the loop runs (empty body)"}, **ERRORS})
+    async def health():
+        """200 while the generation loop runs (a liveness / readiness probe); 503 once it has stopped."""
+        if not svc.scheduler.thread.is_alive():
+            raise APIError(503, "The generation loop has stopped; this server cannot answer requests.")
+        return Response(status_code=200)
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
+    async def metrics():
+        """Prometheus text format: see ``thinkforge.serve.telemetry``."""
+        return Response(svc.metrics.exposition(), media_type=telemetry.CONTENT_TYPE)
+
     @app.get("/v1/models", responses=ERRORS)
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "thinkforge"}]}
@@ -298,7 +324,7 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
     async def chat(req: ChatRequest, request: Request):
         return await run(svc.start_chat, req, request, ChatStream)
 
-    return _Guard(app, cfg.api_key, cfg.max_body_bytes)
+    return _Guard(app, cfg.api_key, cfg.max_body_bytes, svc.metrics)
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from thinkforge import format as fmt
 from thinkforge.generation import EFFORT_BUDGETS, Engine, SamplingParams
 from thinkforge.generation.scheduler import Cancelled, DeadlineExceeded, QueueFull, Request, Scheduler
+from thinkforge.serve.telemetry import ServerMetrics
 
 
 class APIError(Exception):
@@ -137,6 +138,8 @@ class ReasoningService:
         self.scheduler = Scheduler(self.engine, max_rows=max_rows, max_waiting=max_waiting,
                                    express_tokens=express_tokens, express_rows=express_rows,
                                    express_share=express_share)
+        self.metrics = ServerMetrics(self.scheduler)
+        self.scheduler.on_end = self.metrics.request_ended
         self.store: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.store_size = store_size
         self.lock = threading.Lock()
