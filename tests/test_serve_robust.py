@@ -353,6 +353,18 @@ def test_multi_turn_responses(client):
     unstored = client.responses.create(model="syl", input="x", store=False, max_output_tokens=5)
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="syl", previous_response_id=unstored.id, input="y")
+    # deleted (the SDK's responses.delete; the body is OpenAI's): gone for retrieve, for continuing, for deleting
+    r = httpx.delete(f"{client.base_url}responses/{first.id}", timeout=30)
+    assert r.status_code == 200 and r.json() == {"id": first.id, "object": "response", "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="syl", previous_response_id=first.id, input="Are you sure?")
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(first.id)
+    assert client.responses.delete(kept.id) is None and client.responses.retrieve(chained.id).id == chained.id
+    r = httpx.put(f"{client.base_url}responses/{chained.id}", timeout=30)  # a 405 names both methods the path has
+    assert r.status_code == 405 and sorted(r.headers["allow"].split(", ")) == ["DELETE", "GET"]
 
 
 # ---- 5/6. smaller items ---------------------------------------------------------------------------------

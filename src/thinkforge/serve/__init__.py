@@ -9,7 +9,7 @@
 
 Endpoints: ``POST /v1/responses`` (Responses API: ``reasoning.effort`` / ``summary`` / ``context``,
 ``max_output_tokens`` over reasoning + answer, ``status: "incomplete"``, streaming, multi-turn through
-``previous_response_id`` or earlier output passed back as input), ``GET /v1/responses/{id}``, ``POST
+``previous_response_id`` or earlier output passed back as input), ``GET`` and ``DELETE /v1/responses/{id}``, ``POST
 /v1/chat/completions`` (``reasoning_content``, ``reasoning_effort``, ``n``, ``stop``, ``seed``, ``logprobs``,
 streaming), ``GET /v1/models`` and ``GET /v1/models/{id}``; ``GET /health`` and ``GET /metrics`` (Prometheus,
 ``serve.telemetry``), which need no API key. Errors are OpenAI-shaped (``{"error":
@@ -316,8 +316,11 @@ def create_app(cfg: ServeConfig, model=None, tokenizer=None):
     async def responses(req: ResponsesRequest, request: Request):
         return await run(svc.start_responses, req, request, ResponsesStream)
 
-    @app.get("/v1/responses/{response_id}", responses=ERRORS)
-    async def get_response(response_id: str):
+    # one route for both methods, so that a 405 on this path lists both in its Allow header
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"], responses=ERRORS)
+    async def response_by_id(response_id: str, request: Request):
+        if request.method == "DELETE":
+            return svc.delete_response(response_id)
         return svc.stored_response(response_id)
 
     @app.post("/v1/chat/completions", responses={**streamed, **ERRORS})

@@ -355,6 +355,14 @@ class ReasoningService:
             raise APIError(404, f"Response with id '{rid}' not found.", param="response_id", code="response_not_found")
         return entry["response"]
 
+    def delete_response(self, rid: str) -> dict:
+        """Drop a stored response (``DELETE /v1/responses/{id}``): it can no longer be retrieved or continued."""
+        with self.lock:
+            entry = self.store.pop(rid, None)
+        if entry is None:
+            raise APIError(404, f"Response with id '{rid}' not found.", param="response_id", code="response_not_found")
+        return {"id": rid, "object": "response", "deleted": True}
+
     # ---- Chat Completions -----------------------------------------------------------------------------
 
     def start_chat(self, req, on_token=None, on_done=None) -> Job:
