@@ -6,7 +6,8 @@
   ``thinkforge:generation_tokens_total``: tokens generated, forced ones included, of requests that ended
   (failed and cancelled ones too: the work was done).
 - ``thinkforge:request_success_total{finished_reason}``: one per completion (a request with n = 4 counts 4),
-  as vLLM counts each of n sequences; ``thinkforge:request_failure_total{reason}``: accepted requests that
+  as vLLM counts each of n sequences, by the engine's reason: ``stop``, ``length``, or ``budget`` (a thinking
+  budget cut the thinking, then the answer ended; the APIs report it as a stop); ``thinkforge:request_failure_total{reason}``: accepted requests that
   ended without a result (``cancelled``: the client went away or the server is stopping; ``deadline``;
   ``error``: a fault, answered with a 500).
 - ``thinkforge:request_queue_time_seconds`` (submitted → its prompt prefilled in a batch),
