@@ -130,8 +130,9 @@ def main() -> None:
     model, scratch = None, Path(tempfile.mkdtemp(prefix="crash-start-"))
     try:
         if args.trainer == "grpo":  # a small SFT model to start RL from
-            subprocess.run([sys.executable, "-m", "thinkforge", *command("sft", scratch / "start", None, False)],
-                           check=True, capture_output=True)
+            start_args = command("sft", scratch / "start", None, False)
+            if start(start_args).wait() != 0:
+                raise RuntimeError(f"the starting SFT run failed: thinkforge {' '.join(start_args)}")
             model = str(scratch / "start" / "model")
         s = run_trials(args.trainer, args.trials, args.seed, model)
     finally:

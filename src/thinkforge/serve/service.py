@@ -348,19 +348,20 @@ class ReasoningService:
                     self.store.popitem(last=False)
         return obj
 
-    def stored_response(self, rid: str) -> dict:
+    def _stored(self, rid: str, drop: bool = False) -> dict:
+        """The store's entry for ``rid`` (taken out of the store with ``drop``); a 404 when there is none."""
         with self.lock:
-            entry = self.store.get(rid)
+            entry = self.store.pop(rid, None) if drop else self.store.get(rid)
         if entry is None:
             raise APIError(404, f"Response with id '{rid}' not found.", param="response_id", code="response_not_found")
-        return entry["response"]
+        return entry
+
+    def stored_response(self, rid: str) -> dict:
+        return self._stored(rid)["response"]
 
     def delete_response(self, rid: str) -> dict:
         """Drop a stored response (``DELETE /v1/responses/{id}``): it can no longer be retrieved or continued."""
-        with self.lock:
-            entry = self.store.pop(rid, None)
-        if entry is None:
-            raise APIError(404, f"Response with id '{rid}' not found.", param="response_id", code="response_not_found")
+        self._stored(rid, drop=True)
         return {"id": rid, "object": "response", "deleted": True}
 
     # ---- Chat Completions -----------------------------------------------------------------------------
